@@ -1,0 +1,399 @@
+"""The public API: ``omni_jax.load`` and :class:`OmniModel` (see shared/api.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import thinker as th
+from .attention import default_impl
+from .config import OmniConfig, load_config
+from .errors import CheckpointError, InputError, OmniError
+from .generate import DecodeState, Sampling, choose, decode_loop, make_sampling, record, step_keys
+from .processor import TextProcessor, TextStreamer, is_batch_of_conversations
+from .sharding import use_mesh
+
+DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
+MULTIMODAL_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
+                   "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+# components whose tensors are recognised but not loaded by this version
+PENDING_PREFIXES = ("thinker.audio_tower.", "thinker.visual.", "talker.", "token2wav.")
+
+
+@dataclass
+class GenerateOutput:
+    sequences: np.ndarray  # [B, T_prompt + T_new]: the prompt as given, then new ids (pad after EOS)
+    text: list[str]
+    codec_ids: list[np.ndarray] | None = None
+    audio: list[np.ndarray] | None = None
+    prompt_length: int = 0  # extension: columns of `sequences` that are the prompt
+
+
+@dataclass
+class StreamEvent:
+    kind: str  # "text", "audio" or "done"
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    audio: np.ndarray | None = None
+    t: float = 0.0
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Static-shape bucket: the next power of two >= n (at least ``minimum``)."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def _dtype(name) -> Any:
+    if isinstance(name, str) and name.lower() in DTYPES:
+        return DTYPES[name.lower()]
+    if name in (jnp.bfloat16, jnp.float32):
+        return name
+    raise InputError(f"dtype '{name}' is not supported (bfloat16 or float32)")
+
+
+def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
+    """Load a Hugging Face Qwen2.5-Omni checkpoint directory.
+
+    ``dtype``: thinker/talker parameters and activations (``"bfloat16"`` or ``"float32"``).
+    ``mesh``: a ``jax.sharding.Mesh`` over axes among data/fsdp/tensor, or None (one device).
+    ``attention``: ``"xla"``, ``"pallas"`` or None (pallas on TPU/GPU, xla on CPU).
+    """
+    from convert.hf import THINKER_LM_PREFIXES, check_unexpected, load_component
+    from convert.safetensors_io import Checkpoint
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory (expected a Qwen2.5-Omni checkpoint directory)")
+    dt = _dtype(dtype)
+    impl = attention or default_impl()
+    if impl not in ("xla", "pallas"):
+        raise InputError(f"attention '{attention}' is not one of 'xla', 'pallas'")
+    if mesh is not None:
+        bad = [a for a in mesh.axis_names if a not in ("data", "fsdp", "tensor")]
+        if bad:
+            raise InputError(f"mesh axis names {bad} are not among data, fsdp, tensor")
+    cfg = load_config(path)
+    ckpt = Checkpoint(path)
+    consumed: set[str] = set()
+    abstract = nnx.eval_shape(lambda: th.ThinkerLM(cfg.thinker, dtype=dt, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    state = load_component(ckpt, state, prefixes=THINKER_LM_PREFIXES, dtype=dt, mesh=mesh, consumed=consumed)
+    if cfg.thinker.tie_word_embeddings and "thinker.lm_head.weight" in ckpt:
+        consumed.add("thinker.lm_head.weight")  # tied: transformers ignores a stored head too
+    check_unexpected(ckpt, consumed, PENDING_PREFIXES)
+    processor = TextProcessor.from_dir(path)
+    return OmniModel(cfg, graphdef, state, processor=processor, dtype=dt, mesh=mesh, attention=impl,
+                     generation_config=_generation_config(path, processor), path=path)
+
+
+def _generation_config(path: str, processor: TextProcessor | None) -> dict:
+    gc: dict = {}
+    p = os.path.join(path, "generation_config.json")
+    if os.path.exists(p):
+        try:
+            with open(p, encoding="utf-8") as f:
+                gc = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{p}: cannot read ({e})") from None
+    eos = gc.get("eos_token_id")
+    if eos is None and processor is not None:
+        eos = [i for i in (processor.token_id("<|im_end|>"), processor.token_id("<|endoftext|>")) if i is not None]
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = gc.get("pad_token_id")
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return {"eos_token_id": eos, "pad_token_id": int(pad)}
+
+
+class OmniModel:
+    """A loaded Qwen2.5-Omni. Methods take numpy/lists and return numpy; all compute is jitted."""
+
+    def __init__(self, config: OmniConfig, graphdef, params, *, processor, dtype, mesh, attention,
+                 generation_config, path=None):
+        self.config = config
+        self.processor = processor
+        self.dtype = dtype
+        self.mesh = mesh
+        self.attention = attention
+        self.generation_config = generation_config
+        self.path = path
+        self._graphdef = graphdef
+        self.params = params  # the thinker LM's nnx.State
+        self._build()
+
+    # ---------------------------------------------------------------------------------
+    # jitted programs (one compile per shape bucket)
+    def _build(self):
+        gdef, tcfg, impl = self._graphdef, self.config.thinker.text, self.attention
+        vocab = tcfg.vocab_size
+
+        def logits_fn(params, ids, mask, pos, keep):
+            model = nnx.merge(gdef, params)
+            h, _ = th.hidden_states(model, tcfg, th.embed(model, ids), pos, kv_valid=mask.astype(bool), impl=impl)
+            return th.lm_logits(model, h[:, -keep:])
+
+        def step_fn(model, s: DecodeState):
+            emb = th.embed(model, s.last[:, None])
+            h, cache = th.hidden_states(model, tcfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
+                                        kv_valid=s.kv_valid, impl=impl)
+            return th.lm_logits(model, h[:, 0]), cache
+
+        def prefill_fn(params, ids, mask, pos, sp, rng, max_new, eos, pad, n_bucket, do_sample):
+            model = nnx.merge(gdef, params)
+            b, t = ids.shape
+            shape = th.decoder_shape(tcfg)
+            z = jnp.zeros((shape.num_layers, b, t + n_bucket, shape.kv_heads, shape.head_dim), self.dtype)
+            cache = {"k": z, "v": z}
+            kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
+            h, cache = th.hidden_states(model, tcfg, th.embed(model, ids), pos, cache=cache, start=0,
+                                        kv_valid=kv_valid, impl=impl)
+            logits = th.lm_logits(model, h[:, -1])
+            seen = jnp.zeros((b, vocab), jnp.int32).at[jnp.arange(b)[:, None], ids].max(mask) > 0
+            done = jnp.zeros((b,), bool)
+            tok = choose(logits, seen, sp, step_keys(rng, 0), do_sample)
+            tokens = jnp.zeros((b, n_bucket), jnp.int32)
+            tokens, seen, done, tok = record(tokens, seen, done, tok, 0, eos, pad)
+            return DecodeState(cache=cache, kv_valid=kv_valid, tokens=tokens, n=jnp.int32(1), max_new=max_new,
+                               last=tok, next_pos=pos[:, :, -1] + 1, slot=jnp.int32(t), done=done, seen=seen,
+                               rng=rng)
+
+        def decode_fn(params, state, n_steps, sp, eos, pad, do_sample):
+            model = nnx.merge(gdef, params)
+            return decode_loop(partial(step_fn, model), state, n_steps, sp, eos_ids=eos, pad_id=pad,
+                               do_sample=do_sample)
+
+        self._logits_jit = jax.jit(logits_fn, static_argnums=(4,))
+        self._prefill_jit = jax.jit(prefill_fn, static_argnums=(9, 10))
+        self._decode_jit = jax.jit(decode_fn, static_argnums=(6,), donate_argnums=(1,))
+
+    def compile_counts(self) -> dict[str, int]:
+        """How many programs each jitted entry point has compiled (one per shape bucket)."""
+        return {name: getattr(self, f"_{name}_jit")._cache_size() for name in ("logits", "prefill", "decode")}
+
+    # ---------------------------------------------------------------------------------
+    # input checking
+    def _ids_and_mask(self, input_ids, attention_mask):
+        if input_ids is None:
+            raise InputError("input_ids: required (or pass messages=...)")
+        try:
+            ids = np.asarray(input_ids)
+        except Exception:
+            raise InputError("input_ids: not an array of token ids") from None
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
+            raise InputError(f"input_ids: expected a non-empty int array [batch, length], got shape {ids.shape} "
+                             f"and dtype {ids.dtype}")
+        v = self.config.thinker.text.vocab_size
+        if ids.min() < 0 or ids.max() >= v:
+            raise InputError(f"input_ids: token ids must be in [0, {v}) (vocab_size); got {ids.min()}..{ids.max()}")
+        if attention_mask is None:
+            mask = np.ones(ids.shape, np.int32)
+        else:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None]
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask: shape {mask.shape} does not match input_ids {ids.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise InputError("attention_mask: values must be 0 or 1")
+            mask = mask.astype(np.int32)
+        if (mask.sum(1) == 0).any():
+            raise InputError("attention_mask: a row has no unmasked token")
+        limit = self.config.thinker.text.max_position_embeddings
+        if int(mask.sum(1).max()) > limit:
+            raise InputError(f"prompt of {int(mask.sum(1).max())} tokens is longer than max_position_embeddings "
+                             f"({limit})")
+        return ids.astype(np.int32), mask
+
+    def _check_position_ids(self, position_ids, shape):
+        pos = np.asarray(position_ids)
+        if pos.ndim == 2:
+            pos = np.broadcast_to(pos[None], (3, *pos.shape))
+        if pos.shape != (3, *shape):
+            raise InputError(f"position_ids: expected shape [3, {shape[0]}, {shape[1]}], got {list(pos.shape)}")
+        return pos.astype(np.int32)
+
+    @staticmethod
+    def _reject_multimodal(kwargs):
+        given = [k for k in MULTIMODAL_ARGS if kwargs.get(k) is not None]
+        if given or kwargs.get("use_audio_in_video"):
+            raise InputError(f"{', '.join(given) or 'use_audio_in_video'}: audio, image and video inputs are not "
+                             "supported by this version of omni-jax yet (text only)")
+
+    # ---------------------------------------------------------------------------------
+    def thinker_logits(self, input_ids, attention_mask=None, position_ids=None, *, logits_to_keep=None,
+                       **multimodal) -> np.ndarray:
+        """Thinker logits ``np.float32 [B, T, V]`` (the last ``logits_to_keep`` positions if given)."""
+        self._reject_multimodal(multimodal)
+        ids, mask = self._ids_and_mask(input_ids, attention_mask)
+        b, t = ids.shape
+        pos = (self._check_position_ids(position_ids, (b, t)) if position_ids is not None
+               else np.asarray(th.text_position_ids(jnp.asarray(mask))))
+        tb = bucket(t)
+        pad = tb - t
+        ids_p = np.pad(ids, ((0, 0), (pad, 0)))
+        mask_p = np.pad(mask, ((0, 0), (pad, 0)))
+        pos_p = np.pad(pos, ((0, 0), (0, 0), (pad, 0)), constant_values=1)
+        if logits_to_keep:
+            if not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+                raise InputError(f"logits_to_keep: expected a non-negative int, got {logits_to_keep!r}")
+            keep = min(int(logits_to_keep), t)
+        else:
+            keep = t
+        with use_mesh(self.mesh):
+            out = self._logits_jit(self.params, ids_p, mask_p, pos_p, bucket(keep, 1) if keep < t else tb)
+        return np.asarray(out[:, -keep:], np.float32)
+
+    # ---------------------------------------------------------------------------------
+    def _encode_messages(self, messages):
+        if self.processor is None:
+            raise InputError(f"{self.path}: this checkpoint has no tokenizer.json, so messages/text cannot be "
+                             "used; pass input_ids")
+        convs = messages if is_batch_of_conversations(messages) else [messages]
+        rows = []
+        for conv in convs:
+            for m in conv if isinstance(conv, list) else []:
+                if isinstance(m, dict) and isinstance(m.get("content"), list):
+                    kinds = {p.get("type") for p in m["content"] if isinstance(p, dict)}
+                    if kinds - {"text"}:
+                        raise InputError(f"messages: {sorted(kinds - {'text'})} parts are not supported by this "
+                                         "version of omni-jax yet (text only)")
+            rows.append(self.processor.encode(self.processor.apply_chat_template(conv)))
+        t = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), t), np.int32)
+        mask = np.zeros((len(rows), t), np.int32)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, t - len(r):] = r
+            mask[i, t - len(r):] = 1
+        return ids, mask
+
+    def _check_sampling(self, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        if do_sample and not (temperature is not None and temperature > 0):
+            raise InputError(f"temperature: must be > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise InputError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+        if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+            raise InputError(f"top_p: must be in (0, 1], got {top_p!r}")
+        if not (repetition_penalty is not None and repetition_penalty > 0):
+            raise InputError(f"repetition_penalty: must be > 0, got {repetition_penalty!r}")
+
+    def _start(self, input_ids, attention_mask, messages, max_new_tokens, do_sample, temperature, top_k, top_p,
+               repetition_penalty, seed, eos_token_id, kwargs):
+        """Validate, left-align and bucket the prompt, and run the prefill. Returns (state, ids, run)."""
+        self._reject_multimodal(kwargs)
+        if kwargs.get("return_audio"):
+            raise InputError("return_audio: speech output is not available in this version of omni-jax yet")
+        unknown = set(kwargs) - set(MULTIMODAL_ARGS) - {"use_audio_in_video", "return_audio", "speaker",
+                                                        "talker_max_new_tokens", "talker_min_new_tokens",
+                                                        "talker_do_sample", "talker_top_k", "talker_top_p",
+                                                        "talker_temperature", "talker_repetition_penalty",
+                                                        "talker_eos_token_id", "dit_noise"}
+        if unknown:
+            raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
+        if messages is not None:
+            if input_ids is not None:
+                raise InputError("pass either messages or input_ids, not both")
+            ids, mask = self._encode_messages(messages)
+        else:
+            ids, mask = self._ids_and_mask(input_ids, attention_mask)
+        self._check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+        limit = self.config.thinker.text.max_position_embeddings
+        longest = int(mask.sum(1).max())
+        if longest + max_new_tokens > limit:
+            raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds "
+                             f"max_position_embeddings ({limit})")
+        b, t = ids.shape
+        # left-align every row (any padding pattern in, left padding inside), then bucket
+        tb = bucket(t)
+        ids_l = np.zeros((b, tb), np.int32)
+        mask_l = np.zeros((b, tb), np.int32)
+        for i in range(b):
+            v = ids[i][mask[i] == 1]
+            ids_l[i, tb - len(v):] = v
+            mask_l[i, tb - len(v):] = 1
+        pos = np.asarray(th.text_position_ids(jnp.asarray(mask_l)))
+        eos = eos_token_id if eos_token_id is not None else self.generation_config["eos_token_id"]
+        eos = [eos] if isinstance(eos, (int, np.integer)) else list(eos)
+        eos_arr = np.full((max(1, len(eos)),), -1, np.int32)
+        eos_arr[:len(eos)] = eos
+        pad = np.int32(self.generation_config["pad_token_id"])
+        sp = make_sampling(temperature, top_k, top_p, repetition_penalty, self.config.thinker.text.vocab_size)
+        rng = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seed)), i))(jnp.arange(b))
+        nb = bucket(max_new_tokens)
+        with use_mesh(self.mesh):
+            state = self._prefill_jit(self.params, ids_l, mask_l, pos, sp, rng, np.int32(max_new_tokens),
+                                      eos_arr, pad, nb, bool(do_sample))
+
+        def run(state, n):
+            with use_mesh(self.mesh):
+                return self._decode_jit(self.params, state, np.int32(n), sp, eos_arr, pad, bool(do_sample))
+
+        return state, ids, eos, run
+
+    def generate(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024,
+                 do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0,
+                 eos_token_id=None, **kwargs) -> GenerateOutput:
+        """Generate a reply for each row (see shared/api.md). Text output in this version."""
+        state, ids, eos, run = self._start(input_ids, attention_mask, messages, max_new_tokens, do_sample,
+                                           temperature, top_k, top_p, repetition_penalty, seed, eos_token_id,
+                                           kwargs)
+        state = run(state, max_new_tokens)
+        n = int(state.n)
+        new = np.asarray(state.tokens[:, :n])
+        return GenerateOutput(sequences=np.concatenate([ids, new.astype(ids.dtype)], axis=1),
+                              text=[self._decode_reply(row, eos) for row in new], prompt_length=ids.shape[1])
+
+    def _decode_reply(self, row, eos) -> str:
+        if self.processor is None:
+            return ""
+        row = list(row)
+        for i, tok in enumerate(row):
+            if tok in eos:
+                row = row[:i]
+                break
+        return self.processor.decode(row)
+
+    def stream(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024,
+               do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0,
+               eos_token_id=None, steps_per_event=4, **kwargs) -> Iterator[StreamEvent]:
+        """Yield :class:`StreamEvent` s for one conversation: text deltas as tokens come, then ``done``."""
+        t0 = time.perf_counter()
+        if messages is not None and is_batch_of_conversations(messages):
+            raise InputError("stream: takes one conversation, not a batch")
+        state, ids, eos, run = self._start(input_ids, attention_mask, messages, max_new_tokens, do_sample,
+                                           temperature, top_k, top_p, repetition_penalty, seed, eos_token_id,
+                                           kwargs)
+        if ids.shape[0] != 1:
+            raise InputError(f"stream: takes one prompt, got a batch of {ids.shape[0]}")
+        streamer = TextStreamer(self.processor) if self.processor is not None else None
+        sent = 0
+        all_ids: list[int] = []
+        while True:
+            n = int(state.n)
+            new = [int(x) for x in np.asarray(state.tokens[0, sent:n])]
+            sent = n
+            reply = [x for x in new if x not in eos]
+            all_ids.extend(new)
+            if new:
+                delta = streamer.push(reply) if streamer else ""
+                yield StreamEvent("text", text=delta, token_ids=new, t=time.perf_counter() - t0)
+            if n >= max_new_tokens or bool(state.done[0]):
+                break
+            state = run(state, steps_per_event)
+        tail = streamer.flush() if streamer else ""
+        yield StreamEvent("done", text=tail, token_ids=all_ids, t=time.perf_counter() - t0)

@@ -1,0 +1,130 @@
+"""``omni-jax`` command line.
+
+Errors a user can cause print ``error: <message>`` on one line and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _setup_jax():
+    import jax
+
+    cache = os.path.join(os.environ.get("OMNI_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                            "omni_jax"), "xla")
+    try:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except Exception:  # an older JAX without these options: run without the persistent cache
+        pass
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate a reply (text) for a prompt",
+                       description="Generate a reply. Without --model, uses the embedded default model (tiny, "
+                                   "random weights: its output is noise).")
+    p.add_argument("--model", help="checkpoint directory (Hugging Face Qwen2.5-Omni); default: embedded model")
+    p.add_argument("--system", default=None, help="system prompt (default: the Qwen2.5-Omni system prompt)")
+    p.add_argument("--prompt", default=None, help="the user's message")
+    p.add_argument("--audio", action="append", default=[], help="audio file (repeatable; not yet supported)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable; not yet supported)")
+    p.add_argument("--video", action="append", default=[], help="video file (repeatable; not yet supported)")
+    p.add_argument("--use-audio-in-video", action="store_true")
+    p.add_argument("--speaker", default="Chelsie")
+    p.add_argument("--out", default=None, help="write the spoken reply to this WAV (not yet supported)")
+    p.add_argument("--no-audio", action="store_true", help="text only (the only mode in this version)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--greedy", action="store_true", help="greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bfloat16; float32 for the "
+                                                  "embedded model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from .errors import InputError
+
+    if args.audio or args.image or args.video or args.use_audio_in_video:
+        raise InputError("--audio/--image/--video: media inputs are not supported by this version of omni-jax yet")
+    if args.out:
+        raise InputError("--out: speech output is not available in this version of omni-jax yet (use --no-audio)")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    if args.greedy and (args.temperature is not None or args.top_p is not None or args.top_k is not None):
+        raise InputError("--greedy cannot be combined with --temperature/--top-p/--top-k")
+    _setup_jax()
+    import omni_jax
+    from .processor import DEFAULT_SYSTEM_PROMPT
+
+    model_dir = args.model
+    embedded = model_dir is None
+    if embedded:
+        model_dir = omni_jax.default_model_path()
+        print("note: using the embedded default model (tiny, random weights): its output is noise. "
+              "Pass --model DIR for a real checkpoint.", file=sys.stderr)
+    dtype = args.dtype or ("float32" if embedded else "bfloat16")
+    model = omni_jax.load(model_dir, dtype=dtype)
+    prompt = args.prompt if args.prompt is not None else "Hello! Who are you?"
+    messages = [{"role": "system", "content": args.system if args.system is not None else DEFAULT_SYSTEM_PROMPT},
+                {"role": "user", "content": prompt}]
+    do_sample = not args.greedy and (args.temperature is not None or args.top_p is not None or
+                                     args.top_k is not None)
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
+              temperature=args.temperature if args.temperature is not None else 1.0,
+              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.stream and not args.json:
+        for ev in model.stream(messages=messages, **kw):
+            if ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    out = model.generate(messages=messages, **kw)
+    if args.json:
+        print(json.dumps({"text": out.text[0], "token_ids": [int(x) for x in out.sequences[0, out.prompt_length:]],
+                          "model": model_dir, "embedded_default": embedded}))
+    else:
+        print(out.text[0])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni-jax", description="Qwen2.5-Omni in JAX")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .errors import OmniError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except OmniError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Flax NNX building blocks shared by every model.
+
+Parameters keep transformers' names (``q_proj``, ``gate_proj``, ``input_layernorm``...) so a
+parameter path reads like the Hugging Face key it comes from; linear kernels are stored
+``[in, out]`` (transposed from torch's ``[out, in]``). Logical sharding axes are given by
+parameter path in :mod:`omni_jax.sharding`, so modules carry no sharding code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with ``kernel [in, out]``; products accumulate in float32."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        self.kernel = nnx.Param(_normal(rngs, (*stack, din, dout), dtype))
+        self.bias = nnx.Param(jnp.zeros((*stack, dout), dtype)) if bias else None
+
+    def __call__(self, x):
+        k = self.kernel[...]
+        y = jnp.einsum("...i,io->...o", x.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(k.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_normal(rngs, (num, dim), dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """transformers' RMSNorm: normalise in float32, cast back, then scale by the weight."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, stack: tuple[int, ...] = ()):
+        self.weight = nnx.Param(jnp.ones((*stack, dim), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """Qwen2 MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        self.gate_proj = Linear(dim, hidden, bias=False, dtype=dtype, rngs=rngs, stack=stack)
+        self.up_proj = Linear(dim, hidden, bias=False, dtype=dtype, rngs=rngs, stack=stack)
+        self.down_proj = Linear(hidden, dim, bias=False, dtype=dtype, rngs=rngs, stack=stack)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def scan_layers(stacked: nnx.Module, body, carry, xs=None, *, remat: bool = False):
+    """Run ``body(layer, carry, x) -> (carry, y)`` over a module whose parameters are stacked
+    on a leading layer axis, with one ``lax.scan`` (one compiled layer, not L copies)."""
+    graphdef, state = nnx.split(stacked)
+
+    def step(c, inp):
+        st, x = inp
+        layer = nnx.merge(graphdef, st)
+        return body(layer, c, x)
+
+    if remat:
+        step = jax.checkpoint(step)
+    return jax.lax.scan(step, carry, (state, xs))

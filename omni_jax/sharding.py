@@ -1,0 +1,147 @@
+"""Logical axis names and the one table that maps them to mesh axes.
+
+Every parameter and every large activation is described by logical axis names
+(``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``, ``batch``, ``seq``, ...). One table,
+:data:`DEFAULT_RULES`, maps each logical name to mesh axes among ``data``, ``fsdp`` and
+``tensor``. Model code only names axes; with no mesh every annotation is a no-op, so the
+models read (and run) as plain single-device code.
+
+Dimensions that do not divide the mesh axis they map to are replicated on that axis
+(a per-dimension fallback decided when the spec is built), never padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "cache_seq": None,
+    "layers": None,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "norm": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_vocab": "tensor",
+}
+
+# parameter path (joined with '/') -> logical axes, first match wins
+PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"layers/.*(q_proj)/kernel$", ("layers", "embed", "heads")),
+    (r"layers/.*(q_proj)/bias$", ("layers", "heads")),
+    (r"layers/.*(k_proj|v_proj)/kernel$", ("layers", "embed", "kv_heads")),
+    (r"layers/.*(k_proj|v_proj)/bias$", ("layers", "kv_heads")),
+    (r"layers/.*o_proj/kernel$", ("layers", "heads", "embed")),
+    (r"layers/.*(gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
+    (r"layers/.*down_proj/kernel$", ("layers", "mlp", "embed")),
+    (r"layers/.*norm/weight$", ("layers", "norm")),
+    (r"embed_tokens/embedding$", ("vocab", "embed")),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"norm/weight$", ("norm",)),
+]
+
+
+class _Ctx(threading.local):
+    mesh: Mesh | None = None
+    rules: Mapping = DEFAULT_RULES
+
+
+_ctx = _Ctx()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: Mapping | None = None):
+    """Within this context, :func:`constrain` annotates activations for ``mesh``."""
+    old = (_ctx.mesh, _ctx.rules)
+    _ctx.mesh, _ctx.rules = mesh, (rules or DEFAULT_RULES)
+    try:
+        yield
+    finally:
+        _ctx.mesh, _ctx.rules = old
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                    rules: Mapping | None = None) -> P:
+    """PartitionSpec for logical ``names``; axes that don't divide ``shape`` are replicated."""
+    rules = rules or DEFAULT_RULES
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        target = rules.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+            if shape is not None:
+                size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+                if axes and shape[i] % size:
+                    # fall back to the largest prefix of axes that divides
+                    while axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
+                        axes = axes[:-1]
+        used.update(axes)
+        out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    return P(*out)
+
+
+def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    for pat, axes in PARAM_AXES:
+        if re.search(pat, path) and len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
+def param_sharding(path: str, shape: Sequence[int], mesh: Mesh, rules: Mapping | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(param_axes(path, len(shape)), shape, mesh, rules))
+
+
+def constrain(x: jax.Array, names: Iterable[str | None]) -> jax.Array:
+    """Annotate an activation with logical axes (no-op without an active mesh)."""
+    mesh = _ctx.mesh
+    if mesh is None:
+        return x
+    spec = logical_to_spec(tuple(names), x.shape, mesh, _ctx.rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """Build a mesh from ``"data=2,tensor=4"`` (or a dict). Missing axes get size 1."""
+    devices = list(devices if devices is not None else jax.devices())
+    if spec is None:
+        sizes = {"data": 1, "fsdp": 1, "tensor": len(devices)}
+    elif isinstance(spec, str):
+        sizes = {}
+        for part in spec.split(","):
+            k, _, v = part.partition("=")
+            k = k.strip()
+            if k not in MESH_AXES or not v.strip().isdigit():
+                from .errors import InputError
+                raise InputError(f"mesh spec '{spec}': expected NAME=N entries with NAME in {MESH_AXES}")
+            sizes[k] = int(v)
+    else:
+        sizes = dict(spec)
+    full = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    n = int(np.prod(list(full.values())))
+    if n > len(devices):
+        from .errors import InputError
+        raise InputError(f"mesh {full} needs {n} devices, only {len(devices)} available")
+    arr = np.array(devices[:n]).reshape(tuple(full.values()))
+    return Mesh(arr, MESH_AXES)
