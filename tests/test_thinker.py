@@ -1,0 +1,193 @@
+"""The thinker language model against transformers (float32, highest matmul precision)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEXT_VARIANTS, VOCAB, rel_err
+
+VARIANTS = list(TEXT_VARIANTS)
+
+
+def _batch(seed=0, b=3, t=13):
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(0, VOCAB, (b, t)).astype(np.int64)
+    mask = np.ones((b, t), np.int64)
+    if b > 1:
+        mask[1, :4] = 0  # left padding
+    if b > 2:
+        mask[2, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(variant, hf_models, jax_model):
+    _, tm = hf_models(variant)
+    model = jax_model(variant)
+    ids, mask = _batch()
+    got = model.thinker_logits(ids, mask)
+    with torch.no_grad():
+        ref = tm.thinker(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert got.shape == ref.shape and got.dtype == np.float32
+    for b in range(ids.shape[0]):
+        v = mask[b].astype(bool)
+        assert rel_err(got[b][v], ref[b][v]) <= 1e-4
+    # logits_to_keep gives the last positions of the same numbers
+    last = model.thinker_logits(ids, mask, logits_to_keep=2)
+    assert last.shape == (3, 2, VOCAB)
+    np.testing.assert_allclose(last, got[:, -2:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "hd32_kv1"])
+def test_hand_built_3d_position_ids(variant, hf_models, jax_model):
+    """Different temporal/height/width streams: only a correct mrope_section split matches."""
+    _, tm = hf_models(variant)
+    model = jax_model(variant)
+    rs = np.random.RandomState(1)
+    b, t = 2, 12
+    ids = rs.randint(0, VOCAB, (b, t)).astype(np.int64)
+    base = np.arange(t)
+    pos = np.stack([base * 5, (base * 13) % 29 + 50, (base * 7) % 17 + 200])[:, None, :].repeat(b, 1)
+    pos[:, 1] += rs.randint(0, 40, (3, t))
+    got = model.thinker_logits(ids, position_ids=pos)
+    with torch.no_grad():
+        ref = tm.thinker(input_ids=torch.tensor(ids), attention_mask=torch.ones(b, t, dtype=torch.long),
+                         position_ids=torch.tensor(pos)).logits.numpy()
+    assert rel_err(got, ref) <= 1e-4
+    # and they really differ from text positions (the test can tell a wrong split)
+    plain = model.thinker_logits(ids)
+    assert rel_err(plain, ref) > 1e-3
+    swapped = model.thinker_logits(ids, position_ids=pos[[0, 2, 1]])  # height/width streams exchanged
+    assert rel_err(swapped, ref) > 1e-3
+
+
+def _margins(scores):
+    top2 = np.sort(np.stack([s.numpy() for s in scores], 1), axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+@pytest.mark.parametrize("variant", ["gqa", "mha_tied"])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_generation_identical(variant, penalty, hf_models, jax_model):
+    _, tm = hf_models(variant)
+    model = jax_model(variant)
+    ids, mask = _batch(seed=3, b=1, t=9)
+    n = 20
+    with torch.no_grad():
+        ref = tm.thinker.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, repetition_penalty=penalty, eos_token_id=None,
+                                  pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert _margins(ref.scores).min() > 1e-4, "near-tied reference logits: pick another seed"
+    out = model.generate(ids, mask, max_new_tokens=n, repetition_penalty=penalty, eos_token_id=[])
+    assert out.sequences.shape == (1, 9 + n)
+    np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
+
+
+def test_eos_stops_each_row_and_pads(jax_model):
+    model = jax_model("gqa")
+    ids, mask = _batch(seed=4)
+    free = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    new = free.sequences[:, ids.shape[1]:]
+    eos = int(new[0, 3])  # row 0 emits this token at step 3: make it the EOS
+    out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=eos)
+    got = out.sequences[:, ids.shape[1]:]
+    first = int(np.argmax(new[0] == eos))
+    np.testing.assert_array_equal(got[0, :first + 1], new[0, :first + 1])
+    assert (got[0, first + 1:] == model.generation_config["pad_token_id"]).all()
+    for r in range(1, 3):  # other rows run on unchanged until their own EOS
+        hit = np.nonzero(new[r] == eos)[0]
+        stop = hit[0] + 1 if len(hit) else got.shape[1]
+        np.testing.assert_array_equal(got[r, :stop], new[r, :stop])
+
+
+def test_batched_with_padding_equals_unbatched(jax_model):
+    model = jax_model("hd32_kv1")
+    rs = np.random.RandomState(5)
+    prompts = [rs.randint(0, VOCAB, n) for n in (5, 11, 8)]
+    t = max(len(p) for p in prompts)
+    ids = np.zeros((3, t), np.int64)
+    mask = np.zeros((3, t), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = p
+        mask[i, t - len(p):] = 1
+    batched = model.generate(ids, mask, max_new_tokens=16, eos_token_id=[])
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=16, eos_token_id=[])
+        np.testing.assert_array_equal(batched.sequences[i, t:], alone.sequences[0, len(p):])
+    # right padding in is handled too (rows are left-aligned internally)
+    ids_r = np.zeros_like(ids)
+    mask_r = np.zeros_like(mask)
+    for i, p in enumerate(prompts):
+        ids_r[i, :len(p)] = p
+        mask_r[i, :len(p)] = 1
+    right = model.generate(ids_r, mask_r, max_new_tokens=16, eos_token_id=[])
+    np.testing.assert_array_equal(right.sequences[:, t:], batched.sequences[:, t:])
+
+
+def test_prompts_in_one_bucket_compile_once(hf_models):
+    import omni_jax
+
+    model = omni_jax.load(hf_models("gqa")[0], dtype="float32")
+    for n in (3, 7, 12):
+        model.generate(np.arange(n)[None] + 5, max_new_tokens=5, eos_token_id=[])
+    counts = model.compile_counts()
+    assert counts["prefill"] == 1 and counts["decode"] == 1
+
+
+def test_bf16_runs_and_stays_close(hf_models, jax_model):
+    _, tm = hf_models("gqa")
+    model = jax_model("gqa", "bfloat16")
+    ids, mask = _batch(seed=6, b=1, t=10)
+    got = model.thinker_logits(ids, mask)
+    with torch.no_grad():
+        ref = tm.thinker(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert got.dtype == np.float32
+    assert rel_err(got, ref) < 3e-2
+    assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.8
+    out = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[])
+    assert out.sequences.shape == (1, 14)
+
+
+def test_sampling_is_seeded_and_topk1_is_greedy(jax_model):
+    model = jax_model("gqa")
+    ids, mask = _batch(seed=7, b=2, t=6)
+    kw = dict(max_new_tokens=10, eos_token_id=[])
+    a = model.generate(ids, mask, do_sample=True, temperature=1.5, seed=11, **kw).sequences
+    b = model.generate(ids, mask, do_sample=True, temperature=1.5, seed=11, **kw).sequences
+    c = model.generate(ids, mask, do_sample=True, temperature=1.5, seed=12, **kw).sequences
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    greedy = model.generate(ids, mask, **kw).sequences
+    np.testing.assert_array_equal(model.generate(ids, mask, do_sample=True, top_k=1, seed=3, **kw).sequences, greedy)
+    np.testing.assert_array_equal(model.generate(ids, mask, do_sample=True, top_p=1e-6, seed=3, **kw).sequences,
+                                  greedy)
+
+
+def test_logits_processing_matches_transformers():
+    import jax.numpy as jnp
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    from omni_jax.generate import make_sampling, process_logits
+
+    rs = np.random.RandomState(0)
+    logits = rs.randn(3, 50).astype(np.float32) * 3
+    prev = rs.randint(0, 50, (3, 7))
+    seen = np.zeros((3, 50), bool)
+    seen[np.arange(3)[:, None], prev] = True
+    for temp, k, p, pen in [(0.7, 10, 0.9, 1.2), (1.3, None, 0.5, 1.0), (1.0, 3, None, 0.8)]:
+        ref = torch.tensor(logits)
+        ids = torch.tensor(prev)
+        ref = RepetitionPenaltyLogitsProcessor(pen)(ids, ref)
+        ref = TemperatureLogitsWarper(temp)(ids, ref)
+        if k:
+            ref = TopKLogitsWarper(k)(ids, ref)
+        if p:
+            ref = TopPLogitsWarper(p)(ids, ref)
+        got = process_logits(jnp.asarray(logits), jnp.asarray(seen), make_sampling(temp, k, p, pen, 50), True)
+        got, ref = np.asarray(got), ref.numpy()
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+        fin = ~np.isinf(ref)
+        np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-6)
