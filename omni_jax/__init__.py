@@ -6,14 +6,14 @@
     print(out.text[0])
 """
 
-from .api import GenerateOutput, OmniModel, StreamEvent, load
+from .api import GenerateOutput, Generation, OmniModel, StreamEvent, load
 from .config import OmniConfig, load_config, preset
 from .errors import CheckpointError, InputError, OmniError
 from .sharding import make_mesh
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "OmniModel", "GenerateOutput", "StreamEvent", "OmniConfig", "load_config", "preset",
+__all__ = ["load", "OmniModel", "Generation", "GenerateOutput", "StreamEvent", "OmniConfig", "load_config", "preset",
            "OmniError", "CheckpointError", "InputError", "make_mesh", "default_model_path"]
 
 

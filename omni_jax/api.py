@@ -47,6 +47,26 @@ class StreamEvent:
     t: float = 0.0
 
 
+@dataclass
+class Generation:
+    """A generation in progress: the on-device :class:`~omni_jax.generate.DecodeState` and what
+    is needed to read it. Made by :meth:`OmniModel.prefill`, advanced by :meth:`OmniModel.decode_steps`."""
+
+    state: DecodeState
+    prompt_ids: np.ndarray  # [B, T] the prompt as given
+    eos: list[int]
+    max_new_tokens: int
+    _run: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return int(self.state.n) >= self.max_new_tokens or bool(np.all(np.asarray(self.state.done)))
+
+    def new_tokens(self) -> np.ndarray:
+        """Generated ids so far ``[B, n]`` (finished rows padded with the pad id)."""
+        return np.asarray(self.state.tokens[:, :int(self.state.n)])
+
+
 def bucket(n: int, minimum: int = 16) -> int:
     """Static-shape bucket: the next power of two >= n (at least ``minimum``)."""
     b = minimum
@@ -292,9 +312,11 @@ class OmniModel:
         if not (repetition_penalty is not None and repetition_penalty > 0):
             raise InputError(f"repetition_penalty: must be > 0, got {repetition_penalty!r}")
 
-    def _start(self, input_ids, attention_mask, messages, max_new_tokens, do_sample, temperature, top_k, top_p,
-               repetition_penalty, seed, eos_token_id, kwargs):
-        """Validate, left-align and bucket the prompt, and run the prefill. Returns (state, ids, run)."""
+    def prefill(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024, do_sample=False,
+                temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0, eos_token_id=None,
+                **kwargs) -> "Generation":
+        """Validate, left-align and bucket the prompt and run the prefill (which also picks the first new
+        token). Returns a :class:`Generation`; advance it with :meth:`decode_steps`."""
         self._reject_multimodal(kwargs)
         if kwargs.get("return_audio"):
             raise InputError("return_audio: speech output is not available in this version of omni-jax yet")
@@ -343,18 +365,23 @@ class OmniModel:
             with use_mesh(self.mesh):
                 return self._decode_jit(self.params, state, np.int32(n), sp, eos_arr, pad, bool(do_sample))
 
-        return state, ids, eos, run
+        return Generation(state=state, prompt_ids=ids, eos=eos, max_new_tokens=max_new_tokens, _run=run)
+
+    def decode_steps(self, gen: "Generation", n: int) -> "Generation":
+        """Advance ``gen`` by up to ``n`` tokens in one on-device loop (stops early when every row is done)."""
+        if not gen.finished:
+            gen.state = gen._run(gen.state, n)
+        return gen
 
     def generate(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024,
                  do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0,
                  eos_token_id=None, **kwargs) -> GenerateOutput:
         """Generate a reply for each row (see shared/api.md). Text output in this version."""
-        state, ids, eos, run = self._start(input_ids, attention_mask, messages, max_new_tokens, do_sample,
-                                           temperature, top_k, top_p, repetition_penalty, seed, eos_token_id,
-                                           kwargs)
-        state = run(state, max_new_tokens)
-        n = int(state.n)
-        new = np.asarray(state.tokens[:, :n])
+        gen = self.prefill(input_ids, attention_mask, messages, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id, **kwargs)
+        self.decode_steps(gen, max_new_tokens)
+        ids, eos, new = gen.prompt_ids, gen.eos, gen.new_tokens()
         return GenerateOutput(sequences=np.concatenate([ids, new.astype(ids.dtype)], axis=1),
                               text=[self._decode_reply(row, eos) for row in new], prompt_length=ids.shape[1])
 
@@ -375,25 +402,26 @@ class OmniModel:
         t0 = time.perf_counter()
         if messages is not None and is_batch_of_conversations(messages):
             raise InputError("stream: takes one conversation, not a batch")
-        state, ids, eos, run = self._start(input_ids, attention_mask, messages, max_new_tokens, do_sample,
-                                           temperature, top_k, top_p, repetition_penalty, seed, eos_token_id,
-                                           kwargs)
+        gen = self.prefill(input_ids, attention_mask, messages, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id, **kwargs)
+        ids, eos = gen.prompt_ids, gen.eos
         if ids.shape[0] != 1:
             raise InputError(f"stream: takes one prompt, got a batch of {ids.shape[0]}")
         streamer = TextStreamer(self.processor) if self.processor is not None else None
         sent = 0
         all_ids: list[int] = []
         while True:
-            n = int(state.n)
-            new = [int(x) for x in np.asarray(state.tokens[0, sent:n])]
+            n = int(gen.state.n)
+            new = [int(x) for x in np.asarray(gen.state.tokens[0, sent:n])]
             sent = n
             reply = [x for x in new if x not in eos]
             all_ids.extend(new)
             if new:
                 delta = streamer.push(reply) if streamer else ""
                 yield StreamEvent("text", text=delta, token_ids=new, t=time.perf_counter() - t0)
-            if n >= max_new_tokens or bool(state.done[0]):
+            if gen.finished:
                 break
-            state = run(state, steps_per_event)
+            self.decode_steps(gen, steps_per_event)
         tail = streamer.flush() if streamer else ""
         yield StreamEvent("done", text=tail, token_ids=all_ids, t=time.perf_counter() - t0)

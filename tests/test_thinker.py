@@ -191,3 +191,32 @@ def test_logits_processing_matches_transformers():
         np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
         fin = ~np.isinf(ref)
         np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-6)
+
+
+def test_decode_steps_in_pieces_equals_one_call(jax_model):
+    model = jax_model("gqa")
+    ids, mask = _batch(seed=8)
+    full = model.generate(ids, mask, max_new_tokens=13, eos_token_id=[])
+    gen = model.prefill(ids, mask, max_new_tokens=13, eos_token_id=[])
+    assert gen.new_tokens().shape == (3, 1)  # the prefill already chose the first token
+    sizes = []
+    while not gen.finished:
+        model.decode_steps(gen, 5)
+        sizes.append(gen.new_tokens().shape[1])
+    assert sizes == [6, 11, 13]
+    np.testing.assert_array_equal(gen.new_tokens(), full.sequences[:, ids.shape[1]:])
+    assert model.compile_counts()["decode"] == 1
+
+
+def test_load_onto_a_mesh(hf_models, jax_model):
+    import jax
+
+    import omni_jax
+
+    mesh = omni_jax.make_mesh({"tensor": 1}, devices=jax.devices()[:1])
+    model = omni_jax.load(hf_models("gqa")[0], dtype="float32", mesh=mesh)
+    k = model.params["layers"]["self_attn"]["q_proj"]["kernel"][...]
+    assert k.sharding.mesh.shape == mesh.shape
+    ids, mask = _batch(seed=9)
+    np.testing.assert_allclose(model.thinker_logits(ids, mask), jax_model("gqa").thinker_logits(ids, mask),
+                               rtol=1e-6, atol=1e-6)
