@@ -45,11 +45,11 @@ def embed(model: ThinkerLM, input_ids):
 
 
 def hidden_states(model: ThinkerLM, cfg: TextConfig, embeds, position_ids, *, cache=None, start=0,
-                  kv_valid=None, impl="xla", remat=False):
+                  kv_valid=None, impl="xla", remat=False, unroll=1):
     """Last-layer hidden states after the final norm ``[B, T, E]`` and the updated cache."""
     cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     h, cache = run_layers(model.layers, decoder_shape(cfg), embeds, cos, sin, cache=cache, start=start,
-                          kv_valid=kv_valid, impl=impl, remat=remat)
+                          kv_valid=kv_valid, impl=impl, remat=remat, unroll=unroll)
     return model.norm(h), cache
 
 

@@ -1,0 +1,1 @@
+"""omni-jax benchmarks (run as ``python -m bench ...``)."""
