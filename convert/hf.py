@@ -26,21 +26,31 @@ from omni_jax.sharding import param_sharding
 from .safetensors_io import Checkpoint
 
 
-def _flatten(d, prefix=()):
+def flatten_dict(d, prefix=()):
+    """Yield ``(path tuple, leaf)`` for a nested dict (an ``nnx.to_pure_dict`` tree)."""
     for k, v in d.items():
         if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
+            yield from flatten_dict(v, prefix + (k,))
         else:
             yield prefix + (k,), v
 
 
-def _set(d, path, value):
+def set_path(d, path, value):
     for k in path[:-1]:
         d = d[k]
     d[path[-1]] = value
 
 
-def hf_name(path: tuple, prefixes: dict[str, str], layer: int | None = None) -> tuple[str, bool]:
+def stack_index(path: tuple, stack_names=("layers",)) -> int | None:
+    """Position of the stacked-layers element in ``path`` (its parameters carry a layer axis), or None."""
+    for j, p in enumerate(path[:-1]):
+        if str(p) in stack_names:
+            return j
+    return None
+
+
+def hf_name(path: tuple, prefixes: dict[str, str], layer: int | None = None,
+            stack_names=("layers",)) -> tuple[str, bool]:
     """HF key for a parameter path (one layer of a stacked path), and whether it is transposed."""
     parts = [str(p) for p in path]
     top = parts[0]
@@ -50,7 +60,9 @@ def hf_name(path: tuple, prefixes: dict[str, str], layer: int | None = None) -> 
     suffix = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
     body = parts[:-1]
     if layer is not None:
-        body = [body[0], str(layer), *body[1:]]
+        j = stack_index(tuple(body) + ("",), stack_names)
+        j = 0 if j is None else j
+        body = [*body[:j + 1], str(layer), *body[j + 1:]]
     return prefix + ".".join(body + [suffix]), transpose
 
 
@@ -62,7 +74,8 @@ def _convert(arr: np.ndarray, transpose: bool, dtype) -> np.ndarray:
 
 
 def load_component(ckpt: Checkpoint, abstract_state: nnx.State, *, prefixes: dict[str, str], dtype,
-                   mesh=None, consumed: set | None = None, sharding_prefix: str = "") -> nnx.State:
+                   mesh=None, consumed: set | None = None, sharding_prefix: str = "",
+                   stack_names=("layers",)) -> nnx.State:
     """Fill ``abstract_state`` (from ``nnx.split(nnx.eval_shape(...))``) from ``ckpt``.
 
     ``prefixes`` maps the first path element (or ``""`` for any) to the HF key prefix.
@@ -72,14 +85,13 @@ def load_component(ckpt: Checkpoint, abstract_state: nnx.State, *, prefixes: dic
     pure = nnx.to_pure_dict(abstract_state)
     consumed = consumed if consumed is not None else set()
     np_dtype = np.dtype(dtype)
-    for path, sds in list(_flatten(pure)):
+    for path, sds in list(flatten_dict(pure)):
         shape = tuple(sds.shape)
-        stacked = path[0] == "layers" or (len(path) > 1 and "layers" in path[:1])
-        if stacked:
+        if stack_index(path, stack_names) is not None:
             n = shape[0]
             host = np.empty(shape, np_dtype)
             for i in range(n):
-                key, tr = hf_name(path, prefixes, layer=i)
+                key, tr = hf_name(path, prefixes, layer=i, stack_names=stack_names)
                 host[i] = _read(ckpt, key, tr, shape[1:], np_dtype)
                 consumed.add(key)
         else:
@@ -91,7 +103,7 @@ def load_component(ckpt: Checkpoint, abstract_state: nnx.State, *, prefixes: dic
             arr = jax.device_put(host, param_sharding(spath, shape, mesh))
         else:
             arr = jax.device_put(host)
-        _set(pure, path, arr)
+        set_path(pure, path, arr)
         del host
     nnx.replace_by_pure_dict(abstract_state, pure)
     return abstract_state
@@ -124,9 +136,9 @@ THINKER_LM_PREFIXES = {"lm_head": "thinker.", "": "thinker.model."}
 def iter_hf_tensors(state: nnx.State, prefixes: dict[str, str]):
     """Yield ``(hf_key, numpy array)`` for every parameter of ``state`` (the export direction)."""
     pure = nnx.to_pure_dict(state)
-    for path, arr in _flatten(pure):
+    for path, arr in flatten_dict(pure):
         a = np.asarray(arr)
-        if path[0] == "layers":
+        if stack_index(path) is not None:
             for i in range(a.shape[0]):
                 key, tr = hf_name(path, prefixes, layer=i)
                 yield key, (a[i].T if tr else a[i])

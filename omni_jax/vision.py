@@ -321,60 +321,13 @@ def encode_vision(model: VisionEncoder, cfg: VisionConfig, pixel_values, grid_th
 # loading
 
 
-def _flatten(d, prefix=()):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _read(ckpt, key: str, transpose: bool, shape: tuple, dtype) -> np.ndarray:
-    if key not in ckpt:
-        raise CheckpointError(f"{ckpt.directory}: missing tensor '{key}'")
-    arr = ckpt.get(key)
-    want = tuple(reversed(shape)) if transpose else tuple(shape)
-    if tuple(arr.shape) != want:
-        raise CheckpointError(
-            f"{ckpt.directory}: tensor '{key}' has shape {list(arr.shape)}, the config implies {list(want)}")
-    a = np.asarray(arr)
-    return np.ascontiguousarray((a.T if transpose else a).astype(dtype, copy=False))
-
-
 def load_vision(ckpt, cfg: VisionConfig, dtype, consumed: set, *, mesh=None) -> VisionEncoder:
-    """The vision encoder from the HF keys ``thinker.visual.*`` of ``ckpt``.
-
-    (``convert.hf.load_component`` stacks only a top-level ``layers``; the ViT's stack is
-    ``blocks``, so this walks the tree itself with the same key mapping, ``hf_name``.)
-    """
-    from convert.hf import hf_name
-    from .sharding import param_sharding
+    """The vision encoder from the HF keys ``thinker.visual.*`` of ``ckpt`` (stacked over ``blocks``)."""
+    from convert.hf import load_component
 
     jdtype = jnp.dtype(dtype)
     abstract = nnx.eval_shape(lambda: VisionEncoder(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(state)
-    prefixes = {"": HF_PREFIX}
-    for path, sds in list(_flatten(pure)):
-        shape = tuple(sds.shape)
-        if path[0] == "blocks":
-            host = np.empty(shape, jdtype)
-            for i in range(shape[0]):
-                key, tr = hf_name(path, prefixes, layer=i)
-                host[i] = _read(ckpt, key, tr, shape[1:], jdtype)
-                consumed.add(key)
-        else:
-            key, tr = hf_name(path, prefixes)
-            host = _read(ckpt, key, tr, shape, jdtype)
-            consumed.add(key)
-        if mesh is not None:
-            spath = "vision/" + "/".join(str(p) for p in path)
-            arr = jax.device_put(host, param_sharding(spath, shape, mesh))
-        else:
-            arr = jax.device_put(host)
-        node = pure
-        for k in path[:-1]:
-            node = node[k]
-        node[path[-1]] = arr
-    nnx.replace_by_pure_dict(state, pure)
+    state = load_component(ckpt, state, prefixes={"": HF_PREFIX}, dtype=jdtype, mesh=mesh, consumed=consumed,
+                           sharding_prefix="vision/", stack_names=("blocks",))
     return nnx.merge(graphdef, state)
