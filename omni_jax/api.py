@@ -26,7 +26,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32
 MULTIMODAL_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
                    "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
 # components whose tensors are recognised but not loaded by this version
-PENDING_PREFIXES = ("thinker.audio_tower.", "thinker.visual.", "talker.", "token2wav.")
+PENDING_PREFIXES = ("talker.", "token2wav.")
 
 
 @dataclass
@@ -112,10 +112,20 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
     state = load_component(ckpt, state, prefixes=THINKER_LM_PREFIXES, dtype=dt, mesh=mesh, consumed=consumed)
     if cfg.thinker.tie_word_embeddings and "thinker.lm_head.weight" in ckpt:
         consumed.add("thinker.lm_head.weight")  # tied: transformers ignores a stored head too
+    keys = list(ckpt.keys())
+    audio = vision = None
+    if any(k.startswith("thinker.audio_tower.") for k in keys):
+        from .audio import load_audio
+
+        audio = load_audio(ckpt, cfg.thinker.audio, dt, consumed, mesh=mesh)
+    if any(k.startswith("thinker.visual.") for k in keys):
+        from .vision import load_vision
+
+        vision = load_vision(ckpt, cfg.thinker.vision, dt, consumed, mesh=mesh)
     check_unexpected(ckpt, consumed, PENDING_PREFIXES)
     processor = TextProcessor.from_dir(path)
     return OmniModel(cfg, graphdef, state, processor=processor, dtype=dt, mesh=mesh, attention=impl,
-                     generation_config=_generation_config(path, processor), path=path)
+                     generation_config=_generation_config(path, processor), path=path, audio=audio, vision=vision)
 
 
 def _generation_config(path: str, processor: TextProcessor | None) -> dict:
@@ -141,7 +151,7 @@ class OmniModel:
     """A loaded Qwen2.5-Omni. Methods take numpy/lists and return numpy; all compute is jitted."""
 
     def __init__(self, config: OmniConfig, graphdef, params, *, processor, dtype, mesh, attention,
-                 generation_config, path=None):
+                 generation_config, path=None, audio=None, vision=None):
         self.config = config
         self.processor = processor
         self.dtype = dtype
@@ -154,6 +164,8 @@ class OmniModel:
         self._decode_unroll = 1
         self._graphdef = graphdef
         self.params = params  # the thinker LM's nnx.State
+        self.audio = audio  # AudioEncoder (nnx module) or None when the checkpoint has none
+        self.vision = vision  # VisionEncoder or None
         self._build()
 
     # ---------------------------------------------------------------------------------
@@ -162,9 +174,16 @@ class OmniModel:
         gdef, tcfg, impl = self._graphdef, self.config.thinker.text, self.attention
         vocab = tcfg.vocab_size
 
-        def logits_fn(params, ids, mask, pos, keep):
+        def embed_fn(model, ids, mm_embeds, mm_idx):
+            b, t = ids.shape
+            emb = th.embed(model, ids)
+            flat = emb.reshape(b * t, -1).at[mm_idx].set(mm_embeds.astype(emb.dtype), mode="drop")
+            return flat.reshape(emb.shape)
+
+        def logits_fn(params, ids, mask, pos, mm_embeds, mm_idx, keep):
             model = nnx.merge(gdef, params)
-            h, _ = th.hidden_states(model, tcfg, th.embed(model, ids), pos, kv_valid=mask.astype(bool), impl=impl)
+            h, _ = th.hidden_states(model, tcfg, embed_fn(model, ids, mm_embeds, mm_idx), pos,
+                                    kv_valid=mask.astype(bool), impl=impl)
             return th.lm_logits(model, h[:, -keep:])
 
         def step_fn(model, s: DecodeState):
@@ -173,15 +192,15 @@ class OmniModel:
                                         kv_valid=s.kv_valid, impl=impl, unroll=self._decode_unroll)
             return th.lm_logits(model, h[:, 0]), cache
 
-        def prefill_fn(params, ids, mask, pos, sp, rng, max_new, eos, pad, n_bucket, do_sample):
+        def prefill_fn(params, ids, mask, pos, mm_embeds, mm_idx, sp, rng, max_new, eos, pad, n_bucket, do_sample):
             model = nnx.merge(gdef, params)
             b, t = ids.shape
             shape = th.decoder_shape(tcfg)
             z = jnp.zeros((shape.num_layers, b, t + n_bucket, shape.kv_heads, shape.head_dim), self.dtype)
             cache = {"k": z, "v": z}
             kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
-            h, cache = th.hidden_states(model, tcfg, th.embed(model, ids), pos, cache=cache, start=0,
-                                        kv_valid=kv_valid, impl=impl)
+            h, cache = th.hidden_states(model, tcfg, embed_fn(model, ids, mm_embeds, mm_idx), pos, cache=cache,
+                                        start=0, kv_valid=kv_valid, impl=impl)
             logits = th.lm_logits(model, h[:, -1])
             seen = jnp.zeros((b, vocab), jnp.int32).at[jnp.arange(b)[:, None], ids].max(mask) > 0
             done = jnp.zeros((b,), bool)
@@ -197,8 +216,8 @@ class OmniModel:
             return decode_loop(partial(step_fn, model), state, n_steps, sp, eos_ids=eos, pad_id=pad,
                                do_sample=do_sample)
 
-        self._logits_jit = jax.jit(logits_fn, static_argnums=(4,))
-        self._prefill_jit = jax.jit(prefill_fn, static_argnums=(9, 10))
+        self._logits_jit = jax.jit(logits_fn, static_argnums=(6,))
+        self._prefill_jit = jax.jit(prefill_fn, static_argnums=(11, 12))
         self._decode_jit = jax.jit(decode_fn, static_argnums=(6,), donate_argnums=(1,))
 
     def compile_counts(self) -> dict[str, int]:
@@ -249,27 +268,90 @@ class OmniModel:
             raise InputError(f"position_ids: expected shape [3, {shape[0]}, {shape[1]}], got {list(pos.shape)}")
         return pos.astype(np.int32)
 
-    @staticmethod
-    def _reject_multimodal(kwargs):
-        given = [k for k in MULTIMODAL_ARGS if kwargs.get(k) is not None]
-        if given or kwargs.get("use_audio_in_video"):
-            raise InputError(f"{', '.join(given) or 'use_audio_in_video'}: audio, image and video inputs are not "
-                             "supported by this version of omni-jax yet (text only)")
+    def _multimodal(self, ids, mask, mm: dict, position_ids=None):
+        """Encode the media and lay them out for ``ids [B, T]`` (as given to the jitted program).
+
+        Returns ``(mm_embeds [M, E], mm_idx [M], position_ids [3, B, T])``: the encoder outputs in
+        placeholder order (row-major, like transformers' ``masked_scatter``) and their flat
+        positions in ``ids``; M is bucketed (padding rows point past the end and are dropped).
+        """
+        tc = self.config.thinker
+        e = tc.text.hidden_size
+        feats, fmask = mm.get("input_features"), mm.get("feature_attention_mask")
+        images, igrid = mm.get("pixel_values"), mm.get("image_grid_thw")
+        videos, vgrid = mm.get("pixel_values_videos"), mm.get("video_grid_thw")
+        spg = mm.get("video_second_per_grid")
+        aiv = bool(mm.get("use_audio_in_video"))
+        pieces = []
+        seqlens = None
+        if feats is not None:
+            if self.audio is None:
+                raise InputError(f"input_features: {self.path} has no audio encoder (thinker.audio_tower)")
+            from .audio import encode_audio_padded
+
+            feats = np.asarray(feats)
+            fmask = np.ones((feats.shape[0], feats.shape[-1]), np.int32) if fmask is None else np.asarray(fmask)
+            seqlens = fmask.sum(-1)
+            pieces.append(("input_features", tc.audio_token_id,
+                           encode_audio_padded(self.audio, tc.audio, feats, fmask, self.attention)))
+        elif aiv:
+            raise InputError("use_audio_in_video: needs the video's audio as input_features")
+        for name, px, grid, tok in (("pixel_values", images, igrid, tc.image_token_id),
+                                    ("pixel_values_videos", videos, vgrid, tc.video_token_id)):
+            if px is None:
+                continue
+            if self.vision is None:
+                raise InputError(f"{name}: {self.path} has no vision encoder (thinker.visual)")
+            if grid is None:
+                raise InputError(f"{name}: needs its grid_thw")
+            from .vision import encode_vision
+
+            pieces.append((name, tok, encode_vision(self.vision, tc.vision, np.asarray(px), np.asarray(grid),
+                                                    self.attention)))
+        if videos is not None and spg is None:
+            spg = [1.0] * len(np.asarray(vgrid).reshape(-1, 3))  # temporal patch 2 at 2 fps
+        b, t = ids.shape
+        idx_parts, emb_parts = [], []
+        for name, tok, emb in pieces:
+            where = np.flatnonzero((ids == tok) & (mask == 1))
+            if len(where) != emb.shape[0]:
+                raise InputError(f"{name}: the media give {emb.shape[0]} embeddings but the prompt has {len(where)} "
+                                 f"placeholder tokens (id {tok})")
+            idx_parts.append(where)
+            emb_parts.append(jnp.asarray(emb, self.dtype))
+        if emb_parts:
+            m = sum(len(x) for x in idx_parts)
+            mb = bucket(m)
+            mm_idx = np.full((mb,), b * t, np.int32)
+            mm_idx[:m] = np.concatenate(idx_parts)
+            mm_embeds = jnp.concatenate(emb_parts + [jnp.zeros((mb - m, e), self.dtype)], axis=0)
+        else:
+            mm_idx = np.zeros((0,), np.int32)
+            mm_embeds = jnp.zeros((0, e), self.dtype)
+        if position_ids is None:
+            from .tmrope import rope_index
+
+            position_ids = rope_index(tc, ids, mask, image_grid_thw=igrid, video_grid_thw=vgrid,
+                                      audio_seqlens=seqlens, second_per_grids=spg, use_audio_in_video=aiv)
+        return mm_embeds, mm_idx, position_ids
 
     # ---------------------------------------------------------------------------------
     def thinker_logits(self, input_ids, attention_mask=None, position_ids=None, *, logits_to_keep=None,
                        **multimodal) -> np.ndarray:
         """Thinker logits ``np.float32 [B, T, V]`` (the last ``logits_to_keep`` positions if given)."""
-        self._reject_multimodal(multimodal)
+        unknown = set(multimodal) - set(MULTIMODAL_ARGS) - {"use_audio_in_video"}
+        if unknown:
+            raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
         ids, mask = self._ids_and_mask(input_ids, attention_mask)
         b, t = ids.shape
-        pos = (self._check_position_ids(position_ids, (b, t)) if position_ids is not None
-               else np.asarray(th.text_position_ids(jnp.asarray(mask))))
+        pos = self._check_position_ids(position_ids, (b, t)) if position_ids is not None else None
         tb = bucket(t)
         pad = tb - t
         ids_p = np.pad(ids, ((0, 0), (pad, 0)))
         mask_p = np.pad(mask, ((0, 0), (pad, 0)))
-        pos_p = np.pad(pos, ((0, 0), (0, 0), (pad, 0)), constant_values=1)
+        if pos is not None:
+            pos = np.pad(pos, ((0, 0), (0, 0), (pad, 0)), constant_values=1)
+        mm_embeds, mm_idx, pos_p = self._multimodal(ids_p, mask_p, multimodal, pos)
         if logits_to_keep:
             if not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
                 raise InputError(f"logits_to_keep: expected a non-negative int, got {logits_to_keep!r}")
@@ -277,7 +359,8 @@ class OmniModel:
         else:
             keep = t
         with use_mesh(self.mesh):
-            out = self._logits_jit(self.params, ids_p, mask_p, pos_p, bucket(keep, 1) if keep < t else tb)
+            out = self._logits_jit(self.params, ids_p, mask_p, pos_p, mm_embeds, mm_idx,
+                                   bucket(keep, 1) if keep < t else tb)
         return np.asarray(out[:, -keep:], np.float32)
 
     # ---------------------------------------------------------------------------------
@@ -320,7 +403,6 @@ class OmniModel:
                 **kwargs) -> "Generation":
         """Validate, left-align and bucket the prompt and run the prefill (which also picks the first new
         token). Returns a :class:`Generation`; advance it with :meth:`decode_steps`."""
-        self._reject_multimodal(kwargs)
         if kwargs.get("return_audio"):
             raise InputError("return_audio: speech output is not available in this version of omni-jax yet")
         unknown = set(kwargs) - set(MULTIMODAL_ARGS) - {"use_audio_in_video", "return_audio", "speaker",
@@ -351,7 +433,7 @@ class OmniModel:
             v = ids[i][mask[i] == 1]
             ids_l[i, tb - len(v):] = v
             mask_l[i, tb - len(v):] = 1
-        pos = np.asarray(th.text_position_ids(jnp.asarray(mask_l)))
+        mm_embeds, mm_idx, pos = self._multimodal(ids_l, mask_l, kwargs)
         eos = eos_token_id if eos_token_id is not None else self.generation_config["eos_token_id"]
         eos = [eos] if isinstance(eos, (int, np.integer)) else list(eos)
         eos_arr = np.full((max(1, len(eos)),), -1, np.int32)
@@ -361,8 +443,8 @@ class OmniModel:
         rng = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seed)), i))(jnp.arange(b))
         nb = bucket(max_new_tokens)
         with use_mesh(self.mesh):
-            state = self._prefill_jit(self.params, ids_l, mask_l, pos, sp, rng, np.int32(max_new_tokens),
-                                      eos_arr, pad, nb, bool(do_sample))
+            state = self._prefill_jit(self.params, ids_l, mask_l, pos, mm_embeds, mm_idx, sp, rng,
+                                      np.int32(max_new_tokens), eos_arr, pad, nb, bool(do_sample))
 
         def run(state, n):
             with use_mesh(self.mesh):

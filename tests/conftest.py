@@ -34,6 +34,9 @@ TEXT_VARIANTS = {
                                num_key_value_heads=1, mrope_section=[8, 4, 4]), tie=False),
 }
 VOCAB = 300
+# media token ids inside the tiny vocabulary (transformers embeds every id before scattering media)
+MEDIA_IDS = dict(audio_token_index=290, image_token_index=291, video_token_index=292, audio_start_token_id=293,
+                 audio_end_token_id=294, vision_start_token_id=295, vision_end_token_id=296)
 
 
 def tiny_hf_config(variant: str, max_position_embeddings: int = 32768):
@@ -46,7 +49,7 @@ def tiny_hf_config(variant: str, max_position_embeddings: int = 32768):
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}, **t)
     return Qwen2_5OmniConfig(
         thinker_config=dict(
-            text_config=text, tie_word_embeddings=v["tie"], vision_start_token_id=151652,
+            text_config=text, tie_word_embeddings=v["tie"], **MEDIA_IDS,
             audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=48,
                               output_dim=t["hidden_size"], num_mel_bins=16, n_window=4, max_source_positions=100),
             vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,

@@ -9,8 +9,11 @@ import torch
 import omni_jax
 from omni_jax.tmrope import audio_token_count, rope_index
 
-AUD, IMG, VID = 151646, 151655, 151656
-A_BOS, A_EOS, V_BOS, V_EOS = 151647, 151648, 151652, 151653
+from conftest import MEDIA_IDS
+
+AUD, IMG, VID = MEDIA_IDS["audio_token_index"], MEDIA_IDS["image_token_index"], MEDIA_IDS["video_token_index"]
+A_BOS, A_EOS = MEDIA_IDS["audio_start_token_id"], MEDIA_IDS["audio_end_token_id"]
+V_BOS, V_EOS = MEDIA_IDS["vision_start_token_id"], MEDIA_IDS["vision_end_token_id"]
 
 
 def _text(rs, n):
