@@ -18,7 +18,7 @@ from . import thinker as th
 from .attention import default_impl
 from .config import OmniConfig, load_config
 from .errors import CheckpointError, InputError, OmniError
-from .generate import DecodeState, Sampling, choose, decode_loop, make_sampling, record, step_keys
+from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations
 from .sharding import use_mesh
 
@@ -26,7 +26,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32
 MULTIMODAL_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
                    "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
 # components whose tensors are recognised but not loaded by this version
-PENDING_PREFIXES = ("talker.", "token2wav.")
+PENDING_PREFIXES = ("token2wav.",)
 
 
 @dataclass
@@ -57,6 +57,9 @@ class Generation:
     eos: list[int]
     max_new_tokens: int
     _run: Any = None
+    talker_inputs: dict | None = None  # prompt hidden states / embeddings when speech was asked for
+    aligned_ids: np.ndarray | None = None  # [B, Tb] left-aligned, bucketed prompt the thinker ran on
+    aligned_mask: np.ndarray | None = None
 
     @property
     def finished(self) -> bool:
@@ -122,10 +125,24 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
         from .vision import load_vision
 
         vision = load_vision(ckpt, cfg.thinker.vision, dt, consumed, mesh=mesh)
+    talker = None
+    if cfg.talker is not None and any(k.startswith("talker.") for k in keys):
+        from .talker import TALKER_PREFIXES, Talker
+
+        abstract_t = nnx.eval_shape(lambda: Talker(cfg.talker, dtype=dt, rngs=nnx.Rngs(0)))
+        tg, ts = nnx.split(abstract_t)
+        talker = (tg, load_component(ckpt, ts, prefixes=TALKER_PREFIXES, dtype=dt, mesh=mesh, consumed=consumed,
+                                     sharding_prefix="talker/"))
+    voices = None
+    if os.path.exists(os.path.join(path, "spk_dict.pt")):
+        from .voices import load_voices
+
+        voices = load_voices(os.path.join(path, "spk_dict.pt"))
     check_unexpected(ckpt, consumed, PENDING_PREFIXES)
     processor = TextProcessor.from_dir(path)
     return OmniModel(cfg, graphdef, state, processor=processor, dtype=dt, mesh=mesh, attention=impl,
-                     generation_config=_generation_config(path, processor), path=path, audio=audio, vision=vision)
+                     generation_config=_generation_config(path, processor), path=path, audio=audio, vision=vision,
+                     talker=talker, voices=voices)
 
 
 def _generation_config(path: str, processor: TextProcessor | None) -> dict:
@@ -151,7 +168,7 @@ class OmniModel:
     """A loaded Qwen2.5-Omni. Methods take numpy/lists and return numpy; all compute is jitted."""
 
     def __init__(self, config: OmniConfig, graphdef, params, *, processor, dtype, mesh, attention,
-                 generation_config, path=None, audio=None, vision=None):
+                 generation_config, path=None, audio=None, vision=None, talker=None, voices=None, token2wav=None):
         self.config = config
         self.processor = processor
         self.dtype = dtype
@@ -166,6 +183,9 @@ class OmniModel:
         self.params = params  # the thinker LM's nnx.State
         self.audio = audio  # AudioEncoder (nnx module) or None when the checkpoint has none
         self.vision = vision  # VisionEncoder or None
+        self.talker = talker  # (graphdef, params) of the Talker, or None
+        self.voices: dict = voices or {}  # speaker name -> omni_jax.voices.Voice (from spk_dict.pt)
+        self.token2wav_params = token2wav  # (dit, bigvgan) modules, or None
         self._build()
 
     # ---------------------------------------------------------------------------------
@@ -190,9 +210,12 @@ class OmniModel:
             emb = th.embed(model, s.last[:, None])
             h, cache = th.hidden_states(model, tcfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
                                         kv_valid=s.kv_valid, impl=impl, unroll=self._decode_unroll)
-            return th.lm_logits(model, h[:, 0]), cache
+            return th.lm_logits(model, h[:, 0]), cache, h[:, 0]
 
-        def prefill_fn(params, ids, mask, pos, mm_embeds, mm_idx, sp, rng, max_new, eos, pad, n_bucket, do_sample):
+        def prefill_fn(params, ids, mask, pos, mm_embeds, mm_idx, sp, rng, max_new, eos, pad, n_bucket, do_sample,
+                       collect):
+            """Prefill; with ``collect`` also the talker's inputs: the prompt's post-norm hidden states and
+            its input embeddings with media positions zeroed, and a per-token hidden buffer."""
             model = nnx.merge(gdef, params)
             b, t = ids.shape
             shape = th.decoder_shape(tcfg)
@@ -203,22 +226,134 @@ class OmniModel:
                                         start=0, kv_valid=kv_valid, impl=impl)
             logits = th.lm_logits(model, h[:, -1])
             seen = jnp.zeros((b, vocab), jnp.int32).at[jnp.arange(b)[:, None], ids].max(mask) > 0
-            done = jnp.zeros((b,), bool)
-            tok = choose(logits, seen, sp, step_keys(rng, 0), do_sample)
-            tokens = jnp.zeros((b, n_bucket), jnp.int32)
-            tokens, seen, done, tok = record(tokens, seen, done, tok, 0, eos, pad)
-            return DecodeState(cache=cache, kv_valid=kv_valid, tokens=tokens, n=jnp.int32(1), max_new=max_new,
-                               last=tok, next_pos=pos[:, :, -1] + 1, slot=jnp.int32(t), done=done, seen=seen,
-                               rng=rng)
+            state = initial_state(logits, cache, kv_valid, seen, pos[:, :, -1] + 1, t, sp, rng, max_new, eos, pad,
+                                  n_bucket, do_sample, hidden_dim=tcfg.hidden_size if collect else 0,
+                                  hidden_dtype=self.dtype)
+            if not collect:
+                return state, None
+            plain = embed_fn(model, ids, jnp.zeros_like(mm_embeds), mm_idx)  # media positions zeroed
+            return state, {"prompt_hidden": h, "prompt_embeds": plain}
 
         def decode_fn(params, state, n_steps, sp, eos, pad, do_sample):
             model = nnx.merge(gdef, params)
             return decode_loop(partial(step_fn, model), state, n_steps, sp, eos_ids=eos, pad_id=pad,
                                do_sample=do_sample)
 
+        def embed_tokens_fn(params, ids):
+            return th.embed(nnx.merge(gdef, params), ids)
+
+        self._embed_jit = jax.jit(embed_tokens_fn)
         self._logits_jit = jax.jit(logits_fn, static_argnums=(6,))
-        self._prefill_jit = jax.jit(prefill_fn, static_argnums=(11, 12))
+        if self.talker is not None:
+            self._build_talker()
+        self._prefill_jit = jax.jit(prefill_fn, static_argnums=(11, 12, 13))
         self._decode_jit = jax.jit(decode_fn, static_argnums=(6,), donate_argnums=(1,))
+
+    def _build_talker(self):
+        from . import talker as tk
+
+        tgdef = self.talker[0]
+        cfg, impl = self.config.talker, self.attention
+
+        def prefill_fn(tparams, embeds, mask, pos, seen, sp, rng, max_new, eos, pad, min_new, suppress, n_bucket,
+                       do_sample):
+            model = nnx.merge(tgdef, tparams)
+            b, t, _ = embeds.shape
+            codec = model.embed_tokens(jnp.asarray([cfg.tts_codec_pad_token_id, cfg.tts_codec_start_token_id]))
+            embeds = embeds.at[:, -2].add(codec[0]).at[:, -1].add(codec[1])
+            shape = tk.decoder_shape(cfg)
+            z = jnp.zeros((shape.num_layers, b, t + n_bucket, shape.kv_heads, shape.head_dim), self.dtype)
+            kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
+            logits, cache = tk.logits(model, cfg, embeds, pos, cache={"k": z, "v": z}, start=0, kv_valid=kv_valid,
+                                      impl=impl)
+            return initial_state(logits[:, -1], cache, kv_valid, seen, pos[:, :, -1] + 1, t, sp, rng, max_new, eos,
+                                 pad, n_bucket, do_sample, min_new=min_new, suppress=suppress)
+
+        def decode_fn(tparams, state, rest, n_steps, sp, eos, pad, do_sample):
+            model = nnx.merge(tgdef, tparams)
+            r = rest.shape[1]
+
+            def step_fn(s):
+                inp = jax.lax.dynamic_index_in_dim(rest, jnp.minimum(s.n - 1, r - 1), 1, keepdims=False)
+                emb = (model.embed_tokens(s.last) + inp)[:, None]
+                logits, cache = tk.logits(model, cfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
+                                          kv_valid=s.kv_valid, impl=impl)
+                return logits[:, 0], cache, logits[:, 0, :0]
+
+            return decode_loop(step_fn, state, n_steps, sp, eos_ids=eos, pad_id=pad, do_sample=do_sample)
+
+        def reply_fn(params, gen_tokens, gen_hidden, eos_ids, extra_ids):
+            model = nnx.merge(self._graphdef, params)
+            ex = th.embed(model, extra_ids)  # text bos (speaker), text eos, text pad
+            first, rest = tk.reply_parts(gen_tokens, gen_hidden, lambda x: th.embed(model, x), eos_ids, ex[1], ex[2])
+            return ex[0], first, rest
+
+        self._talker_prefill_jit = jax.jit(prefill_fn, static_argnums=(12, 13))
+        self._talker_decode_jit = jax.jit(decode_fn, static_argnums=(7,), donate_argnums=(1,))
+        self._reply_jit = jax.jit(reply_fn)
+
+    def _talker_codes(self, gen: "Generation", *, speaker_bos: int, mm: dict, seed: int, talker_max_new_tokens=4096,
+                      talker_min_new_tokens=0, talker_do_sample=True, talker_top_k=40, talker_top_p=0.8,
+                      talker_temperature=0.9, talker_repetition_penalty=1.05, talker_eos_token_id=None):
+        """Run the talker on a finished thinker generation; returns one codec-id array per row."""
+        from .talker import rope_view
+        from .tmrope import rope_index
+
+        cfg = self.config.talker
+        self._check_sampling(talker_max_new_tokens, talker_do_sample, talker_temperature, talker_top_k,
+                             talker_top_p, talker_repetition_penalty)
+        st = gen.state
+        n = int(st.n)
+        b = st.tokens.shape[0]
+        if n < 2:
+            return [np.zeros((0,), np.int32) for _ in range(b)]  # a one-token reply has nothing to say
+        gen_tokens = st.tokens[:, :n]
+        eos = np.asarray(gen.eos if gen.eos else [-1], np.int32)
+        extra = np.asarray([speaker_bos, cfg.tts_text_end_token_id, cfg.tts_text_pad_token_id], np.int32)
+        bos_e, first, rest = self._reply_jit(self.params, gen_tokens, st.hidden[:, :n], eos, extra)
+        ti = gen.talker_inputs
+        e = ti["prompt_hidden"].shape[-1]
+        embeds = jnp.concatenate([ti["prompt_hidden"] + ti["prompt_embeds"], jnp.broadcast_to(bos_e, (b, 1, e)),
+                                  first[:, None]], axis=1)
+        mask = np.concatenate([gen.aligned_mask, np.ones((b, 2), np.int32)], axis=1)
+        text_ids = np.concatenate([gen.aligned_ids, np.full((b, 1), speaker_bos, np.int32),
+                                   np.asarray(gen_tokens[:, :1])], axis=1)
+        seqlens = None
+        if mm.get("feature_attention_mask") is not None:
+            seqlens = np.asarray(mm["feature_attention_mask"]).sum(-1)
+        elif mm.get("input_features") is not None:
+            seqlens = [np.asarray(mm["input_features"]).shape[-1]] * np.asarray(mm["input_features"]).shape[0]
+        spg = mm.get("video_second_per_grid")
+        if mm.get("video_grid_thw") is not None and spg is None:
+            spg = [1.0] * len(np.asarray(mm["video_grid_thw"]).reshape(-1, 3))
+        pos = rope_index(rope_view(cfg), text_ids, mask, image_grid_thw=mm.get("image_grid_thw"),
+                         video_grid_thw=mm.get("video_grid_thw"), audio_seqlens=seqlens, second_per_grids=spg,
+                         use_audio_in_video=bool(mm.get("use_audio_in_video")))
+        v = cfg.vocab_size
+        seen = np.zeros((b, v), bool)
+        seen[:, [cfg.tts_codec_mask_token_id, cfg.tts_codec_pad_token_id, cfg.tts_codec_start_token_id]] = True
+        teos = talker_eos_token_id if talker_eos_token_id is not None else [cfg.tts_codec_pad_token_id,
+                                                                            cfg.tts_codec_end_token_id]
+        teos = [teos] if isinstance(teos, (int, np.integer)) else list(teos)
+        teos_arr = np.asarray(teos if teos else [-1], np.int32)
+        suppress = np.zeros((v,), bool)
+        suppress[cfg.tts_codec_start_token_id] = True
+        sp = make_sampling(talker_temperature, talker_top_k, talker_top_p, talker_repetition_penalty, v)
+        rng = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seed) + 1), i))(jnp.arange(b))
+        pad = np.int32(cfg.tts_codec_pad_token_id)
+        nb = bucket(talker_max_new_tokens)
+        with use_mesh(self.mesh):
+            state = self._talker_prefill_jit(self.talker[1], embeds, mask, pos, seen, sp, rng,
+                                             np.int32(talker_max_new_tokens), teos_arr, pad,
+                                             np.int32(talker_min_new_tokens), suppress, nb, bool(talker_do_sample))
+            state = self._talker_decode_jit(self.talker[1], state, rest, np.int32(talker_max_new_tokens), sp,
+                                            teos_arr, pad, bool(talker_do_sample))
+        codes = np.asarray(state.tokens[:, :int(state.n)])
+        out = []
+        for row in codes:
+            hit = np.nonzero(np.isin(row, teos))[0]
+            out.append(row[:hit[0]] if len(hit) else row)
+        return out
 
     def compile_counts(self) -> dict[str, int]:
         """How many programs each jitted entry point has compiled (one per shape bucket)."""
@@ -404,7 +539,7 @@ class OmniModel:
         """Validate, left-align and bucket the prompt and run the prefill (which also picks the first new
         token). Returns a :class:`Generation`; advance it with :meth:`decode_steps`."""
         if kwargs.get("return_audio"):
-            raise InputError("return_audio: speech output is not available in this version of omni-jax yet")
+            self._check_speech(kwargs.get("speaker", "Chelsie"))
         unknown = set(kwargs) - set(MULTIMODAL_ARGS) - {"use_audio_in_video", "return_audio", "speaker",
                                                         "talker_max_new_tokens", "talker_min_new_tokens",
                                                         "talker_do_sample", "talker_top_k", "talker_top_p",
@@ -434,6 +569,7 @@ class OmniModel:
             ids_l[i, tb - len(v):] = v
             mask_l[i, tb - len(v):] = 1
         mm_embeds, mm_idx, pos = self._multimodal(ids_l, mask_l, kwargs)
+        collect_hidden = bool(kwargs.get("return_audio"))
         eos = eos_token_id if eos_token_id is not None else self.generation_config["eos_token_id"]
         eos = [eos] if isinstance(eos, (int, np.integer)) else list(eos)
         eos_arr = np.full((max(1, len(eos)),), -1, np.int32)
@@ -443,14 +579,16 @@ class OmniModel:
         rng = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seed)), i))(jnp.arange(b))
         nb = bucket(max_new_tokens)
         with use_mesh(self.mesh):
-            state = self._prefill_jit(self.params, ids_l, mask_l, pos, mm_embeds, mm_idx, sp, rng,
-                                      np.int32(max_new_tokens), eos_arr, pad, nb, bool(do_sample))
+            state, talker_inputs = self._prefill_jit(self.params, ids_l, mask_l, pos, mm_embeds, mm_idx, sp, rng,
+                                                     np.int32(max_new_tokens), eos_arr, pad, nb, bool(do_sample),
+                                                     bool(collect_hidden))
 
         def run(state, n):
             with use_mesh(self.mesh):
                 return self._decode_jit(self.params, state, np.int32(n), sp, eos_arr, pad, bool(do_sample))
 
-        return Generation(state=state, prompt_ids=ids, eos=eos, max_new_tokens=max_new_tokens, _run=run)
+        return Generation(state=state, prompt_ids=ids, eos=eos, max_new_tokens=max_new_tokens, _run=run,
+                          talker_inputs=talker_inputs, aligned_ids=ids_l, aligned_mask=mask_l)
 
     def decode_steps(self, gen: "Generation", n: int) -> "Generation":
         """Advance ``gen`` by up to ``n`` tokens in one on-device loop (stops early when every row is done)."""
@@ -461,14 +599,35 @@ class OmniModel:
     def generate(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024,
                  do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0,
                  eos_token_id=None, **kwargs) -> GenerateOutput:
-        """Generate a reply for each row (see shared/api.md). Text output in this version."""
+        """Generate a reply for each row (see shared/api.md); with ``return_audio=True`` also its speech."""
         gen = self.prefill(input_ids, attention_mask, messages, max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id, **kwargs)
         self.decode_steps(gen, max_new_tokens)
         ids, eos, new = gen.prompt_ids, gen.eos, gen.new_tokens()
-        return GenerateOutput(sequences=np.concatenate([ids, new.astype(ids.dtype)], axis=1),
-                              text=[self._decode_reply(row, eos) for row in new], prompt_length=ids.shape[1])
+        out = GenerateOutput(sequences=np.concatenate([ids, new.astype(ids.dtype)], axis=1),
+                             text=[self._decode_reply(row, eos) for row in new], prompt_length=ids.shape[1])
+        if kwargs.get("return_audio"):
+            speaker = kwargs.get("speaker", "Chelsie")
+            talker_kw = {k: v for k, v in kwargs.items() if k.startswith("talker_")}
+            out.codec_ids = self._talker_codes(gen, speaker_bos=self.voices[speaker].bos_token, mm=kwargs, seed=seed,
+                                               **talker_kw)
+            if self.token2wav_params is not None:
+                noise = kwargs.get("dit_noise")
+                if noise is not None and not isinstance(noise, (list, tuple)):
+                    noise = [noise]
+                if noise is not None and len(noise) != len(out.codec_ids):
+                    raise InputError(f"dit_noise: {len(noise)} arrays for a batch of {len(out.codec_ids)}")
+                out.audio = self._speak(out.codec_ids, speaker, noise, seed)
+        return out
+
+    def _check_speech(self, speaker):
+        if self.talker is None:
+            raise InputError(f"return_audio: {self.path} has no talker weights (talker.*), so it cannot speak")
+        if not self.voices:
+            raise InputError(f"return_audio: {self.path} has no spk_dict.pt, so there is no voice to speak with")
+        if speaker not in self.voices:
+            raise InputError(f"speaker '{speaker}' is not available; voices: {', '.join(sorted(self.voices))}")
 
     def _decode_reply(self, row, eos) -> str:
         if self.processor is None:

@@ -50,6 +50,9 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [B] bool
     seen: jax.Array  # [B, V] bool: tokens in prompt or output (repetition penalty)
     rng: jax.Array  # [B] PRNG keys, one per row
+    hidden: jax.Array  # [B, N, E] last-layer hidden state of each fed token (the talker's input), or [B, 0, E]
+    min_new: jax.Array  # i32 scalar: EOS ids are suppressed while fewer tokens exist
+    suppress: jax.Array  # [V] bool: ids never chosen (the talker's codec bos)
 
 
 def process_logits(logits, seen, sp: Sampling, do_sample: bool):
@@ -97,8 +100,16 @@ def record(state_tokens, seen, done, tok, n, eos_ids, pad_id):
     return tokens, seen, done | is_eos, tok
 
 
+def constrain_logits(logits, n, min_new, suppress, eos_ids):
+    """transformers' SuppressTokens and MinNewTokens processors: forbidden ids get -inf."""
+    v = logits.shape[-1]
+    eos_mask = jnp.any(jnp.arange(v)[:, None] == eos_ids[None, :], axis=-1)
+    banned = suppress | (eos_mask & (n < min_new))
+    return jnp.where(banned[None, :], -jnp.inf, logits)
+
+
 def decode_loop(step_fn, state: DecodeState, n_steps, sp: Sampling, *, eos_ids, pad_id, do_sample):
-    """Advance ``state`` by up to ``n_steps`` tokens; ``step_fn(state) -> (logits [B,V], cache)``."""
+    """Advance ``state`` by up to ``n_steps`` tokens; ``step_fn(state) -> (logits [B,V], cache, hidden [B,E])``."""
 
     def cond(carry):
         s, i = carry
@@ -106,11 +117,15 @@ def decode_loop(step_fn, state: DecodeState, n_steps, sp: Sampling, *, eos_ids, 
 
     def body(carry):
         s, i = carry
-        logits, cache = step_fn(s)
+        logits, cache, hid = step_fn(s)
+        logits = constrain_logits(logits, s.n, s.min_new, s.suppress, eos_ids)
         tok = choose(logits, s.seen, sp, step_keys(s.rng, s.n), do_sample)
         tokens, seen, done, tok = record(s.tokens, s.seen, s.done, tok, s.n, eos_ids, pad_id)
+        hidden = s.hidden
+        if hidden.shape[1]:  # the hidden state of the token just fed (token n-1)
+            hidden = jax.lax.dynamic_update_slice(hidden, hid[:, None].astype(hidden.dtype), (0, s.n - 1, 0))
         s = s._replace(cache=cache, tokens=tokens, seen=seen, done=done, last=tok, n=s.n + 1,
-                       next_pos=s.next_pos + 1, slot=s.slot + 1)
+                       next_pos=s.next_pos + 1, slot=s.slot + 1, hidden=hidden)
         return s, i + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
@@ -119,3 +134,20 @@ def decode_loop(step_fn, state: DecodeState, n_steps, sp: Sampling, *, eos_ids, 
 
 def finished(state: DecodeState) -> bool:
     return bool(state.n >= state.max_new) or bool(jnp.all(state.done))
+
+
+def initial_state(logits, cache, kv_valid, seen, next_pos, slot, sp: Sampling, rng, max_new, eos_ids, pad_id,
+                  n_bucket: int, do_sample: bool, *, min_new=0, suppress=None, hidden_dim: int = 0,
+                  hidden_dtype=jnp.float32) -> DecodeState:
+    """The state after a prefill: the first new token is chosen from the prompt's last ``logits``."""
+    b, v = logits.shape
+    suppress = jnp.zeros((v,), bool) if suppress is None else suppress
+    min_new = jnp.int32(min_new)
+    logits = constrain_logits(logits, jnp.int32(0), min_new, suppress, eos_ids)
+    tok = choose(logits, seen, sp, step_keys(rng, 0), do_sample)
+    tokens = jnp.zeros((b, n_bucket), jnp.int32)
+    tokens, seen, done, tok = record(tokens, seen, jnp.zeros((b,), bool), tok, 0, eos_ids, pad_id)
+    hidden = jnp.zeros((b, n_bucket if hidden_dim else 0, hidden_dim), hidden_dtype)
+    return DecodeState(cache=cache, kv_valid=kv_valid, tokens=tokens, n=jnp.int32(1), max_new=max_new, last=tok,
+                       next_pos=next_pos, slot=jnp.int32(slot), done=done, seen=seen, rng=rng, hidden=hidden,
+                       min_new=min_new, suppress=suppress)

@@ -55,9 +55,11 @@ def tiny_hf_config(variant: str, max_position_embeddings: int = 32768):
             vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
                                out_hidden_size=t["hidden_size"], fullatt_block_indexes=[1], window_size=56)),
         talker_config=dict(vocab_size=120, embedding_size=t["hidden_size"], hidden_size=48, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                            tts_codec_start_token_id=110, tts_codec_end_token_id=111, tts_codec_pad_token_id=112,
-                           tts_codec_mask_token_id=113,
+                           tts_codec_mask_token_id=113, tts_text_start_token_id=297, tts_text_end_token_id=298,
+                           tts_text_pad_token_id=299,
+                           **MEDIA_IDS,
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                             "mrope_section": [2, 2, 2]}),
         token2wav_config=dict(
@@ -79,8 +81,12 @@ def perturb_(model, seed: int = 0, scale: float = 0.05):
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
+VOICE_BOS = {"Chelsie": 296, "Ethan": 295}
+
+
 def build_hf_checkpoint(directory: str, variant: str, seed: int = 0, **cfg_kw):
-    """Save a tiny perturbed transformers Qwen2.5-Omni to ``directory``; return the torch model."""
+    """Save a tiny perturbed transformers Qwen2.5-Omni (and its spk_dict.pt) to ``directory``;
+    return the torch model, its ``speaker_map`` filled with the same voices."""
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration
 
@@ -88,6 +94,12 @@ def build_hf_checkpoint(directory: str, variant: str, seed: int = 0, **cfg_kw):
     model = Qwen2_5OmniForConditionalGeneration(tiny_hf_config(variant, **cfg_kw)).eval()
     perturb_(model, seed)
     model.save_pretrained(directory, max_shard_size="100KB")
+    dit = model.config.token2wav_config.dit_config
+    g = torch.Generator().manual_seed(seed + 7)
+    voices = {name: {"bos_token": bos, "cond": torch.randn(dit.enc_emb_dim, generator=g),
+                     "ref_mel": torch.randn(30, dit.mel_dim, generator=g)} for name, bos in VOICE_BOS.items()}
+    torch.save(voices, os.path.join(directory, "spk_dict.pt"))
+    model.speaker_map = voices
     return model
 
 

@@ -1,0 +1,100 @@
+"""The Talker: a Qwen2-style decoder that turns the thinker's states into codec ids.
+
+Parameter tree (paths mirror ``talker.*``)::
+
+    thinker_to_talker_proj/{kernel,bias}   [E_thinker, H]
+    embed_tokens/embedding                 [codec_vocab, E_thinker]   (HF: talker.model.embed_tokens)
+    layers/...                             stacked decoder layers     (HF: talker.model.layers.N)
+    norm/weight                            [H]                        (HF: talker.model.norm)
+    codec_head/kernel                      [H, codec_vocab]
+
+It is fed exactly as transformers' ``Qwen2_5OmniForConditionalGeneration.generate`` feeds it:
+
+* prompt, per thinker prompt position: the thinker's last-layer (post-norm) hidden state plus
+  its input embedding, the embedding term zeroed at audio/image/video positions; then the
+  speaker's text-bos embedding, then the first reply token's (hidden + embedding); the codec
+  pad embedding is added at the second-to-last prompt position and the codec bos embedding
+  at the last;
+* then one thinker reply token (hidden + embedding) per step, added to the embedding of the
+  codec id just produced; after the reply: the text-eos embedding, then text-pad embeddings
+  (the last one repeats);
+* codec bos is suppressed; the repetition penalty also sees the prompt's codec ids (mask,
+  pad, bos); generation stops at the talker's EOS ids (codec pad and codec end).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import TalkerConfig
+from .decoder import DecoderLayers, DecoderShape, run_layers
+from .layers import Embed, Linear, RMSNorm
+from .rope import mrope_cos_sin
+
+
+class Talker(nnx.Module):
+    def __init__(self, cfg: TalkerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.thinker_to_talker_proj = Linear(cfg.embedding_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.embedding_size, dtype=dtype, rngs=rngs)
+        self.layers = DecoderLayers(
+            num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+            heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+            eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.codec_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+
+TALKER_PREFIXES = {"thinker_to_talker_proj": "talker.", "codec_head": "talker.", "": "talker.model."}
+
+
+def decoder_shape(cfg: TalkerConfig) -> DecoderShape:
+    return DecoderShape(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+
+
+def logits(model: Talker, cfg: TalkerConfig, embeds, position_ids, *, cache=None, start=0, kv_valid=None,
+           impl="xla"):
+    """Codec logits (float32) for thinker-space input embeddings ``[B, T, E_thinker]``."""
+    x = model.thinker_to_talker_proj(embeds)
+    cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    h, cache = run_layers(model.layers, decoder_shape(cfg), x, cos, sin, cache=cache, start=start,
+                          kv_valid=kv_valid, impl=impl)
+    h = model.norm(h)
+    w = model.codec_head.kernel[...]
+    return jnp.einsum("...h,hv->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32), cache
+
+
+def reply_parts(gen_tokens, gen_hidden, embed_fn, eos_ids, eos_embed, pad_embed):
+    """The per-step talker inputs from the thinker's reply, as transformers builds them.
+
+    ``gen_tokens [B, N]``, ``gen_hidden [B, N, E]`` (hidden of token k at k, for k < N-1).
+    Returns ``(first [B, E], rest [B, N, E])``: the reply's first token (hidden + embedding),
+    which ends the talker prompt, and the per-step inputs after it: tokens 1..N-2, then the
+    text-eos embedding, then text-pad; from each row's first EOS on, text-pad, with text-eos
+    just before it.
+    """
+    b, n = gen_tokens.shape
+    reply = gen_hidden[:, :n - 1] + embed_fn(gen_tokens[:, :n - 1])  # [B, N-1, E]
+    first = reply[:, 0]
+    e_dim = reply.shape[-1]
+    rest = jnp.concatenate([reply[:, 1:], jnp.broadcast_to(eos_embed, (b, 1, e_dim)),
+                            jnp.broadcast_to(pad_embed, (b, 1, e_dim))], axis=1)  # [B, N, E]
+    is_eos = jnp.any(gen_tokens[:, :, None] == jnp.asarray(eos_ids, jnp.int32)[None, None, :], axis=-1) \
+        if len(eos_ids) else jnp.zeros(gen_tokens.shape, bool)
+    first_eos = jnp.min(jnp.where(is_eos, jnp.arange(n)[None, :], n), axis=1)
+    first_eos = jnp.clip(first_eos, 1, n - 1)
+    k = jnp.arange(rest.shape[1])[None, :]
+    rest = jnp.where((k >= first_eos[:, None])[..., None], pad_embed, rest)
+    rest = jnp.where((k == first_eos[:, None] - 1)[..., None], eos_embed, rest)
+    return first, rest
+
+
+def rope_view(cfg: TalkerConfig):
+    """The attributes :func:`omni_jax.tmrope.rope_index` reads, taken from the talker's config."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        vision=SimpleNamespace(spatial_merge_size=cfg.spatial_merge_size),
+        position_id_per_seconds=cfg.position_id_per_seconds, seconds_per_chunk=cfg.seconds_per_chunk,
+        audio_token_id=cfg.audio_token_id, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        audio_start_token_id=cfg.audio_start_token_id, vision_start_token_id=cfg.vision_start_token_id)

@@ -1,0 +1,90 @@
+"""The Talker fed exactly as transformers' generate feeds it: codec ids vs the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, rel_err
+from test_multimodal import _inputs
+
+
+def _reference_codes(tm, ids, mask, thinker_new, talker_new, talker_min, mm=None, aiv=False, speaker="Chelsie"):
+    """Run transformers' full generate; capture the talker's codes and scores (token2wav stubbed)."""
+    captured = {}
+    orig = tm.talker.generate
+
+    def talker_generate(**kw):
+        res = orig(output_scores=True, return_dict_in_generate=True, **kw)
+        captured["prompt_len"] = kw["input_ids"].shape[1]
+        captured["scores"] = res.scores
+        captured["sequences"] = res.sequences
+        return res.sequences
+
+    t2w = tm.token2wav.forward
+    tm.talker.generate = talker_generate
+    tm.token2wav.forward = lambda code, **kw: torch.zeros(1, 10)
+    try:
+        # pixel inputs go to the thinker only (transformers 5 would hand them to talker.generate too, which
+        # rejects them); grids stay shared: the talker's positions need them
+        t = {("thinker_" + k if k.startswith("pixel_values") else k): torch.tensor(v) for k, v in (mm or {}).items()}
+        with torch.no_grad():
+            seqs, _ = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), speaker=speaker,
+                                  use_audio_in_video=aiv, thinker_max_new_tokens=thinker_new,
+                                  thinker_do_sample=False, thinker_eos_token_id=None, talker_do_sample=False,
+                                  talker_max_new_tokens=talker_new, talker_min_new_tokens=talker_min,
+                                  talker_eos_token_id=[112, 111], **t)
+    finally:
+        tm.talker.generate = orig
+        tm.token2wav.forward = t2w
+    codes = captured["sequences"][:, captured["prompt_len"]:].numpy()
+    scores = np.stack([s.numpy() for s in captured["scores"]], 1)
+    return seqs.numpy(), codes, scores
+
+
+def _cut(row):
+    hit = np.nonzero(np.isin(row, [112, 111]))[0]
+    return row[:hit[0]] if len(hit) else row
+
+
+def _check_margins(scores):
+    fin = np.where(np.isfinite(scores), scores, -1e30)
+    top2 = np.sort(fin, axis=-1)[..., -2:]
+    assert (top2[..., 1] - top2[..., 0]).min() > 1e-4, "near-tied reference talker logits: pick another seed"
+
+
+@pytest.mark.parametrize("variant", ["gqa", "hd32_kv1"])
+def test_talker_codes_match_transformers(variant, hf_models, jax_model):
+    _, tm = hf_models(variant)
+    model = jax_model(variant)
+    rs = np.random.RandomState(11)
+    ids = rs.randint(0, 280, (1, 9))
+    mask = np.ones_like(ids)
+    seqs, codes, scores = _reference_codes(tm, ids, mask, thinker_new=12, talker_new=24, talker_min=10)
+    _check_margins(scores)
+    out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], return_audio=True, talker_do_sample=False,
+                         talker_max_new_tokens=24, talker_min_new_tokens=10)
+    np.testing.assert_array_equal(out.sequences, seqs)
+    assert len(out.codec_ids[0]) >= 10
+    np.testing.assert_array_equal(out.codec_ids[0], _cut(codes[0]))
+
+
+def test_talker_codes_multimodal_batch(hf_models, jax_model):
+    _, tm = hf_models("gqa")
+    model = jax_model("gqa")
+    ids, mask, mm, aiv = _inputs("audio_image_batch")
+    seqs, codes, scores = _reference_codes(tm, ids, mask, thinker_new=6, talker_new=16, talker_min=6, mm=mm,
+                                           aiv=aiv, speaker="Ethan")
+    out = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], return_audio=True, talker_do_sample=False,
+                         talker_max_new_tokens=16, talker_min_new_tokens=6, speaker="Ethan", **mm)
+    np.testing.assert_array_equal(out.sequences, seqs)
+    for r in range(ids.shape[0]):
+        np.testing.assert_array_equal(out.codec_ids[r], _cut(codes[r]))
+
+
+def test_unknown_speaker_lists_voices(jax_model):
+    from omni_jax import InputError
+
+    with pytest.raises(InputError, match="speaker 'Nobody' is not available; voices: Chelsie, Ethan"):
+        jax_model("gqa").generate(np.arange(5)[None], return_audio=True, speaker="Nobody")
