@@ -20,7 +20,9 @@ from .config import OmniConfig, load_config
 from .errors import CheckpointError, InputError, OmniError
 from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations
-from .sharding import use_mesh
+from .sharding import constrain, use_mesh
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", None)  # KV cache: sharded over batch and heads
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
 MULTIMODAL_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
@@ -220,6 +222,7 @@ class OmniModel:
             b, t = ids.shape
             shape = th.decoder_shape(tcfg)
             z = jnp.zeros((shape.num_layers, b, t + n_bucket, shape.kv_heads, shape.head_dim), self.dtype)
+            z = constrain(z, CACHE_AXES)
             cache = {"k": z, "v": z}
             kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
             h, cache = th.hidden_states(model, tcfg, embed_fn(model, ids, mm_embeds, mm_idx), pos, cache=cache,
@@ -262,7 +265,8 @@ class OmniModel:
             codec = model.embed_tokens(jnp.asarray([cfg.tts_codec_pad_token_id, cfg.tts_codec_start_token_id]))
             embeds = embeds.at[:, -2].add(codec[0]).at[:, -1].add(codec[1])
             shape = tk.decoder_shape(cfg)
-            z = jnp.zeros((shape.num_layers, b, t + n_bucket, shape.kv_heads, shape.head_dim), self.dtype)
+            z = constrain(jnp.zeros((shape.num_layers, b, t + n_bucket, shape.kv_heads, shape.head_dim), self.dtype),
+                          CACHE_AXES)
             kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
             logits, cache = tk.logits(model, cfg, embeds, pos, cache={"k": z, "v": z}, start=0, kv_valid=kv_valid,
                                       impl=impl)
@@ -354,6 +358,18 @@ class OmniModel:
             hit = np.nonzero(np.isin(row, teos))[0]
             out.append(row[:hit[0]] if len(hit) else row)
         return out
+
+    def _batch(self, x, axis: int = 0):
+        """Place a host batch array with its batch axis sharded over the mesh's data/fsdp axes."""
+        if self.mesh is None:
+            return x
+        from jax.sharding import NamedSharding
+
+        from .sharding import logical_to_spec
+
+        names = [None] * np.ndim(x)
+        names[axis] = "batch"
+        return jax.device_put(x, NamedSharding(self.mesh, logical_to_spec(names, np.shape(x), self.mesh)))
 
     def compile_counts(self) -> dict[str, int]:
         """How many programs each jitted entry point has compiled (one per shape bucket)."""
@@ -494,8 +510,8 @@ class OmniModel:
         else:
             keep = t
         with use_mesh(self.mesh):
-            out = self._logits_jit(self.params, ids_p, mask_p, pos_p, mm_embeds, mm_idx,
-                                   bucket(keep, 1) if keep < t else tb)
+            out = self._logits_jit(self.params, self._batch(ids_p), self._batch(mask_p), self._batch(pos_p, 1),
+                                   mm_embeds, mm_idx, bucket(keep, 1) if keep < t else tb)
         return np.asarray(out[:, -keep:], np.float32)
 
     # ---------------------------------------------------------------------------------
@@ -579,7 +595,8 @@ class OmniModel:
         rng = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seed)), i))(jnp.arange(b))
         nb = bucket(max_new_tokens)
         with use_mesh(self.mesh):
-            state, talker_inputs = self._prefill_jit(self.params, ids_l, mask_l, pos, mm_embeds, mm_idx, sp, rng,
+            state, talker_inputs = self._prefill_jit(self.params, self._batch(ids_l), self._batch(mask_l),
+                                                     self._batch(pos, 1), mm_embeds, mm_idx, sp, rng,
                                                      np.int32(max_new_tokens), eos_arr, pad, nb, bool(do_sample),
                                                      bool(collect_hidden))
 

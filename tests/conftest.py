@@ -32,6 +32,9 @@ TEXT_VARIANTS = {
                                num_key_value_heads=2, mrope_section=[4, 4, 4]), tie=True),
     "hd32_kv1": dict(text=dict(hidden_size=64, intermediate_size=72, num_hidden_layers=3, num_attention_heads=2,
                                num_key_value_heads=1, mrope_section=[8, 4, 4]), tie=False),
+    # sizes that divide no mesh axis of 8: 3 heads, 1 KV head, width 60, MLP 90, vocab 300
+    "odd": dict(text=dict(hidden_size=60, intermediate_size=90, num_hidden_layers=2, num_attention_heads=3,
+                          num_key_value_heads=1, mrope_section=[2, 4, 4]), tie=False),
 }
 VOCAB = 300
 # media token ids inside the tiny vocabulary (transformers embeds every id before scattering media)

@@ -1,0 +1,53 @@
+"""Sharding: logical-axis table, non-dividing sizes, and sharded == single-device on 8 host devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from jax.sharding import PartitionSpec as P
+
+from omni_jax.sharding import logical_to_spec, param_axes
+
+
+class FakeMesh:
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+def test_table_and_fallback_rule():
+    mesh = FakeMesh(data=2, fsdp=1, tensor=4)
+    assert param_axes("layers/self_attn/q_proj/kernel", 3) == ("layers", "embed", "heads")
+    assert param_axes("layers/mlp/down_proj/kernel", 3) == ("layers", "mlp", "embed")
+    assert param_axes("lm_head/kernel", 2) == ("embed", "vocab")
+    assert logical_to_spec(("layers", "embed", "heads"), (2, 64, 64), mesh) == P(None, None, "tensor")
+    # 3 heads x 20 = 60 columns do not divide tensor=8: replicated on that axis
+    assert logical_to_spec(("layers", "embed", "heads"), (2, 60, 60), FakeMesh(tensor=8)) == P(None, None, None)
+    assert logical_to_spec(("layers", "embed", "heads"), (2, 60, 60), mesh) == P(None, None, "tensor")
+    # batch maps to (data, fsdp); fsdp has size 1 and is dropped
+    assert logical_to_spec(("batch", None), (8, 3), mesh) == P("data", None)
+    assert logical_to_spec(("batch", None), (3, 3), mesh) == P(None, None)
+    # a user table overrides the default
+    assert logical_to_spec(("vocab",), (300,), FakeMesh(data=2, tensor=1), {"vocab": "data"}) == P("data")
+
+
+def test_sharded_equals_single_device_on_8_host_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    here = os.path.dirname(__file__)
+    r = subprocess.run([sys.executable, os.path.join(here, "multidevice_check.py"), "gqa", "odd"], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for variant, meshes in res.items():
+        for spec, m in meshes.items():
+            where = f"{variant} {spec}"
+            assert m["text_err"] <= 1e-5, where
+            assert m["mm_err"] <= 1e-5, where
+            assert m["ids_equal"], where
+            assert m["codes_equal"], where
+            assert m["sharding_mismatches"] == [], where
+    assert res["gqa"]["tensor=8"]["q_proj_spec"] == str(P(None, None, "tensor"))
+    assert res["odd"]["tensor=8"]["q_proj_spec"] == str(P(None, None, None))  # 60 columns: replicated
+    assert res["gqa"]["fsdp=8"]["q_proj_spec"] == str(P(None, "fsdp", None))
