@@ -133,14 +133,14 @@ def check_unexpected(ckpt: Checkpoint, consumed: set, allowed_prefixes: Iterable
 THINKER_LM_PREFIXES = {"lm_head": "thinker.", "": "thinker.model."}
 
 
-def iter_hf_tensors(state: nnx.State, prefixes: dict[str, str]):
+def iter_hf_tensors(state: nnx.State, prefixes: dict[str, str], stack_names=("layers",)):
     """Yield ``(hf_key, numpy array)`` for every parameter of ``state`` (the export direction)."""
     pure = nnx.to_pure_dict(state)
     for path, arr in flatten_dict(pure):
         a = np.asarray(arr)
-        if stack_index(path) is not None:
+        if stack_index(path, stack_names) is not None:
             for i in range(a.shape[0]):
-                key, tr = hf_name(path, prefixes, layer=i)
+                key, tr = hf_name(path, prefixes, layer=i, stack_names=stack_names)
                 yield key, (a[i].T if tr else a[i])
         else:
             key, tr = hf_name(path, prefixes)

@@ -62,6 +62,7 @@ class Generation:
     talker_inputs: dict | None = None  # prompt hidden states / embeddings when speech was asked for
     aligned_ids: np.ndarray | None = None  # [B, Tb] left-aligned, bucketed prompt the thinker ran on
     aligned_mask: np.ndarray | None = None
+    mm: dict | None = None  # the media inputs (processor form) the prompt was built with
 
     @property
     def finished(self) -> bool:
@@ -515,27 +516,16 @@ class OmniModel:
         return np.asarray(out[:, -keep:], np.float32)
 
     # ---------------------------------------------------------------------------------
-    def _encode_messages(self, messages):
+    def _encode_messages(self, messages, use_audio_in_video=False):
+        """Conversations -> processor outputs (ids, mask and media tensors), see processor.py."""
+        from .processor import process_conversations
+
         if self.processor is None:
             raise InputError(f"{self.path}: this checkpoint has no tokenizer.json, so messages/text cannot be "
                              "used; pass input_ids")
         convs = messages if is_batch_of_conversations(messages) else [messages]
-        rows = []
-        for conv in convs:
-            for m in conv if isinstance(conv, list) else []:
-                if isinstance(m, dict) and isinstance(m.get("content"), list):
-                    kinds = {p.get("type") for p in m["content"] if isinstance(p, dict)}
-                    if kinds - {"text"}:
-                        raise InputError(f"messages: {sorted(kinds - {'text'})} parts are not supported by this "
-                                         "version of omni-jax yet (text only)")
-            rows.append(self.processor.encode(self.processor.apply_chat_template(conv)))
-        t = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), t), np.int32)
-        mask = np.zeros((len(rows), t), np.int32)
-        for i, r in enumerate(rows):  # left padding
-            ids[i, t - len(r):] = r
-            mask[i, t - len(r):] = 1
-        return ids, mask
+        return process_conversations(self.processor, convs, directory=self.path,
+                                     use_audio_in_video=use_audio_in_video, thinker_cfg=self.config.thinker)
 
     def _check_sampling(self, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -566,7 +556,12 @@ class OmniModel:
         if messages is not None:
             if input_ids is not None:
                 raise InputError("pass either messages or input_ids, not both")
-            ids, mask = self._encode_messages(messages)
+            given = [k for k in MULTIMODAL_ARGS if kwargs.get(k) is not None]
+            if given:
+                raise InputError(f"pass media either in messages or as {', '.join(given)}, not both")
+            enc = self._encode_messages(messages, bool(kwargs.get("use_audio_in_video")))
+            ids, mask = enc.pop("input_ids"), enc.pop("attention_mask")
+            kwargs.update(enc)
         else:
             ids, mask = self._ids_and_mask(input_ids, attention_mask)
         self._check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
@@ -605,7 +600,8 @@ class OmniModel:
                 return self._decode_jit(self.params, state, np.int32(n), sp, eos_arr, pad, bool(do_sample))
 
         return Generation(state=state, prompt_ids=ids, eos=eos, max_new_tokens=max_new_tokens, _run=run,
-                          talker_inputs=talker_inputs, aligned_ids=ids_l, aligned_mask=mask_l)
+                          talker_inputs=talker_inputs, aligned_ids=ids_l, aligned_mask=mask_l,
+                          mm={k: kwargs.get(k) for k in (*MULTIMODAL_ARGS, "use_audio_in_video")})
 
     def decode_steps(self, gen: "Generation", n: int) -> "Generation":
         """Advance ``gen`` by up to ``n`` tokens in one on-device loop (stops early when every row is done)."""
@@ -627,7 +623,7 @@ class OmniModel:
         if kwargs.get("return_audio"):
             speaker = kwargs.get("speaker", "Chelsie")
             talker_kw = {k: v for k, v in kwargs.items() if k.startswith("talker_")}
-            out.codec_ids = self._talker_codes(gen, speaker_bos=self.voices[speaker].bos_token, mm=kwargs, seed=seed,
+            out.codec_ids = self._talker_codes(gen, speaker_bos=self.voices[speaker].bos_token, mm=gen.mm, seed=seed,
                                                **talker_kw)
             if self.token2wav_params is not None:
                 noise = kwargs.get("dit_noise")

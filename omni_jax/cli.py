@@ -31,10 +31,10 @@ def _add_generate(sub):
     p.add_argument("--model", help="checkpoint directory (Hugging Face Qwen2.5-Omni); default: embedded model")
     p.add_argument("--system", default=None, help="system prompt (default: the Qwen2.5-Omni system prompt)")
     p.add_argument("--prompt", default=None, help="the user's message")
-    p.add_argument("--audio", action="append", default=[], help="audio file (repeatable; not yet supported)")
-    p.add_argument("--image", action="append", default=[], help="image file (repeatable; not yet supported)")
-    p.add_argument("--video", action="append", default=[], help="video file (repeatable; not yet supported)")
-    p.add_argument("--use-audio-in-video", action="store_true")
+    p.add_argument("--audio", action="append", default=[], help="audio file, any format librosa reads (repeatable)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    p.add_argument("--use-audio-in-video", action="store_true", help="also hear the videos' audio tracks")
     p.add_argument("--speaker", default="Chelsie")
     p.add_argument("--out", default=None, help="write the spoken reply to this WAV (not yet supported)")
     p.add_argument("--no-audio", action="store_true", help="text only (the only mode in this version)")
@@ -57,8 +57,12 @@ def _add_generate(sub):
 def cmd_generate(args) -> int:
     from .errors import InputError
 
-    if args.audio or args.image or args.video or args.use_audio_in_video:
-        raise InputError("--audio/--image/--video: media inputs are not supported by this version of omni-jax yet")
+    for flag, paths in (("--audio", args.audio), ("--image", args.image), ("--video", args.video)):
+        for p in paths:
+            if not os.path.isfile(p):
+                raise InputError(f"{flag} {p}: no such file")
+    if args.use_audio_in_video and not args.video:
+        raise InputError("--use-audio-in-video needs at least one --video")
     if args.out:
         raise InputError("--out: speech output is not available in this version of omni-jax yet (use --no-audio)")
     if args.max_new_tokens < 1:
@@ -77,12 +81,15 @@ def cmd_generate(args) -> int:
               "Pass --model DIR for a real checkpoint.", file=sys.stderr)
     dtype = args.dtype or ("float32" if embedded else "bfloat16")
     model = omni_jax.load(model_dir, dtype=dtype)
-    prompt = args.prompt if args.prompt is not None else "Hello! Who are you?"
+    media = [{"type": "audio", "audio": p} for p in args.audio] + \
+        [{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
+    prompt = args.prompt if args.prompt is not None else ("" if media else "Hello! Who are you?")
+    content = media + ([{"type": "text", "text": prompt}] if prompt else [])
     messages = [{"role": "system", "content": args.system if args.system is not None else DEFAULT_SYSTEM_PROMPT},
-                {"role": "user", "content": prompt}]
+                {"role": "user", "content": content}]
     do_sample = not args.greedy and (args.temperature is not None or args.top_p is not None or
                                      args.top_k is not None)
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, use_audio_in_video=args.use_audio_in_video,
               temperature=args.temperature if args.temperature is not None else 1.0,
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.stream and not args.json:

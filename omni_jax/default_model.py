@@ -17,12 +17,13 @@ import tempfile
 import jax.numpy as jnp
 import numpy as np
 
-from .config import AudioConfig, OmniConfig, TextConfig, ThinkerConfig, VisionConfig
+from .config import AudioConfig, OmniConfig, TalkerConfig, TextConfig, ThinkerConfig, VisionConfig
 
-VERSION = "v1"  # bump when the default model's files change
+VERSION = "v2"  # bump when the default model's files change
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
-                  "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>"]
+                  "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|tts_pad|>", "<|tts_bos|>",
+                  "<|tts_eos|>", "<|voice_chelsie|>", "<|voice_ethan|>"]
 
 CORPUS = """\
 omni-jax runs Qwen2.5-Omni in JAX. The thinker hears audio, sees images and video, and reads text;
@@ -57,7 +58,17 @@ def default_config(vocab_size: int = 512) -> OmniConfig:
         vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
         user_token_id=-1, pad_token_id=ids["<|endoftext|>"],
     )
-    return OmniConfig(thinker=thinker, enable_audio_output=False, dtype="float32")
+    media = dict(audio_token_id=ids["<|AUDIO|>"], image_token_id=ids["<|IMAGE|>"], video_token_id=ids["<|VIDEO|>"],
+                 audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+                 vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"])
+    talker = TalkerConfig(vocab_size=300, embedding_size=text.hidden_size, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          max_position_embeddings=4096, rope_theta=10000.0, mrope_section=(2, 3, 3),
+                          tts_text_start_token_id=ids["<|tts_bos|>"], tts_text_end_token_id=ids["<|tts_eos|>"],
+                          tts_text_pad_token_id=ids["<|tts_pad|>"], tts_codec_start_token_id=291,
+                          tts_codec_end_token_id=292, tts_codec_pad_token_id=290, tts_codec_mask_token_id=293,
+                          **media)
+    return OmniConfig(thinker=thinker, talker=talker, enable_audio_output=True, dtype="float32")
 
 
 def _train_tokenizer(vocab_size: int):
@@ -94,16 +105,28 @@ def build_default_model(directory: str) -> None:
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token_id": [SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")],
                    "pad_token_id": SPECIAL_TOKENS.index("<|endoftext|>")}, f, indent=1)
-    model = ThinkerLM(cfg.thinker, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    _, state = nnx.split(model)
+    from .audio import AudioEncoder
+    from .talker import TALKER_PREFIXES, Talker
+    from .vision import VisionEncoder
+
     rs = np.random.RandomState(0)
     tensors = {}
-    for key, arr in iter_hf_tensors(state, THINKER_LM_PREFIXES):
-        a = np.array(arr, np.float32)
-        if key.endswith("norm.weight") or key.endswith("bias"):
-            a = a + rs.normal(0, 0.05, a.shape).astype(np.float32)
-        # a larger scale than 0.02 so the random model's next-token choice is not a near-tie
-        tensors[key] = a * (4.0 if key.endswith("lm_head.weight") else 1.0)
+    parts = [
+        (ThinkerLM(cfg.thinker, dtype=jnp.float32, rngs=nnx.Rngs(0)), THINKER_LM_PREFIXES, ("layers",)),
+        (AudioEncoder(cfg.thinker.audio, dtype=jnp.float32, rngs=nnx.Rngs(1)), {"": "thinker.audio_tower."},
+         ("layers",)),
+        (VisionEncoder(cfg.thinker.vision, dtype=jnp.float32, rngs=nnx.Rngs(2)), {"": "thinker.visual."},
+         ("blocks",)),
+        (Talker(cfg.talker, dtype=jnp.float32, rngs=nnx.Rngs(3)), TALKER_PREFIXES, ("layers",)),
+    ]
+    for module, prefixes, stacks in parts:
+        _, state = nnx.split(module)
+        for key, arr in iter_hf_tensors(state, prefixes, stacks):
+            a = np.array(arr, np.float32)
+            if key.endswith("norm.weight") or key.endswith("bias"):
+                a = a + rs.normal(0, 0.05, a.shape).astype(np.float32)
+            # larger output heads so the random model's next-token choice is not a near-tie
+            tensors[key] = a * (4.0 if key.endswith(("lm_head.weight", "codec_head.weight")) else 1.0)
     write_file(os.path.join(directory, "model.safetensors"), tensors, {"format": "pt"})
     with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
         f.write("omni-jax embedded default model: tiny, random weights. Its output is noise.\n")

@@ -154,3 +154,100 @@ class TextStreamer:
         delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
         self.emitted = text
         return delta
+
+
+def collect_media(conv: list) -> list[dict]:
+    """The media parts of one conversation, in order of appearance."""
+    out = []
+    for i, m in enumerate(conv):
+        if isinstance(m.get("content"), list):
+            for j, part in enumerate(m["content"]):
+                if part.get("type") in ("audio", "image", "video"):
+                    out.append(dict(part, _where=f"messages[{i}].content[{j}]"))
+    return out
+
+
+def _media_source(part: dict, key: str):
+    src = part.get(key)
+    if src is None:
+        raise InputError(f"{part['_where']}: a {part['type']} part needs '{key}' (a path or an array)")
+    return src
+
+
+def process_conversations(text_proc: TextProcessor, convs: list, *, directory: str | None,
+                          use_audio_in_video: bool = False, thinker_cfg=None) -> dict:
+    """Conversations with typed parts -> the processor outputs the thinker takes (numpy, left-padded):
+    ``input_ids``, ``attention_mask`` and, when present, ``input_features`` +
+    ``feature_attention_mask``, ``pixel_values`` + ``image_grid_thw``, ``pixel_values_videos`` +
+    ``video_grid_thw`` + ``video_second_per_grid``. Media are read and preprocessed as the
+    reference does (:mod:`omni_jax.media`); placeholders are expanded like
+    ``Qwen2_5OmniProcessor``."""
+    import numpy as np
+
+    from . import media
+
+    acfg = media.AudioFeatureConfig.from_dir(directory) if directory else media.AudioFeatureConfig()
+    vcfg = media.VisionProcessConfig.from_dir(directory) if directory else media.VisionProcessConfig()
+    texts, audios, images, videos, vid_audio_lens = [], [], [], [], []
+    for conv in convs:
+        validate_messages(conv)
+        for part in collect_media(conv):
+            kind, where = part["type"], part["_where"]
+            if kind == "audio":
+                src = _media_source(part, "audio")
+                audios.append(media.load_audio(src, part.get("sampling_rate")))
+            elif kind == "image":
+                images.append(media.load_image(_media_source(part, "image")))
+            else:
+                v = media.load_video(_media_source(part, "video"), part.get("fps"), cfg=vcfg,
+                                     load_audio=use_audio_in_video and not hasattr(part.get("video"), "shape"))
+                if use_audio_in_video and v.audio is None and part.get("audio") is not None:
+                    v.audio = media.load_audio(part["audio"], part.get("sampling_rate"))
+                if use_audio_in_video and v.audio is None:
+                    raise InputError(f"{where}: use_audio_in_video, but the video has no audio track")
+                videos.append(v)
+                if use_audio_in_video:
+                    audios.append(v.audio)  # the video's audio, in order of appearance
+        texts.append(text_proc.apply_chat_template(conv))
+    out: dict = {}
+    audio_lengths, video_audio_lengths = [], []
+    if audios:
+        a = media.audio_inputs(audios, acfg)
+        out.update(a)
+        lengths = [int(x) for x in a["feature_attention_mask"].sum(-1)]
+        # standalone audios vs videos' tracks, in the order they were collected
+        k = 0
+        for conv in convs:
+            for part in collect_media(conv):
+                if part["type"] == "audio":
+                    audio_lengths.append(lengths[k])
+                    k += 1
+                elif part["type"] == "video" and use_audio_in_video:
+                    video_audio_lengths.append(lengths[k])
+                    k += 1
+    if images:
+        out.update(media.image_inputs(images, vcfg))
+    if videos:
+        per = [media.video_inputs([v], vcfg, fps=v.sample_fps) for v in videos]
+        out["pixel_values_videos"] = np.concatenate([p["pixel_values_videos"] for p in per])
+        out["video_grid_thw"] = np.concatenate([p["video_grid_thw"] for p in per])
+        out["video_second_per_grid"] = np.concatenate([p["video_second_per_grid"] for p in per])
+    kw = {}
+    if thinker_cfg is not None:
+        kw = dict(merge_size=thinker_cfg.vision.spatial_merge_size,
+                  position_id_per_seconds=thinker_cfg.position_id_per_seconds,
+                  seconds_per_chunk=thinker_cfg.seconds_per_chunk)
+    expanded = media.expand_placeholders(
+        texts, audio_lengths=audio_lengths, image_grids=[tuple(g) for g in out.get("image_grid_thw", [])],
+        video_grids=[tuple(g) for g in out.get("video_grid_thw", [])],
+        video_seconds=list(out.get("video_second_per_grid", [])), use_audio_in_video=use_audio_in_video,
+        video_audio_lengths=video_audio_lengths if use_audio_in_video else None, **kw)
+    rows = [text_proc.encode(t) for t in expanded]
+    t = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), t), np.int32)
+    mask = np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    out.update(input_ids=ids, attention_mask=mask)
+    return out
