@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from omni_jax.errors import CheckpointError
-from omni_jax.sharding import param_sharding
+from omni_jax.sharding import param_sharding, put
 
 from .safetensors_io import Checkpoint
 
@@ -100,7 +100,7 @@ def load_component(ckpt: Checkpoint, abstract_state: nnx.State, *, prefixes: dic
             consumed.add(key)
         spath = sharding_prefix + "/".join(str(p) for p in path)
         if mesh is not None:
-            arr = jax.device_put(host, param_sharding(spath, shape, mesh))
+            arr = put(host, param_sharding(spath, shape, mesh))
         else:
             arr = jax.device_put(host)
         set_path(pure, path, arr)

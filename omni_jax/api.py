@@ -20,7 +20,7 @@ from .config import OmniConfig, load_config
 from .errors import CheckpointError, InputError, OmniError
 from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations
-from .sharding import constrain, use_mesh
+from .sharding import constrain, to_host, use_mesh
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", None)  # KV cache: sharded over batch and heads
 
@@ -368,9 +368,11 @@ class OmniModel:
 
         from .sharding import logical_to_spec
 
+        from .sharding import put
+
         names = [None] * np.ndim(x)
         names[axis] = "batch"
-        return jax.device_put(x, NamedSharding(self.mesh, logical_to_spec(names, np.shape(x), self.mesh)))
+        return put(x, NamedSharding(self.mesh, logical_to_spec(names, np.shape(x), self.mesh)))
 
     def compile_counts(self) -> dict[str, int]:
         """How many programs each jitted entry point has compiled (one per shape bucket)."""
@@ -513,7 +515,7 @@ class OmniModel:
         with use_mesh(self.mesh):
             out = self._logits_jit(self.params, self._batch(ids_p), self._batch(mask_p), self._batch(pos_p, 1),
                                    mm_embeds, mm_idx, bucket(keep, 1) if keep < t else tb)
-        return np.asarray(out[:, -keep:], np.float32)
+        return to_host(out[:, -keep:]).astype(np.float32)
 
     # ---------------------------------------------------------------------------------
     def _encode_messages(self, messages, use_audio_in_video=False):

@@ -122,6 +122,22 @@ def constrain(x: jax.Array, names: Iterable[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def put(x, sharding):
+    """Place a host array with ``sharding``, each device receiving only its own slice (works across
+    processes too: every process passes the same host data, none holds the whole array on a device)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) global array as a numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
     """Build a mesh from ``"data=2,tensor=4"`` (or a dict). Missing axes get size 1."""
     devices = list(devices if devices is not None else jax.devices())

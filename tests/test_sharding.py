@@ -51,3 +51,31 @@ def test_sharded_equals_single_device_on_8_host_devices():
     assert res["gqa"]["tensor=8"]["q_proj_spec"] == str(P(None, None, "tensor"))
     assert res["odd"]["tensor=8"]["q_proj_spec"] == str(P(None, None, None))  # 60 columns: replicated
     assert res["gqa"]["fsdp=8"]["q_proj_spec"] == str(P(None, "fsdp", None))
+
+
+def test_two_processes_on_localhost_equal_one(hf_models, jax_model, tmp_path):
+    """jax.distributed over 127.0.0.1: 2 processes x 2 CPU devices, one sharded forward."""
+    import socket
+
+    import numpy as np
+
+    d, _ = hf_models("gqa")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(__file__)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(here, "multihost_check.py"), d, str(port), str(i),
+                               str(tmp_path / f"out{i}.npy")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        finally:
+            p.kill()
+        logs.append(out)
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-2000:] for x in logs)
+    ref = jax_model("gqa").thinker_logits(np.random.RandomState(0).randint(0, 280, (2, 9)))
+    for i in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"out{i}.npy"), ref, rtol=1e-5, atol=1e-5)
