@@ -28,7 +28,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32
 MULTIMODAL_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
                    "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
 # components whose tensors are recognised but not loaded by this version
-PENDING_PREFIXES = ("token2wav.",)
+PENDING_PREFIXES = ()
 
 
 @dataclass
@@ -136,6 +136,11 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
         tg, ts = nnx.split(abstract_t)
         talker = (tg, load_component(ckpt, ts, prefixes=TALKER_PREFIXES, dtype=dt, mesh=mesh, consumed=consumed,
                                      sharding_prefix="talker/"))
+    t2w = None
+    if cfg.token2wav is not None and any(k.startswith("token2wav.") for k in keys):
+        from .token2wav import load_token2wav
+
+        t2w = load_token2wav(ckpt, cfg.token2wav, consumed)
     voices = None
     if os.path.exists(os.path.join(path, "spk_dict.pt")):
         from .voices import load_voices
@@ -145,7 +150,7 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
     processor = TextProcessor.from_dir(path)
     return OmniModel(cfg, graphdef, state, processor=processor, dtype=dt, mesh=mesh, attention=impl,
                      generation_config=_generation_config(path, processor), path=path, audio=audio, vision=vision,
-                     talker=talker, voices=voices)
+                     talker=talker, voices=voices, token2wav=t2w)
 
 
 def _generation_config(path: str, processor: TextProcessor | None) -> dict:
@@ -188,7 +193,7 @@ class OmniModel:
         self.vision = vision  # VisionEncoder or None
         self.talker = talker  # (graphdef, params) of the Talker, or None
         self.voices: dict = voices or {}  # speaker name -> omni_jax.voices.Voice (from spk_dict.pt)
-        self.token2wav_params = token2wav  # (dit, bigvgan) modules, or None
+        self.token2wav_params = token2wav  # the Token2Wav module (float32), or None
         self._build()
 
     # ---------------------------------------------------------------------------------
@@ -547,7 +552,7 @@ class OmniModel:
         """Validate, left-align and bucket the prompt and run the prefill (which also picks the first new
         token). Returns a :class:`Generation`; advance it with :meth:`decode_steps`."""
         if kwargs.get("return_audio"):
-            self._check_speech(kwargs.get("speaker", "Chelsie"))
+            self._check_speech(kwargs.get("speaker", "Chelsie"), kwargs.get("talker_max_new_tokens", 4096))
         unknown = set(kwargs) - set(MULTIMODAL_ARGS) - {"use_audio_in_video", "return_audio", "speaker",
                                                         "talker_max_new_tokens", "talker_min_new_tokens",
                                                         "talker_do_sample", "talker_top_k", "talker_top_p",
@@ -636,9 +641,69 @@ class OmniModel:
                 out.audio = self._speak(out.codec_ids, speaker, noise, seed)
         return out
 
-    def _check_speech(self, speaker):
+    def token2wav(self, codes, speaker: str = "Chelsie", noise=None) -> np.ndarray:
+        """Codec ids -> waveform ``np.float32 [samples]`` at 24 kHz, with ``speaker``'s voice.
+
+        ``noise``: the DiT's initial state ``[repeats * n_codes, mel_dim]`` (float32); drawn from a
+        fixed seed when None."""
+        return self._speak([codes], speaker, None if noise is None else [noise], seed=0)[0]
+
+    def _speak(self, codes_list, speaker, noise_list, seed) -> list[np.ndarray]:
+        """Rows decoded together: the DiT runs the rows as one batch with key padding and each row's
+        own noise (the reference decodes one row at a time: the same numbers); BigVGAN per row."""
+        from .token2wav import bigvgan, dit_noise, dit_sample
+
+        if self.token2wav_params is None:
+            raise InputError(f"{self.path} has no token2wav weights (token2wav.*), so it cannot make audio")
+        if speaker not in self.voices:
+            raise InputError(f"speaker '{speaker}' is not available; voices: {', '.join(sorted(self.voices))}")
+        dcfg, vcfg = self.config.token2wav.dit, self.config.token2wav.bigvgan
+        voice = self.voices[speaker]
+        rows = []
+        for r, c in enumerate(codes_list):
+            c = np.asarray(c)
+            if c.ndim != 1 or (c.size and (c.dtype.kind not in "iu" or c.min() < 0 or c.max() >= dcfg.num_embeds)):
+                raise InputError(f"codes: expected a 1-D array of codec ids in [0, {dcfg.num_embeds}), got "
+                                 f"shape {list(c.shape)}")
+            if c.size * dcfg.repeats > dcfg.max_position_embeddings:
+                raise InputError(f"codes: {c.size} codes make {c.size * dcfg.repeats} mel frames, beyond the DiT's "
+                                 f"max_position_embeddings ({dcfg.max_position_embeddings})")
+            rows.append(c.astype(np.int32))
+        lens = np.asarray([len(c) for c in rows], np.int32)
+        out = [np.zeros((0,), np.float32) for _ in rows]
+        live = [r for r in range(len(rows)) if lens[r] > 0]
+        if not live:
+            return out
+        n = bucket(int(lens.max()), 32)
+        codes = np.zeros((len(live), n), np.int32)
+        noise = np.zeros((len(live), n * dcfg.repeats, dcfg.mel_dim), np.float32)
+        for i, r in enumerate(live):
+            codes[i, :lens[r]] = rows[r]
+            if noise_list is not None:
+                nz = np.asarray(noise_list[r], np.float32)
+                if nz.shape != (lens[r] * dcfg.repeats, dcfg.mel_dim):
+                    raise InputError(f"dit_noise[{r}]: expected shape [{lens[r] * dcfg.repeats}, {dcfg.mel_dim}] "
+                                     f"(2 x codes, mel_dim), got {list(nz.shape)}")
+            else:
+                key = jax.random.fold_in(jax.random.key(int(seed)), r)
+                nz = np.asarray(dit_noise(key, dcfg, 1, int(lens[r]))[0])
+            noise[i, :lens[r] * dcfg.repeats] = nz
+        t2w = self.token2wav_params
+        mel = dit_sample(t2w.code2wav_dit_model, dcfg, codes, voice.cond, voice.ref_mel, noise,
+                         code_lengths=lens[live], impl=self.attention)
+        for i, r in enumerate(live):
+            wav = bigvgan(t2w.code2wav_bigvgan_model, vcfg, mel[i:i + 1, :lens[r] * dcfg.repeats])
+            out[r] = np.asarray(wav[0], np.float32)
+        return out
+
+    def _check_speech(self, speaker, talker_max_new_tokens=4096):
         if self.talker is None:
             raise InputError(f"return_audio: {self.path} has no talker weights (talker.*), so it cannot speak")
+        if self.config.token2wav is not None:
+            d = self.config.token2wav.dit
+            if int(talker_max_new_tokens) * d.repeats > d.max_position_embeddings:
+                raise InputError(f"talker_max_new_tokens ({talker_max_new_tokens}) x {d.repeats} mel frames per code "
+                                 f"exceeds the DiT's max_position_embeddings ({d.max_position_embeddings})")
         if not self.voices:
             raise InputError(f"return_audio: {self.path} has no spk_dict.pt, so there is no voice to speak with")
         if speaker not in self.voices:

@@ -88,3 +88,62 @@ def test_unknown_speaker_lists_voices(jax_model):
 
     with pytest.raises(InputError, match="speaker 'Nobody' is not available; voices: Chelsie, Ethan"):
         jax_model("gqa").generate(np.arange(5)[None], return_audio=True, speaker="Nobody")
+
+
+def _generate_with_noise(tm, ids, mask, noises, **kw):
+    """transformers' full generate with the DiT's initial noise fixed (torch.randn patched), per row."""
+    calls = iter(noises)
+    orig = torch.randn
+
+    def randn(*shape, **k):
+        if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+            shape = tuple(shape[0])
+        if len(shape) == 3 and shape[-1] == tm.config.token2wav_config.dit_config.mel_dim:
+            return torch.tensor(next(calls))[None].to(k.get("dtype") or torch.float32)
+        return orig(*shape, **k)
+
+    torch.randn = randn
+    try:
+        with torch.no_grad():
+            return tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw)
+    finally:
+        torch.randn = orig
+
+
+@pytest.mark.parametrize("variant", ["gqa"])
+def test_generate_with_audio_matches_transformers(variant, hf_models, jax_model):
+    _, tm = hf_models(variant)
+    model = jax_model(variant)
+    rs = np.random.RandomState(12)
+    ids = rs.randint(0, 280, (2, 8))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(max_new_tokens=6, eos_token_id=[], return_audio=True, talker_do_sample=False,
+              talker_max_new_tokens=14, talker_min_new_tokens=8, speaker="Chelsie")
+    ours = model.generate(ids, mask, **kw)
+    mel_dim = model.config.token2wav.dit.mel_dim
+    noises = [rs.randn(2 * len(c), mel_dim).astype(np.float32) for c in ours.codec_ids]
+    ours = model.generate(ids, mask, dit_noise=noises, **kw)
+    seqs, wavs = _generate_with_noise(tm, ids, mask, noises, speaker="Chelsie", thinker_max_new_tokens=6,
+                                      thinker_do_sample=False, thinker_eos_token_id=None, talker_do_sample=False,
+                                      talker_max_new_tokens=14, talker_min_new_tokens=8, talker_eos_token_id=[112, 111])
+    np.testing.assert_array_equal(ours.sequences, seqs.numpy())
+    for r in range(2):
+        ref = wavs[r].numpy()
+        assert ours.audio[r].shape == ref.shape and ours.audio[r].dtype == np.float32
+        assert rel_err(ours.audio[r], ref) <= 1e-3
+    # batched speech equals each row alone (same codes, same noise)
+    for r in range(2):
+        alone = model.token2wav(ours.codec_ids[r], "Chelsie", noise=noises[r])
+        np.testing.assert_allclose(alone, ours.audio[r], rtol=1e-5, atol=1e-6)
+
+
+def test_speech_limits(jax_model):
+    from omni_jax import InputError
+
+    model = jax_model("gqa")
+    with pytest.raises(InputError, match="exceeds the DiT's max_position_embeddings"):
+        model.generate(np.arange(5)[None], return_audio=True, talker_max_new_tokens=10 ** 6)
+    with pytest.raises(InputError, match=r"dit_noise\[0\]: expected shape"):
+        model.token2wav(np.array([1, 2, 3]), "Chelsie", noise=np.zeros((5, 20), np.float32))
+    assert model.token2wav(np.zeros((0,), np.int32)).shape == (0,)
