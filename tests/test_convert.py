@@ -1,0 +1,393 @@
+"""Checkpoint conversion: HF -> orbax (restored parameters equal the HF load), orbax -> HF (bit-exact
+round trip that transformers loads with identical logits), and every failure case (exit status 2,
+a message naming the file or tensor, nothing left at the target)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import VOCAB
+
+from convert import orbax_io as oio
+from convert.cli import main as cli_main
+from convert.convert import convert, load_converted, load_converted_component, write_torch_pickle
+from convert.hf import flatten_dict
+from convert.safetensors_io import Checkpoint, write_file
+
+EXTRA_KEY = "token2wav.code2wav_dit_model.rotary_embed.inv_freq"  # a buffer no module holds: passthrough
+
+
+def _leaves(state) -> dict:
+    return {"/".join(map(str, p)): np.asarray(v) for p, v in flatten_dict(nnx.to_pure_dict(state))}
+
+
+def _assert_states_equal(got, ref, what):
+    g, r = _leaves(got), _leaves(ref)
+    assert set(g) == set(r), what
+    for k in r:
+        assert g[k].dtype == r[k].dtype and g[k].shape == r[k].shape, (what, k)
+        assert g[k].tobytes() == r[k].tobytes(), (what, k)
+
+
+def _add_tensor(directory: str, key: str, value: np.ndarray, shard="model-extra.safetensors"):
+    write_file(os.path.join(directory, shard), {key: value}, metadata={"format": "pt"})
+    p = os.path.join(directory, "model.safetensors.index.json")
+    with open(p) as f:
+        index = json.load(f)
+    index["weight_map"][key] = shard
+    with open(p, "w") as f:
+        json.dump(index, f)
+
+
+def _leftovers(parent, name):
+    return [p for p in os.listdir(parent) if p.startswith(f".{name}.")]
+
+
+@pytest.fixture(scope="module")
+def src(hf_models, tmp_path_factory):
+    """The gqa checkpoint plus one passthrough tensor (the DiT's rotary inverse frequencies)."""
+    from omni_jax.config import load_config
+    from omni_jax.rope import inv_freq
+
+    d = str(tmp_path_factory.mktemp("conv") / "hf")
+    shutil.copytree(hf_models("gqa")[0], d)
+    dit = load_config(d).token2wav.dit
+    _add_tensor(d, EXTRA_KEY, np.asarray(inv_freq(dit.head_dim, dit.rope_theta), np.float32))
+    for name, text in (("tokenizer_config.json", '{"model_max_length": 32768}'), ("chat_template.jinja", "{{ x }}")):
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    return d
+
+
+@pytest.fixture(scope="module")
+def converted(src, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("conv") / "orbax")
+    # small groups: stacked parameters span groups and the larger tensors are stored as row blocks
+    man = convert(src, out, dtype="float32", progress=False, group_bytes=16 << 10)
+    return out, man
+
+
+def test_convert_restores_exactly_what_hf_load_gives(src, converted, jax_model, hf_models):
+    from convert.safetensors_io import Checkpoint as Ckpt
+    from omni_jax.config import load_config
+    from omni_jax.token2wav import load_token2wav
+
+    out, man = converted
+    assert oio.is_converted(out) and not oio.is_converted(src)
+    assert list(man["components"]) == ["thinker", "audio", "vision", "talker", "token2wav"]
+    assert set(man["passthrough"]["tensors"]) == {EXTRA_KEY}
+    assert man["source"]["tensors"] == len(Checkpoint(src).keys())
+    th = man["components"]["thinker"]
+    blocks = {(it[0], it[3]) for g in th["groups"] for it in g["items"] if it[5] is not None}
+    assert ("embed_tokens/embedding", False) in blocks and ("layers/mlp/up_proj/kernel", True) in blocks
+    where = {(it[0], it[1]): g["dir"] for g in th["groups"] for it in g["items"]}
+    assert where[("layers/self_attn/q_proj/kernel", 0)] != where[("layers/self_attn/q_proj/kernel", 1)]
+    assert {"config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"} <= \
+        set(man["files"]) and man["voices"] == "spk_dict.pt"
+    for name in man["files"] + ["spk_dict.pt"]:
+        with open(os.path.join(src, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+    # an omni_jax.load of the HF directory (float32) is the reference, component by component
+    model = jax_model("gqa")
+    cfg = load_config(out)
+    assert cfg == model.config
+    parts = load_converted(out, cfg, dtype="float32")
+    thinker = parts["thinker"][1]
+    _assert_states_equal(thinker, model.params, "thinker")
+    _assert_states_equal(nnx.state(parts["audio"]), nnx.state(model.audio), "audio")
+    _assert_states_equal(nnx.state(parts["vision"]), nnx.state(model.vision), "vision")
+    _assert_states_equal(parts["talker"][1], model.talker[1], "talker")
+    _assert_states_equal(nnx.state(parts["token2wav"]), nnx.state(load_token2wav(Ckpt(src), cfg.token2wav)),
+                         "token2wav")
+
+    # and the same logits through the model's own jitted program
+    ids = np.random.RandomState(3).randint(0, VOCAB, (2, 9))
+    swapped = copy.copy(model)
+    swapped.params = thinker
+    np.testing.assert_array_equal(swapped.thinker_logits(ids), model.thinker_logits(ids))
+
+    # restoring into a model of another shape is refused, naming the parameter
+    bigger = json.loads(json.dumps(cfg.to_dict()))
+    bigger["thinker_config"]["text_config"]["intermediate_size"] += 8
+    from omni_jax.config import OmniConfig
+
+    with pytest.raises(oio.CheckpointError, match=r"parameter .layers/mlp/\w+_proj/kernel. has shape"):
+        load_converted_component(out, "thinker", OmniConfig.from_dict(bigger), dtype="float32")
+
+
+def test_bf16_conversion_of_some_components(src, jax_model, tmp_path):
+    """The default dtype and group size (a tiny component is one group)."""
+    out = str(tmp_path / "bf16")
+    man = convert(src, out, components="thinker,token2wav", progress=False)
+    assert list(man["components"]) == ["thinker", "audio", "vision", "token2wav"]
+    assert man["skipped_components"] == ["talker"]
+    th = man["components"]["thinker"]
+    assert th["store_dtype"] == "bfloat16" and len(th["groups"]) == 1
+    assert man["components"]["token2wav"]["store_dtype"] == "float32"  # token2wav always runs in float32
+    model = jax_model("gqa", "bfloat16")
+    _, thinker = load_converted_component(out, "thinker", model.config, dtype="bfloat16")
+    _assert_states_equal(thinker, model.params, "thinker bf16")
+    _, audio = load_converted_component(out, "audio", model.config, dtype="bfloat16")
+    _assert_states_equal(audio, nnx.state(model.audio), "audio bf16")
+    with pytest.raises(oio.CheckpointError, match="'talker' was not converted"):
+        load_converted_component(out, "talker", model.config, dtype="bfloat16")
+
+
+def test_restore_into_sharded_arrays(converted):
+    """On a 4-device CPU mesh every parameter comes back with param_sharding's layout, same values."""
+    out, _ = converted
+    code = textwrap.dedent(f"""
+        import os, numpy as np, jax
+        from flax import nnx
+        from omni_jax.config import load_config
+        from omni_jax.sharding import make_mesh, param_sharding
+        from convert.convert import load_converted_component
+        from convert.hf import flatten_dict
+        cfg = load_config({out!r})
+        mesh = make_mesh("fsdp=2,tensor=2")
+        checked = 0
+        for comp, prefix in (("thinker", ""), ("talker", "talker/")):
+            _, ref = load_converted_component({out!r}, comp, cfg, dtype="float32")
+            _, sh = load_converted_component({out!r}, comp, cfg, dtype="float32", mesh=mesh)
+            ref = dict(flatten_dict(nnx.to_pure_dict(ref)))
+            for p, a in flatten_dict(nnx.to_pure_dict(sh)):
+                want = param_sharding(prefix + "/".join(map(str, p)), a.shape, mesh)
+                assert a.sharding.is_equivalent_to(want, a.ndim), (p, a.sharding, want)
+                assert np.asarray(a).tobytes() == np.asarray(ref[p]).tobytes(), p
+                checked += len(a.sharding.device_set) > 1 and a.sharding.spec != jax.sharding.PartitionSpec()
+        assert checked > 5, checked
+        print("OK", checked)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_round_trip_is_bit_exact_and_loads_in_transformers(src, converted, hf_models, tmp_path):
+    import torch
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    out, _ = converted
+    back = str(tmp_path / "hf_back")
+    assert cli_main(["export", out, back, "--quiet", "--max-shard-size", "200KB"]) == 0
+    a, b = Checkpoint(src), Checkpoint(back)
+    assert len(b.files) > 3  # sharded, with an index naming every tensor
+    assert all(os.path.getsize(os.path.join(back, f)) < 200_000 + 50_000 for f in b.files)
+    assert set(a.keys()) == set(b.keys())
+    for k in a.keys():  # every tensor, passthrough included: same dtype, shape and bytes
+        x, y = a.get(k), b.get(k)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"):
+        with open(os.path.join(src, name), "rb") as f1, open(os.path.join(back, name), "rb") as f2:
+            assert f1.read() == f2.read(), name
+    v0 = torch.load(os.path.join(src, "spk_dict.pt"), weights_only=True)
+    v1 = torch.load(os.path.join(back, "spk_dict.pt"), weights_only=True, mmap=True)
+    assert v0.keys() == v1.keys()
+    for spk in v0:
+        assert v1[spk]["bos_token"] == v0[spk]["bos_token"]
+        for f in ("cond", "ref_mel"):
+            assert v1[spk][f].dtype == v0[spk][f].dtype and torch.equal(v1[spk][f], v0[spk][f])
+
+    ref = hf_models("gqa")[1]
+    loaded = Qwen2_5OmniForConditionalGeneration.from_pretrained(back, dtype=torch.float32).eval()
+    ids = torch.tensor(np.random.RandomState(5).randint(0, VOCAB, (2, 11)))
+    with torch.no_grad():
+        got = loaded.thinker(input_ids=ids).logits
+        want = ref.thinker(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert set(loaded.speaker_map) == {"Chelsie", "Ethan"}
+
+
+def test_torch_pickle_writer_without_torch(tmp_path):
+    import ml_dtypes
+    import torch
+
+    from omni_jax.voices import load_torch_pickle
+
+    rng = np.random.RandomState(0)
+    obj = {"a": {"bos_token": 296, "big": 1 << 40, "x": 0.25, "ok": True, "none": None, "name": "é",
+                 "f32": rng.randn(3, 5).astype(np.float32), "bf16": rng.randn(7).astype(ml_dtypes.bfloat16),
+                 "i64": np.arange(6, dtype=np.int64).reshape(2, 3), "scalar": np.array(2.5, np.float16),
+                 "empty": np.zeros((0, 4), np.float32)},
+           "list": [1, (2, 3)]}
+    p = str(tmp_path / "x.pt")
+    write_torch_pickle(p, obj)
+    t = torch.load(p, weights_only=True)
+    ours = load_torch_pickle(p)
+    for k, v in obj["a"].items():
+        if isinstance(v, np.ndarray):
+            tv = t["a"][k]
+            want = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) if v.dtype == ml_dtypes.bfloat16 \
+                else torch.from_numpy(v)
+            assert tv.dtype == want.dtype and torch.equal(tv, want), k
+            assert ours["a"][k].dtype == v.dtype and ours["a"][k].tobytes() == v.tobytes(), k
+        else:
+            assert t["a"][k] == v and ours["a"][k] == v, k
+    assert t["list"] == [1, (2, 3)]
+
+
+# --------------------------------------------------------------------------------------
+# failures: exit status 2, one line naming the file or tensor, nothing left behind
+
+
+def _run_fail(args, capsys):
+    capsys.readouterr()
+    rc = cli_main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _edit_config(d, fn):
+    p = os.path.join(d, "config.json")
+    with open(p) as f:
+        cfg = json.load(f)
+    fn(cfg)
+    with open(p, "w") as f:
+        json.dump(cfg, f)
+
+
+def _shard_of(d, key):
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        return json.load(f)["weight_map"][key]
+
+
+def test_convert_failures_leave_nothing(src, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "out")
+    key = "thinker.model.layers.1.mlp.down_proj.weight"
+
+    def case(name):
+        d = str(tmp_path / name)
+        shutil.copytree(src, d)
+        return d
+
+    # a truncated shard
+    d = case("trunc")
+    shard = _shard_of(d, key)
+    with open(os.path.join(d, shard), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(d, shard)) - 100)
+    msg = _run_fail(["convert", d, out, "--quiet"], capsys)
+    assert shard in msg and "truncated" in msg
+    # a corrupt header
+    d = case("corrupt")
+    with open(os.path.join(d, shard), "r+b") as f:
+        f.write(b"\xff" * 16)
+    assert shard in _run_fail(["convert", d, out, "--quiet"], capsys)
+    # the index names a missing shard
+    d = case("missing")
+    os.remove(os.path.join(d, shard))
+    msg = _run_fail(["convert", d, out, "--quiet"], capsys)
+    assert shard in msg and "does not exist" in msg
+    # config and tensors disagree: a shape ...
+    d = case("shape")
+    _edit_config(d, lambda c: c["thinker_config"]["text_config"].update(intermediate_size=100))
+    msg = _run_fail(["convert", d, out, "--quiet"], capsys)
+    assert "model-000" in msg and "tensor 'thinker.model.layers.0.mlp." in msg and "100]" in msg
+    # ... fewer layers than the tensors have ...
+    d = case("layers")
+    _edit_config(d, lambda c: c["talker_config"].update(num_hidden_layers=1))
+    msg = _run_fail(["convert", d, out, "--quiet"], capsys)
+    assert "talker.model.layers.1." in msg and "do not match" in msg
+    # ... and a tensor of no component
+    d = case("stray")
+    _add_tensor(d, "vocoder.weight", np.ones(3, np.float32), shard="model-vocoder.safetensors")
+    assert "'vocoder.weight'" in _run_fail(["convert", d, out, "--quiet"], capsys)
+    # a corrupt spk_dict.pt
+    d = case("voices")
+    with open(os.path.join(d, "spk_dict.pt"), "wb") as f:
+        f.write(b"not a zip")
+    assert "spk_dict.pt" in _run_fail(["convert", d, out, "--quiet"], capsys)
+    # a write failing half-way (disk full), after some groups were written
+    calls = []
+    real = oio.save_group
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(oio, "save_group", flaky)
+    msg = _run_fail(["convert", src, out, "--quiet"], capsys)
+    assert "No space left on device" in msg and len(calls) == 3
+    monkeypatch.undo()
+    assert not os.path.exists(out) and not _leftovers(tmp_path, "out")
+
+    # bad arguments
+    assert "unknown component 'speaker'" in _run_fail(["convert", src, out, "--quiet", "--components", "speaker"],
+                                                      capsys)
+    assert "source directory" in _run_fail(["convert", src, os.path.join(src, "sub"), "--quiet"], capsys)
+    assert not os.path.exists(out)
+
+    # an existing OUT_DIR needs --overwrite; with it, the old content is replaced
+    os.makedirs(out)
+    with open(os.path.join(out, "keep.txt"), "w") as f:
+        f.write("old")
+    assert "already exists" in _run_fail(["convert", src, out, "--quiet", "--components", "token2wav"], capsys)
+    assert os.listdir(out) == ["keep.txt"]
+    assert cli_main(["convert", src, out, "--quiet", "--components", "token2wav", "--overwrite"]) == 0
+    assert oio.is_converted(out) and not os.path.exists(os.path.join(out, "keep.txt"))
+    assert oio.converted_components(out) == ["token2wav"]
+    assert not _leftovers(tmp_path, "out")
+
+
+def test_export_failures_leave_nothing(src, converted, tmp_path, capsys):
+    out, _ = converted
+    back = str(tmp_path / "back")
+    assert "not a converted omni-jax checkpoint" in _run_fail(["export", src, back, "--quiet"], capsys)
+    os.makedirs(back)
+    assert "already exists" in _run_fail(["export", out, back, "--quiet"], capsys)
+    os.rmdir(back)
+    # a damaged group: orbax's files of one group removed
+    broken = str(tmp_path / "broken")
+    shutil.copytree(out, broken)
+    man = oio.read_manifest(broken)
+    gdir = os.path.join(broken, man["components"]["talker"]["groups"][0]["dir"])
+    shutil.rmtree(gdir)
+    assert gdir in _run_fail(["export", broken, back, "--quiet"], capsys)
+    assert not os.path.exists(back) and not _leftovers(tmp_path, "back")
+    # restoring it names the group too
+    from omni_jax.config import load_config
+
+    with pytest.raises(oio.CheckpointError, match="g00000"):
+        load_converted_component(broken, "talker", load_config(broken), dtype="float32")
+
+
+def test_load_converted_directory_via_cli(hf_models, jax_model, tmp_path, capsys):
+    """`omni-jax convert` then `omni_jax.load(OUT_DIR)`: the same model, logits and speech codes."""
+    import omni_jax
+    from omni_jax.cli import main
+
+    src, _ = hf_models("gqa")
+    out = tmp_path / "converted"
+    assert main(["convert", src, str(out), "--dtype", "float32", "--quiet"]) == 0
+    model = omni_jax.load(out, dtype="float32")
+    ref = jax_model("gqa")
+    ids = np.random.RandomState(3).randint(0, 280, (2, 7))
+    np.testing.assert_array_equal(model.thinker_logits(ids), ref.thinker_logits(ids))
+    kw = dict(max_new_tokens=5, eos_token_id=[], return_audio=True, talker_do_sample=False,
+              talker_max_new_tokens=10, talker_min_new_tokens=4)
+    a, b = model.generate(ids, **kw), ref.generate(ids, **kw)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    for x, y in zip(a.codec_ids, b.codec_ids):
+        np.testing.assert_array_equal(x, y)
+    assert sorted(model.voices) == ["Chelsie", "Ethan"]
+    # export back and the exported directory loads to the same logits
+    back = tmp_path / "back"
+    assert main(["export", str(out), str(back), "--quiet"]) == 0
+    np.testing.assert_array_equal(omni_jax.load(back, dtype="float32").thinker_logits(ids), ref.thinker_logits(ids))
+    assert main(["convert", src, str(out)]) == 2  # exists: needs --overwrite
+    assert "overwrite" in capsys.readouterr().err
