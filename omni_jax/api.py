@@ -96,9 +96,6 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
     ``mesh``: a ``jax.sharding.Mesh`` over axes among data/fsdp/tensor, or None (one device).
     ``attention``: ``"xla"``, ``"pallas"`` or None (pallas on TPU/GPU, xla on CPU).
     """
-    from convert.hf import THINKER_LM_PREFIXES, check_unexpected, load_component
-    from convert.safetensors_io import Checkpoint
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected a Qwen2.5-Omni checkpoint directory)")
@@ -111,6 +108,32 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
         if bad:
             raise InputError(f"mesh axis names {bad} are not among data, fsdp, tensor")
     cfg = load_config(path)
+    from convert.orbax_io import is_converted
+
+    if is_converted(path):  # a directory written by `omni-jax convert`
+        from convert.convert import load_converted
+
+        parts = load_converted(path, cfg, dtype=dt, mesh=mesh)
+        graphdef, state = parts["thinker"]
+        audio, vision, talker, t2w = parts["audio"], parts["vision"], parts["talker"], parts["token2wav"]
+    else:
+        graphdef, state, audio, vision, talker, t2w = _load_hf(path, cfg, dt, mesh)
+    voices = None
+    if os.path.exists(os.path.join(path, "spk_dict.pt")):
+        from .voices import load_voices
+
+        voices = load_voices(os.path.join(path, "spk_dict.pt"))
+    processor = TextProcessor.from_dir(path)
+    return OmniModel(cfg, graphdef, state, processor=processor, dtype=dt, mesh=mesh, attention=impl,
+                     generation_config=_generation_config(path, processor), path=path, audio=audio, vision=vision,
+                     talker=talker, voices=voices, token2wav=t2w)
+
+
+def _load_hf(path, cfg, dt, mesh):
+    """The components of a Hugging Face checkpoint directory (memory-mapped, one tensor at a time)."""
+    from convert.hf import THINKER_LM_PREFIXES, check_unexpected, load_component
+    from convert.safetensors_io import Checkpoint
+
     ckpt = Checkpoint(path)
     consumed: set[str] = set()
     abstract = nnx.eval_shape(lambda: th.ThinkerLM(cfg.thinker, dtype=dt, rngs=nnx.Rngs(0)))
@@ -141,16 +164,8 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
         from .token2wav import load_token2wav
 
         t2w = load_token2wav(ckpt, cfg.token2wav, consumed)
-    voices = None
-    if os.path.exists(os.path.join(path, "spk_dict.pt")):
-        from .voices import load_voices
-
-        voices = load_voices(os.path.join(path, "spk_dict.pt"))
     check_unexpected(ckpt, consumed, PENDING_PREFIXES)
-    processor = TextProcessor.from_dir(path)
-    return OmniModel(cfg, graphdef, state, processor=processor, dtype=dt, mesh=mesh, attention=impl,
-                     generation_config=_generation_config(path, processor), path=path, audio=audio, vision=vision,
-                     talker=talker, voices=voices, token2wav=t2w)
+    return graphdef, state, audio, vision, talker, t2w
 
 
 def _generation_config(path: str, processor: TextProcessor | None) -> dict:

@@ -35,9 +35,12 @@ def _add_generate(sub):
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     p.add_argument("--use-audio-in-video", action="store_true", help="also hear the videos' audio tracks")
-    p.add_argument("--speaker", default="Chelsie")
-    p.add_argument("--out", default=None, help="write the spoken reply to this WAV (not yet supported)")
-    p.add_argument("--no-audio", action="store_true", help="text only (the only mode in this version)")
+    p.add_argument("--speaker", default="Chelsie", help="voice of the spoken reply (Chelsie or Ethan)")
+    p.add_argument("--out", default=None, help="write the spoken reply to this 24 kHz WAV (written atomically "
+                                               "when the reply is complete)")
+    p.add_argument("--no-audio", action="store_true", help="text only (no talker, no WAV)")
+    p.add_argument("--talker-max-new-tokens", type=int, default=None,
+                   help="most codec ids (50 per second of speech; default 4096, 250 for the embedded model)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--max-new-tokens", type=int, default=256)
     g = p.add_mutually_exclusive_group()
@@ -63,8 +66,10 @@ def cmd_generate(args) -> int:
                 raise InputError(f"{flag} {p}: no such file")
     if args.use_audio_in_video and not args.video:
         raise InputError("--use-audio-in-video needs at least one --video")
-    if args.out:
-        raise InputError("--out: speech output is not available in this version of omni-jax yet (use --no-audio)")
+    if args.out and args.no_audio:
+        raise InputError("--out and --no-audio contradict each other")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise InputError(f"--out {args.out}: the directory does not exist")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     if args.greedy and (args.temperature is not None or args.top_p is not None or args.top_k is not None):
@@ -92,7 +97,11 @@ def cmd_generate(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, use_audio_in_video=args.use_audio_in_video,
               temperature=args.temperature if args.temperature is not None else 1.0,
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    if args.stream and not args.json:
+    speak = bool(args.out)
+    if speak:
+        kw.update(return_audio=True, speaker=args.speaker,
+                  talker_max_new_tokens=args.talker_max_new_tokens or (250 if embedded else 4096))
+    if args.stream and not args.json and not speak:
         for ev in model.stream(messages=messages, **kw):
             if ev.text:
                 sys.stdout.write(ev.text)
@@ -100,6 +109,12 @@ def cmd_generate(args) -> int:
         sys.stdout.write("\n")
         return 0
     out = model.generate(messages=messages, **kw)
+    if speak:
+        from .media import write_wav
+
+        write_wav(args.out, out.audio[0], 24000)
+        print(f"wrote {args.out}: {len(out.audio[0]) / 24000:.2f} s of speech at 24 kHz ({args.speaker})"
+              + (" - noise: the embedded model has random weights" if embedded else ""), file=sys.stderr)
     if args.json:
         print(json.dumps({"text": out.text[0], "token_ids": [int(x) for x in out.sequences[0, out.prompt_length:]],
                           "model": model_dir, "embedded_default": embedded}))
@@ -113,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    from convert.cli import add_subcommands
+
+    add_subcommands(sub)  # convert, export
     return parser
 
 

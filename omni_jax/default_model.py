@@ -17,9 +17,10 @@ import tempfile
 import jax.numpy as jnp
 import numpy as np
 
-from .config import AudioConfig, OmniConfig, TalkerConfig, TextConfig, ThinkerConfig, VisionConfig
+from .config import (AudioConfig, BigVGANConfig, DiTConfig, OmniConfig, TalkerConfig, TextConfig, ThinkerConfig,
+                     Token2WavConfig, VisionConfig)
 
-VERSION = "v2"  # bump when the default model's files change
+VERSION = "v3"  # bump when the default model's files change
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
                   "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|tts_pad|>", "<|tts_bos|>",
@@ -68,7 +69,13 @@ def default_config(vocab_size: int = 512) -> OmniConfig:
                           tts_text_pad_token_id=ids["<|tts_pad|>"], tts_codec_start_token_id=291,
                           tts_codec_end_token_id=292, tts_codec_pad_token_id=290, tts_codec_mask_token_id=293,
                           **media)
-    return OmniConfig(thinker=thinker, talker=talker, enable_audio_output=True, dtype="float32")
+    t2w = Token2WavConfig(
+        dit=DiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=32, emb_dim=32,
+                      num_embeds=300, mel_dim=80, enc_emb_dim=64, enc_dim=32, enc_channels=(32, 32, 32, 32, 96),
+                      enc_attention_channels=16, enc_se_channels=16, block_size=24, look_ahead_layers=(1,),
+                      look_backward_layers=(0,), max_position_embeddings=8192),
+        bigvgan=BigVGANConfig(mel_dim=80, upsample_initial_channel=64))
+    return OmniConfig(thinker=thinker, talker=talker, token2wav=t2w, enable_audio_output=True, dtype="float32")
 
 
 def _train_tokenizer(vocab_size: int):
@@ -105,8 +112,11 @@ def build_default_model(directory: str) -> None:
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token_id": [SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")],
                    "pad_token_id": SPECIAL_TOKENS.index("<|endoftext|>")}, f, indent=1)
+    from convert.convert import write_torch_pickle
+
     from .audio import AudioEncoder
     from .talker import TALKER_PREFIXES, Talker
+    from .token2wav import Token2Wav
     from .vision import VisionEncoder
 
     rs = np.random.RandomState(0)
@@ -118,6 +128,7 @@ def build_default_model(directory: str) -> None:
         (VisionEncoder(cfg.thinker.vision, dtype=jnp.float32, rngs=nnx.Rngs(2)), {"": "thinker.visual."},
          ("blocks",)),
         (Talker(cfg.talker, dtype=jnp.float32, rngs=nnx.Rngs(3)), TALKER_PREFIXES, ("layers",)),
+        (Token2Wav(cfg.token2wav, rngs=nnx.Rngs(4)), {"": "token2wav."}, ("transformer_blocks",)),
     ]
     for module, prefixes, stacks in parts:
         _, state = nnx.split(module)
@@ -128,6 +139,12 @@ def build_default_model(directory: str) -> None:
             # larger output heads so the random model's next-token choice is not a near-tie
             tensors[key] = a * (4.0 if key.endswith(("lm_head.weight", "codec_head.weight")) else 1.0)
     write_file(os.path.join(directory, "model.safetensors"), tensors, {"format": "pt"})
+    dit = cfg.token2wav.dit
+    voices = {name: {"bos_token": SPECIAL_TOKENS.index(tok),
+                     "cond": rs.normal(0, 1, (dit.enc_emb_dim,)).astype(np.float32),
+                     "ref_mel": rs.normal(-4, 1, (60, dit.mel_dim)).astype(np.float32)}
+              for name, tok in (("Chelsie", "<|voice_chelsie|>"), ("Ethan", "<|voice_ethan|>"))}
+    write_torch_pickle(os.path.join(directory, "spk_dict.pt"), voices)
     with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
         f.write("omni-jax embedded default model: tiny, random weights. Its output is noise.\n")
 

@@ -909,3 +909,31 @@ def expand_placeholders(text: str | Sequence[str], *, audio_lengths: Sequence[in
             i = pos + len(tok)
         out.append("".join(pieces))
     return out[0] if isinstance(text, str) else out
+
+
+# ======================================================================================
+# writing audio
+
+
+def write_wav(path: str, audio: np.ndarray, sampling_rate: int = 24000) -> None:
+    """Write mono float audio in [-1, 1] as a 16-bit PCM WAV, atomically (temp file + rename)."""
+    import wave
+
+    x = np.asarray(audio, np.float32).reshape(-1)
+    pcm = (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise InputError(f"{path}: the directory {d} does not exist")
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with wave.open(tmp, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(int(sampling_rate))
+            w.writeframes(pcm.tobytes())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise InputError(f"{path}: cannot write ({e.strerror})") from None

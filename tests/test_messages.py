@@ -79,3 +79,21 @@ def test_cli_media_flags(media, capsys):
     assert main(["generate", "--image", "/nope.png", "--prompt", "x"]) == 2
     assert capsys.readouterr().err.strip() == "error: --image /nope.png: no such file"
     assert main(["generate", "--use-audio-in-video", "--prompt", "x"]) == 2
+
+
+def test_cli_speaks_to_a_wav(tmp_path, capsys):
+    import wave
+
+    out = tmp_path / "reply.wav"
+    assert main(["generate", "--prompt", "Hi", "--max-new-tokens", "4", "--greedy", "--speaker", "Ethan",
+                 "--out", str(out), "--talker-max-new-tokens", "30"]) == 0
+    err = capsys.readouterr().err
+    assert "wrote" in err and "Ethan" in err
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 24000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        assert w.getnframes() == 30 * 2 * 240  # 30 codes x 2 mel frames x 240 samples
+    assert [p.name for p in tmp_path.iterdir()] == ["reply.wav"]  # no temp file left
+    assert main(["generate", "--prompt", "Hi", "--out", str(tmp_path / "x.wav"), "--speaker", "Nobody"]) == 2
+    assert "voices: Chelsie, Ethan" in capsys.readouterr().err
+    assert not (tmp_path / "x.wav").exists()
+    assert main(["generate", "--prompt", "Hi", "--out", "/no/such/dir/x.wav"]) == 2
