@@ -1,23 +1,59 @@
-"""Pallas attention kernels (TPU and GPU).
+"""Pallas attention kernels (GPU through Triton, TPU through Mosaic, CPU in interpret mode).
 
-The blockwise flash-attention and decode-attention kernels land with the kernels issue.
-Until a kernel covers a call, :func:`attention` falls back to the XLA implementation and
-logs that once, so ``attention="pallas"`` is always safe to ask for.
+:func:`attention` is what ``omni_jax.attention.attention(..., impl="pallas")`` calls. It picks
+
+* :func:`flash_attention` (blockwise, online softmax, block skipping, custom_vjp backward)
+  for ``Tq > 1``;
+* :func:`decode_attention` (split-K over the cache) for ``Tq == 1``;
+
+and falls back to the XLA implementation, logging once per reason, where no kernel covers a
+call (mismatched dtypes, head dims above 256, empty inputs). See :mod:`.flash` for the design.
+
+The platform follows ``jax.default_backend()``: ``gpu`` -> Triton lowering, ``tpu`` -> Mosaic,
+anything else -> ``interpret=True`` (the same kernels run as plain JAX ops; this is how CPU
+tests check them). ``platform=`` overrides it (the TPU lowering test uses that from CPU).
 """
 
 from __future__ import annotations
 
 import logging
 
+from .flash import current_platform, decode_attention, flash_attention
+
 log = logging.getLogger("omni_jax")
 _warned: set[str] = set()
 
+__all__ = ["attention", "flash_attention", "decode_attention", "current_platform", "unsupported_reason"]
 
-def attention(q, k, v, mask, *, scale=None):
-    from ..attention import xla_attention
 
-    key = "attention"
-    if key not in _warned:
-        _warned.add(key)
-        log.warning("omni_jax: no Pallas attention kernel for this call yet; falling back to XLA attention")
-    return xla_attention(q, k, v, mask, scale)
+def unsupported_reason(q, k, v, mask) -> str | None:
+    """Why no kernel covers this call (``None`` when one does)."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return "inputs are not [B, T, H, D]"
+    b, tq, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        return f"k/v shapes {k.shape}/{v.shape} do not match q {q.shape}"
+    if h % k.shape[2]:
+        return f"{h} query heads are not a multiple of {k.shape[2]} KV heads"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}"
+    if d > 256:
+        return f"head dim {d} > 256"
+    if tq == 0 or k.shape[1] == 0:
+        return "empty sequence"
+    return None
+
+
+def attention(q, k, v, mask, *, scale=None, platform=None):
+    reason = unsupported_reason(q, k, v, mask)
+    if reason is not None:
+        from ..attention import xla_attention
+
+        if reason not in _warned:
+            _warned.add(reason)
+            log.warning("omni_jax: no Pallas attention kernel for this call (%s); falling back to XLA attention",
+                        reason)
+        return xla_attention(q, k, v, mask, scale)
+    if q.shape[1] == 1:
+        return decode_attention(q, k, v, mask, scale=scale, platform=platform)
+    return flash_attention(q, k, v, mask, scale=scale, platform=platform)
