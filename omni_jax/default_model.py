@@ -14,13 +14,14 @@ import os
 import shutil
 import tempfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import (AudioConfig, BigVGANConfig, DiTConfig, OmniConfig, TalkerConfig, TextConfig, ThinkerConfig,
                      Token2WavConfig, VisionConfig)
 
-VERSION = "v3"  # bump when the default model's files change
+VERSION = "v4"  # bump when the default model's files change
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
                   "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|tts_pad|>", "<|tts_bos|>",
@@ -122,16 +123,18 @@ def build_default_model(directory: str) -> None:
     rs = np.random.RandomState(0)
     tensors = {}
     parts = [
-        (ThinkerLM(cfg.thinker, dtype=jnp.float32, rngs=nnx.Rngs(0)), THINKER_LM_PREFIXES, ("layers",)),
-        (AudioEncoder(cfg.thinker.audio, dtype=jnp.float32, rngs=nnx.Rngs(1)), {"": "thinker.audio_tower."},
-         ("layers",)),
-        (VisionEncoder(cfg.thinker.vision, dtype=jnp.float32, rngs=nnx.Rngs(2)), {"": "thinker.visual."},
+        (lambda: ThinkerLM(cfg.thinker, dtype=jnp.float32, rngs=nnx.Rngs(0)), THINKER_LM_PREFIXES, ("layers",)),
+        (lambda: AudioEncoder(cfg.thinker.audio, dtype=jnp.float32, rngs=nnx.Rngs(1)),
+         {"": "thinker.audio_tower."}, ("layers",)),
+        (lambda: VisionEncoder(cfg.thinker.vision, dtype=jnp.float32, rngs=nnx.Rngs(2)), {"": "thinker.visual."},
          ("blocks",)),
-        (Talker(cfg.talker, dtype=jnp.float32, rngs=nnx.Rngs(3)), TALKER_PREFIXES, ("layers",)),
-        (Token2Wav(cfg.token2wav, rngs=nnx.Rngs(4)), {"": "token2wav."}, ("transformer_blocks",)),
+        (lambda: Talker(cfg.talker, dtype=jnp.float32, rngs=nnx.Rngs(3)), TALKER_PREFIXES, ("layers",)),
+        (lambda: Token2Wav(cfg.token2wav, rngs=nnx.Rngs(4)), {"": "token2wav."}, ("transformer_blocks",)),
     ]
-    for module, prefixes, stacks in parts:
-        _, state = nnx.split(module)
+    for make, prefixes, stacks in parts:
+        # numpy initialisation: JAX's eager init compiles a program per parameter shape (minutes on CPU)
+        _, state = nnx.split(nnx.eval_shape(make))
+        state = _numpy_init(state, rs)
         for key, arr in iter_hf_tensors(state, prefixes, stacks):
             a = np.array(arr, np.float32)
             if key.endswith("norm.weight") or key.endswith("bias"):
@@ -147,6 +150,27 @@ def build_default_model(directory: str) -> None:
     write_torch_pickle(os.path.join(directory, "spk_dict.pt"), voices)
     with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
         f.write("omni-jax embedded default model: tiny, random weights. Its output is noise.\n")
+
+
+def _numpy_init(abstract_state, rs: np.random.RandomState):
+    """Random values for an abstract NNX state: scaled normals for matrices, ones for 1-D weights
+    (norm scales), zeros for other vectors (biases, SnakeBeta's log-scale alpha and beta)."""
+    from flax import nnx
+
+    from convert.hf import flatten_dict, set_path
+
+    pure = nnx.to_pure_dict(abstract_state)
+    for path, sds in list(flatten_dict(pure)):
+        shape, name = tuple(sds.shape), str(path[-1])
+        if len(shape) == 1 or (len(shape) == 2 and name in ("weight", "bias") and "layers" in map(str, path)):
+            a = np.ones(shape) if name in ("weight", "scale") else np.zeros(shape)
+        else:
+            fan_in = shape[-2] if name == "kernel" else int(np.prod(shape[1:]))
+            std = 0.02 if name == "embedding" else (1.0 if name == "kernel" else 0.25) / np.sqrt(max(fan_in, 1))
+            a = rs.normal(0.0, std, shape)
+        set_path(pure, path, np.asarray(a, np.dtype(sds.dtype)))
+    nnx.replace_by_pure_dict(abstract_state, pure)
+    return abstract_state
 
 
 def ensure_default_model() -> str:

@@ -200,7 +200,7 @@ def test_bad_arguments(jax_model, tmp_path):
         (dict(max_new_tokens=0), "max_new_tokens: expected an int >= 1"),
         (dict(repetition_penalty=0.0), "repetition_penalty: must be > 0"),
         (dict(bogus=1), "unknown argument"),
-        (dict(return_audio=True), "speech output is not available"),
+        (dict(return_audio=True, speaker="Nobody"), "speaker 'Nobody' is not available"),
     ]
     for kw, msg in cases:
         with pytest.raises(InputError, match=msg):
