@@ -73,6 +73,34 @@ class Generation:
         return np.asarray(self.state.tokens[:, :int(self.state.n)])
 
 
+@dataclass
+class TalkerRun:
+    """A talker generation in progress (see OmniModel._talker_start)."""
+
+    state: Any
+    sp: Any
+    eos: list
+    eos_arr: np.ndarray
+    pad: Any
+    do_sample: bool
+    max_new: int
+    thinker_eos: np.ndarray
+    extra: np.ndarray
+    taken: int = 0  # codes handed out so far (streaming)
+
+    @property
+    def finished(self) -> bool:
+        return int(self.state.n) >= self.max_new or bool(np.all(np.asarray(self.state.done)))
+
+    def codes(self) -> list[np.ndarray]:
+        """Codec ids per row, cut at the row's first talker EOS."""
+        out = []
+        for row in np.asarray(self.state.tokens[:, :int(self.state.n)]):
+            hit = np.nonzero(np.isin(row, self.eos))[0]
+            out.append(row[:hit[0]] if len(hit) else row)
+        return out
+
+
 def bucket(n: int, minimum: int = 16) -> int:
     """Static-shape bucket: the next power of two >= n (at least ``minimum``)."""
     b = minimum
@@ -307,20 +335,29 @@ class OmniModel:
 
             return decode_loop(step_fn, state, n_steps, sp, eos_ids=eos, pad_id=pad, do_sample=do_sample)
 
-        def reply_fn(params, gen_tokens, gen_hidden, eos_ids, extra_ids):
+        def reply_fn(params, gen_tokens, gen_hidden, n, eos_ids, extra_ids):
             model = nnx.merge(self._graphdef, params)
             ex = th.embed(model, extra_ids)  # text bos (speaker), text eos, text pad
-            first, rest = tk.reply_parts(gen_tokens, gen_hidden, lambda x: th.embed(model, x), eos_ids, ex[1], ex[2])
+            first, rest = tk.reply_parts(gen_tokens, gen_hidden, n, lambda x: th.embed(model, x), eos_ids, ex[1],
+                                         ex[2])
             return ex[0], first, rest
 
         self._talker_prefill_jit = jax.jit(prefill_fn, static_argnums=(12, 13))
         self._talker_decode_jit = jax.jit(decode_fn, static_argnums=(7,), donate_argnums=(1,))
         self._reply_jit = jax.jit(reply_fn)
 
-    def _talker_codes(self, gen: "Generation", *, speaker_bos: int, mm: dict, seed: int, talker_max_new_tokens=4096,
+    def _talker_codes(self, gen: "Generation", **kw) -> list[np.ndarray]:
+        """Run the talker on a finished thinker generation; returns one codec-id array per row."""
+        run = self._talker_start(gen, **kw)
+        if run is None:
+            return [np.zeros((0,), np.int32) for _ in range(gen.state.tokens.shape[0])]
+        self._talker_advance(run, gen, None)
+        return run.codes()
+
+    def _talker_start(self, gen: "Generation", *, speaker_bos: int, mm: dict, seed: int, talker_max_new_tokens=4096,
                       talker_min_new_tokens=0, talker_do_sample=True, talker_top_k=40, talker_top_p=0.8,
                       talker_temperature=0.9, talker_repetition_penalty=1.05, talker_eos_token_id=None):
-        """Run the talker on a finished thinker generation; returns one codec-id array per row."""
+        """The talker's prefill, as soon as the thinker has fed its first reply token (n >= 2); None before."""
         from .talker import rope_view
         from .tmrope import rope_index
 
@@ -331,18 +368,17 @@ class OmniModel:
         n = int(st.n)
         b = st.tokens.shape[0]
         if n < 2:
-            return [np.zeros((0,), np.int32) for _ in range(b)]  # a one-token reply has nothing to say
-        gen_tokens = st.tokens[:, :n]
+            return None
         eos = np.asarray(gen.eos if gen.eos else [-1], np.int32)
         extra = np.asarray([speaker_bos, cfg.tts_text_end_token_id, cfg.tts_text_pad_token_id], np.int32)
-        bos_e, first, rest = self._reply_jit(self.params, gen_tokens, st.hidden[:, :n], eos, extra)
+        bos_e, first, _ = self._reply_jit(self.params, st.tokens, st.hidden, st.n, eos, extra)
         ti = gen.talker_inputs
         e = ti["prompt_hidden"].shape[-1]
         embeds = jnp.concatenate([ti["prompt_hidden"] + ti["prompt_embeds"], jnp.broadcast_to(bos_e, (b, 1, e)),
                                   first[:, None]], axis=1)
         mask = np.concatenate([gen.aligned_mask, np.ones((b, 2), np.int32)], axis=1)
         text_ids = np.concatenate([gen.aligned_ids, np.full((b, 1), speaker_bos, np.int32),
-                                   np.asarray(gen_tokens[:, :1])], axis=1)
+                                   np.asarray(st.tokens[:, :1])], axis=1)
         seqlens = None
         if mm.get("feature_attention_mask") is not None:
             seqlens = np.asarray(mm["feature_attention_mask"]).sum(-1)
@@ -360,25 +396,33 @@ class OmniModel:
         teos = talker_eos_token_id if talker_eos_token_id is not None else [cfg.tts_codec_pad_token_id,
                                                                             cfg.tts_codec_end_token_id]
         teos = [teos] if isinstance(teos, (int, np.integer)) else list(teos)
-        teos_arr = np.asarray(teos if teos else [-1], np.int32)
         suppress = np.zeros((v,), bool)
         suppress[cfg.tts_codec_start_token_id] = True
         sp = make_sampling(talker_temperature, talker_top_k, talker_top_p, talker_repetition_penalty, v)
         rng = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seed) + 1), i))(jnp.arange(b))
-        pad = np.int32(cfg.tts_codec_pad_token_id)
-        nb = bucket(talker_max_new_tokens)
+        run = TalkerRun(state=None, sp=sp, eos=teos, eos_arr=np.asarray(teos if teos else [-1], np.int32),
+                        pad=np.int32(cfg.tts_codec_pad_token_id), do_sample=bool(talker_do_sample),
+                        max_new=int(talker_max_new_tokens), thinker_eos=eos, extra=extra)
         with use_mesh(self.mesh):
-            state = self._talker_prefill_jit(self.talker[1], embeds, mask, pos, seen, sp, rng,
-                                             np.int32(talker_max_new_tokens), teos_arr, pad,
-                                             np.int32(talker_min_new_tokens), suppress, nb, bool(talker_do_sample))
-            state = self._talker_decode_jit(self.talker[1], state, rest, np.int32(talker_max_new_tokens), sp,
-                                            teos_arr, pad, bool(talker_do_sample))
-        codes = np.asarray(state.tokens[:, :int(state.n)])
-        out = []
-        for row in codes:
-            hit = np.nonzero(np.isin(row, teos))[0]
-            out.append(row[:hit[0]] if len(hit) else row)
-        return out
+            run.state = self._talker_prefill_jit(self.talker[1], embeds, mask, pos, seen, sp, rng,
+                                                 np.int32(talker_max_new_tokens), run.eos_arr, run.pad,
+                                                 np.int32(talker_min_new_tokens), suppress,
+                                                 bucket(talker_max_new_tokens), run.do_sample)
+        return run
+
+    def _talker_advance(self, run: "TalkerRun", gen: "Generation", final: int | None):
+        """Advance the talker while its next input is final: reply entries ``k < final`` (None: the
+        thinker has finished, run to the end)."""
+        if run.finished:
+            return
+        st = gen.state
+        todo = run.max_new if final is None else final - (int(run.state.n) - 1)
+        if todo <= 0:
+            return
+        _, _, rest = self._reply_jit(self.params, st.tokens, st.hidden, st.n, run.thinker_eos, run.extra)
+        with use_mesh(self.mesh):
+            run.state = self._talker_decode_jit(self.talker[1], run.state, rest, np.int32(todo), run.sp,
+                                                run.eos_arr, run.pad, run.do_sample)
 
     def _batch(self, x, axis: int = 0):
         """Place a host batch array with its batch axis sharded over the mesh's data/fsdp axes."""

@@ -64,28 +64,28 @@ def logits(model: Talker, cfg: TalkerConfig, embeds, position_ids, *, cache=None
     return jnp.einsum("...h,hv->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32), cache
 
 
-def reply_parts(gen_tokens, gen_hidden, embed_fn, eos_ids, eos_embed, pad_embed):
-    """The per-step talker inputs from the thinker's reply, as transformers builds them.
+def reply_parts(tokens, hidden, n, embed_fn, eos_ids, eos_embed, pad_embed):
+    """The per-step talker inputs from the thinker's reply so far, as transformers builds them.
 
-    ``gen_tokens [B, N]``, ``gen_hidden [B, N, E]`` (hidden of token k at k, for k < N-1).
-    Returns ``(first [B, E], rest [B, N, E])``: the reply's first token (hidden + embedding),
-    which ends the talker prompt, and the per-step inputs after it: tokens 1..N-2, then the
-    text-eos embedding, then text-pad; from each row's first EOS on, text-pad, with text-eos
-    just before it.
+    ``tokens [B, N]`` and ``hidden [B, N, E]`` are the thinker's buffers (token ``j`` and the hidden
+    state computed when it was fed, known for ``j < n - 1``); ``n`` (traced) tokens exist.
+    Returns ``(first [B, E], rest [B, N, E])``: the reply's first token (hidden + embedding), which
+    ends the talker prompt, and the inputs of the talker steps after it: tokens 1..n-2, then the
+    text-eos embedding, then text-pad; from each row's first EOS on, text-pad, with text-eos just
+    before it. Entries ``k < n - 2`` do not change as the reply grows (streaming reads them early).
     """
-    b, n = gen_tokens.shape
-    reply = gen_hidden[:, :n - 1] + embed_fn(gen_tokens[:, :n - 1])  # [B, N-1, E]
+    b, cap = tokens.shape
+    reply = hidden + embed_fn(tokens).astype(hidden.dtype)
     first = reply[:, 0]
     e_dim = reply.shape[-1]
-    rest = jnp.concatenate([reply[:, 1:], jnp.broadcast_to(eos_embed, (b, 1, e_dim)),
-                            jnp.broadcast_to(pad_embed, (b, 1, e_dim))], axis=1)  # [B, N, E]
-    is_eos = jnp.any(gen_tokens[:, :, None] == jnp.asarray(eos_ids, jnp.int32)[None, None, :], axis=-1) \
-        if len(eos_ids) else jnp.zeros(gen_tokens.shape, bool)
-    first_eos = jnp.min(jnp.where(is_eos, jnp.arange(n)[None, :], n), axis=1)
-    first_eos = jnp.clip(first_eos, 1, n - 1)
-    k = jnp.arange(rest.shape[1])[None, :]
-    rest = jnp.where((k >= first_eos[:, None])[..., None], pad_embed, rest)
-    rest = jnp.where((k == first_eos[:, None] - 1)[..., None], eos_embed, rest)
+    rest = jnp.concatenate([reply[:, 1:], jnp.broadcast_to(pad_embed, (b, 1, e_dim)).astype(reply.dtype)], axis=1)
+    k = jnp.arange(cap)[None, :]
+    j = jnp.arange(cap)[None, :]
+    is_eos = jnp.any(tokens[:, :, None] == jnp.asarray(eos_ids, jnp.int32)[None, None, :], axis=-1) & (j < n)
+    first_eos = jnp.clip(jnp.min(jnp.where(is_eos, j, n), axis=1), 1, n - 1)[:, None]
+    stop = jnp.minimum(first_eos, n - 1)
+    rest = jnp.where((k >= stop)[..., None], pad_embed.astype(rest.dtype), rest)
+    rest = jnp.where((k == stop - 1)[..., None], eos_embed.astype(rest.dtype), rest)
     return first, rest
 
 
