@@ -47,6 +47,7 @@ class StreamEvent:
     token_ids: list[int] = field(default_factory=list)
     audio: np.ndarray | None = None
     t: float = 0.0
+    codec_ids: np.ndarray | None = None  # extension: on "done" with return_audio, all codec ids
 
 
 @dataclass
@@ -710,7 +711,7 @@ class OmniModel:
     def _speak(self, codes_list, speaker, noise_list, seed) -> list[np.ndarray]:
         """Rows decoded together: the DiT runs the rows as one batch with key padding and each row's
         own noise (the reference decodes one row at a time: the same numbers); BigVGAN per row."""
-        from .token2wav import bigvgan, dit_noise, dit_sample
+        from .token2wav import bigvgan, dit_sample
 
         if self.token2wav_params is None:
             raise InputError(f"{self.path} has no token2wav weights (token2wav.*), so it cannot make audio")
@@ -743,9 +744,10 @@ class OmniModel:
                 if nz.shape != (lens[r] * dcfg.repeats, dcfg.mel_dim):
                     raise InputError(f"dit_noise[{r}]: expected shape [{lens[r] * dcfg.repeats}, {dcfg.mel_dim}] "
                                      f"(2 x codes, mel_dim), got {list(nz.shape)}")
-            else:
-                key = jax.random.fold_in(jax.random.key(int(seed)), r)
-                nz = np.asarray(dit_noise(key, dcfg, 1, int(lens[r]))[0])
+            else:  # counter-based per mel frame: the streamed decode draws the same noise
+                from .streaming import frame_noise
+
+                nz = frame_noise(_noise_key(seed, r), 0, int(lens[r]) * dcfg.repeats, dcfg.mel_dim)
             noise[i, :lens[r] * dcfg.repeats] = nz
         t2w = self.token2wav_params
         mel = dit_sample(t2w.code2wav_dit_model, dcfg, codes, voice.cond, voice.ref_mel, noise,
@@ -781,19 +783,67 @@ class OmniModel:
     def stream(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024,
                do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0,
                eos_token_id=None, steps_per_event=4, **kwargs) -> Iterator[StreamEvent]:
-        """Yield :class:`StreamEvent` s for one conversation: text deltas as tokens come, then ``done``."""
+        """Yield :class:`StreamEvent` s for one conversation, in order: ``text`` deltas (whole UTF-8
+        characters) as the thinker produces tokens and, with ``return_audio=True``, ``audio`` chunks
+        (float32, 24 kHz) as soon as enough codec ids exist; then ``done``.
+
+        The talker runs alongside the thinker: after every ``steps_per_event`` thinker tokens it
+        advances over the reply tokens whose inputs are final, and its new codec ids go through
+        :class:`omni_jax.streaming.StreamingToken2Wav` (the chunk algorithm documented there).
+        Text and codec ids equal :meth:`generate`'s; the audio is the chunked decode of the same
+        codes and noise. The ``done`` event carries all reply ids in ``token_ids``; the codec ids
+        are in ``codec_ids`` of the last ``audio`` event's ... see ``StreamEvent``.
+        """
         t0 = time.perf_counter()
         if messages is not None and is_batch_of_conversations(messages):
             raise InputError("stream: takes one conversation, not a batch")
+        speech = bool(kwargs.get("return_audio"))
+        speaker = kwargs.get("speaker", "Chelsie")
+        talker_kw = {k: v for k, v in kwargs.items() if k.startswith("talker_")}
+        dit_noise = kwargs.get("dit_noise")
         gen = self.prefill(input_ids, attention_mask, messages, max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id, **kwargs)
         ids, eos = gen.prompt_ids, gen.eos
         if ids.shape[0] != 1:
             raise InputError(f"stream: takes one prompt, got a batch of {ids.shape[0]}")
+        if speech and self.token2wav_params is None:
+            raise InputError(f"return_audio: {self.path} has no token2wav weights (token2wav.*)")
         streamer = TextStreamer(self.processor) if self.processor is not None else None
         sent = 0
         all_ids: list[int] = []
+        run = vocoder = None
+        if speech:
+            from .streaming import StreamingToken2Wav
+
+            voice = self.voices[speaker]
+            noise_fn = None
+            if dit_noise is not None:
+                full = np.asarray(dit_noise[0] if isinstance(dit_noise, (list, tuple)) else dit_noise, np.float32)
+                noise_fn = lambda start, n: full[start:start + n]  # noqa: E731
+            vocoder = StreamingToken2Wav(self.token2wav_params, self.config.token2wav, voice.cond, voice.ref_mel,
+                                         key=None if noise_fn else _noise_key(seed, 0), noise_fn=noise_fn,
+                                         impl=self.attention)
+
+        def audio_events(chunks):
+            for a in chunks:
+                if len(a):
+                    yield StreamEvent("audio", audio=np.asarray(a, np.float32), t=time.perf_counter() - t0)
+
+        def talk(final):
+            """Advance the talker over final inputs; push its new codec ids to the vocoder."""
+            nonlocal run
+            if run is None:
+                run = self._talker_start(gen, speaker_bos=self.voices[speaker].bos_token, mm=gen.mm, seed=seed,
+                                         **talker_kw)
+                if run is None:
+                    return []
+            self._talker_advance(run, gen, final)
+            codes = run.codes()[0]
+            new = codes[run.taken:]
+            run.taken = len(codes)
+            return vocoder.push(new) if len(new) else []
+
         while True:
             n = int(gen.state.n)
             new = [int(x) for x in np.asarray(gen.state.tokens[0, sent:n])]
@@ -805,6 +855,20 @@ class OmniModel:
                 yield StreamEvent("text", text=delta, token_ids=new, t=time.perf_counter() - t0)
             if gen.finished:
                 break
+            if speech and n >= 2:
+                yield from audio_events(talk(n - 2))
             self.decode_steps(gen, steps_per_event)
         tail = streamer.flush() if streamer else ""
-        yield StreamEvent("done", text=tail, token_ids=all_ids, t=time.perf_counter() - t0)
+        if tail:
+            yield StreamEvent("text", text=tail, t=time.perf_counter() - t0)
+        codec_ids = None
+        if speech:
+            yield from audio_events(talk(None))
+            yield from audio_events(vocoder.finish())
+            codec_ids = run.codes()[0] if run is not None else np.zeros((0,), np.int32)
+        yield StreamEvent("done", token_ids=all_ids, codec_ids=codec_ids, t=time.perf_counter() - t0)
+
+
+def _noise_key(seed: int, row: int):
+    """The DiT noise key of batch row ``row``: streamed and whole decodes share it (frame_noise)."""
+    return jax.random.fold_in(jax.random.key(int(seed) + 2), row)

@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 
 def _setup_jax():
     import jax
@@ -101,12 +103,24 @@ def cmd_generate(args) -> int:
     if speak:
         kw.update(return_audio=True, speaker=args.speaker,
                   talker_max_new_tokens=args.talker_max_new_tokens or (250 if embedded else 4096))
-    if args.stream and not args.json and not speak:
+    if args.stream and not args.json:
+        # text is printed as it comes; audio chunks are collected and the WAV is written atomically
+        # once the reply is complete (a reader never sees a partial file)
+        chunks = []
         for ev in model.stream(messages=messages, **kw):
             if ev.text:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
+            if ev.kind == "audio":
+                chunks.append(ev.audio)
         sys.stdout.write("\n")
+        if speak:
+            from .media import write_wav
+
+            audio = np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+            write_wav(args.out, audio, 24000)
+            print(f"wrote {args.out}: {len(audio) / 24000:.2f} s of speech at 24 kHz ({args.speaker}, streamed)",
+                  file=sys.stderr)
         return 0
     out = model.generate(messages=messages, **kw)
     if speak:

@@ -1,0 +1,73 @@
+"""model.stream with speech: the talker alongside the thinker, audio chunks before the reply ends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import omni_jax
+
+
+@pytest.fixture(scope="module")
+def model():
+    return omni_jax.load(omni_jax.default_model_path(), dtype="float32")
+
+
+CONV = [{"role": "user", "content": "Tell me a story about the sea."}]
+KW = dict(max_new_tokens=48, eos_token_id=[], return_audio=True, talker_do_sample=False,
+          talker_max_new_tokens=120, talker_min_new_tokens=100, speaker="Chelsie")
+
+
+def test_stream_speaks_while_thinking(model):
+    list(model.stream(messages=CONV, **KW))  # compile everything once: timings below are steady state
+    full = model.generate(messages=CONV, **KW)
+    events = list(model.stream(messages=CONV, steps_per_event=4, **KW))
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done" and kinds.count("done") == 1
+    text = [e for e in events if e.kind == "text"]
+    audio = [e for e in events if e.kind == "audio"]
+    last_text_token = max(i for i, e in enumerate(events) if e.kind == "text" and e.token_ids)
+    first_audio = kinds.index("audio")
+    assert len([t for e in text for t in e.token_ids]) >= 40
+    assert first_audio < last_text_token  # spoken before the thinker's last token...
+    assert audio[0].t < text[-1].t  # ...in wall time too, not produced whole and replayed
+    # streamed text and codec ids equal the non-streamed ones
+    ids = [t for e in text for t in e.token_ids]
+    np.testing.assert_array_equal(ids, full.sequences[0, full.prompt_length:])
+    assert "".join(e.text for e in events) == full.text[0]
+    np.testing.assert_array_equal(events[-1].codec_ids, full.codec_ids[0])
+    # the audio is the documented chunked decode of those codes with the same noise
+    from omni_jax.api import _noise_key
+    from omni_jax.streaming import StreamingToken2Wav
+
+    voice = model.voices["Chelsie"]
+    ref = StreamingToken2Wav(model.token2wav_params, model.config.token2wav, voice.cond, voice.ref_mel,
+                             key=_noise_key(0, 0))
+    chunks = ref.push(full.codec_ids[0]) + ref.finish()
+    wav = np.concatenate([e.audio for e in audio])
+    np.testing.assert_allclose(wav, np.concatenate(chunks), rtol=1e-5, atol=1e-6)
+    assert wav.shape == full.audio[0].shape  # same length as the whole decode
+
+
+def test_stream_stops_midway_and_model_stays_usable(model):
+    it = model.stream(messages=CONV, **KW)
+    for e in it:
+        if e.kind == "audio":
+            break
+    it.close()
+    out = model.generate(messages=CONV, max_new_tokens=8, eos_token_id=[])
+    assert out.sequences.shape[1] == out.prompt_length + 8
+
+
+def test_cli_stream_with_speech(tmp_path, capsys):
+    import wave
+
+    from omni_jax.cli import main
+
+    out = tmp_path / "reply.wav"
+    assert main(["generate", "--prompt", "Hi", "--max-new-tokens", "6", "--greedy", "--stream", "--out", str(out),
+                 "--talker-max-new-tokens", "40"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and "streamed" in captured.err
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 24000 and w.getnframes() == 40 * 2 * 240
