@@ -31,7 +31,7 @@ def _timeit(fn, reps=3):
 
 def build_checkpoint(cfg: dict, directory: str):
     import torch
-    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers import Qwen2_5OmniThinkerConfig
 
     torch.manual_seed(0)
     text = dict(cfg["text"])
@@ -113,7 +113,6 @@ def run(cfg: dict) -> dict:
             return g
 
         jx_pre = _timeit(jx_prefill)
-        g = jx_prefill()
 
         def jx_decode():
             g2 = model.prefill(ids, max_new_tokens=new, eos_token_id=[])

@@ -105,19 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Standalone entry point, handling errors as ``omni-jax`` does."""
-    from omni_jax.errors import OmniError
+    from omni_jax.cli import run
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except OmniError as e:
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from flax import nnx
 from . import thinker as th
 from .attention import default_impl
 from .config import OmniConfig, load_config
-from .errors import CheckpointError, InputError, OmniError
+from .errors import CheckpointError, InputError
 from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations
 from .sharding import constrain, to_host, use_mesh

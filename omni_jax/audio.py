@@ -43,27 +43,13 @@ from .attention import MaskSpec, attention
 from .config import AudioConfig
 from .errors import CheckpointError, InputError
 from .layers import Embed, Linear, scan_layers
+from .layers import activation as _activation
 from .sharding import constrain
 
 HF_PREFIX = "thinker.audio_tower."
 
-_ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
-
-
 def activation(name: str):
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise CheckpointError(f"config.json: audio activation_function '{name}' is not supported "
-                              f"({', '.join(sorted(_ACTIVATIONS))})") from None
+    return _activation(name, "audio activation_function")
 
 
 # --------------------------------------------------------------------------------------

@@ -149,14 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse and run a command: user errors print one ``error:`` line and return 2."""
     from .errors import OmniError
 
-    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
     except OmniError as e:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

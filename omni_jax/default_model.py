@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -8,9 +8,32 @@ parameter path in :mod:`omni_jax.sharding`, so modules carry no sharding code.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str, what: str):
+    """transformers' ``ACT2FN[name]``; an unknown name is a CheckpointError naming ``what``."""
+    from .errors import CheckpointError
+
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise CheckpointError(f"config.json: {what} '{name}' is not supported "
+                              f"({', '.join(sorted(ACTIVATIONS))})") from None
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):

@@ -188,7 +188,7 @@ def process_conversations(text_proc: TextProcessor, convs: list, *, directory: s
 
     acfg = media.AudioFeatureConfig.from_dir(directory) if directory else media.AudioFeatureConfig()
     vcfg = media.VisionProcessConfig.from_dir(directory) if directory else media.VisionProcessConfig()
-    texts, audios, images, videos, vid_audio_lens = [], [], [], [], []
+    texts, audios, images, videos = [], [], [], []
     for conv in convs:
         validate_messages(conv)
         for part in collect_media(conv):

@@ -13,7 +13,6 @@ entry points live in :mod:`omni_jax.generate` and :mod:`omni_jax.api`.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

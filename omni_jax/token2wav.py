@@ -778,20 +778,6 @@ HF_PREFIX = "token2wav."
 _STACKED = ("code2wav_dit_model", "transformer_blocks")
 
 
-def _flatten(d, prefix=()):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _set(d, path, value):
-    for k in path[:-1]:
-        d = d[k]
-    d[path[-1]] = value
-
-
 def hf_key(path: tuple, layer: int | None = None) -> tuple[str, bool]:
     """HF key of a parameter path (one layer of a stacked path) and whether it is transposed."""
     parts = [str(p) for p in path]
@@ -828,11 +814,13 @@ def load_token2wav(ckpt, cfg: Token2WavConfig, consumed: set | None = None) -> T
     and optionally ``shape(key)``). Every key read is added to ``consumed``. Raises
     :class:`CheckpointError` naming a missing or wrong-shaped tensor.
     """
+    from convert.hf import flatten_dict, set_path
+
     consumed = consumed if consumed is not None else set()
     abstract = nnx.eval_shape(lambda: Token2Wav(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
-    for path, sds in list(_flatten(pure)):
+    for path, sds in list(flatten_dict(pure)):
         shape = tuple(sds.shape)
         if tuple(str(p) for p in path[:2]) == _STACKED:
             host = np.empty(shape, np.float32)
@@ -844,7 +832,7 @@ def load_token2wav(ckpt, cfg: Token2WavConfig, consumed: set | None = None) -> T
             key, tr = hf_key(path)
             host = _read(ckpt, key, tr, shape)
             consumed.add(key)
-        _set(pure, path, jax.device_put(host))
+        set_path(pure, path, jax.device_put(host))
     _check_buffers(ckpt, cfg, consumed)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)

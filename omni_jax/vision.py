@@ -40,29 +40,14 @@ from flax import nnx
 from .attention import MaskSpec, attention
 from .config import VisionConfig
 from .errors import CheckpointError, InputError
-from .layers import Linear, RMSNorm, scan_layers
+from .layers import Linear, RMSNorm, activation, scan_layers
 from .rope import apply_rope, inv_freq
 from .sharding import constrain
 
 HF_PREFIX = "thinker.visual."
 
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-}
-
-
 def _activation(name: str):
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise CheckpointError(f"config.json: vision hidden_act '{name}' is not supported "
-                              f"({', '.join(sorted(_ACTIVATIONS))})") from None
+    return activation(name, "vision hidden_act")
 
 
 # --------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, rel_err
+from conftest import rel_err
 from test_multimodal import _inputs
 
 
@@ -147,3 +147,26 @@ def test_speech_limits(jax_model):
     with pytest.raises(InputError, match=r"dit_noise\[0\]: expected shape"):
         model.token2wav(np.array([1, 2, 3]), "Chelsie", noise=np.zeros((5, 20), np.float32))
     assert model.token2wav(np.zeros((0,), np.int32)).shape == (0,)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "hd32_kv1"])
+def test_talker_logits_match_transformers(variant, hf_models, jax_model):
+    """The talker forward itself (projection, decoder with 3-D positions, codec head) vs transformers."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omni_jax import talker as tk
+
+    _, tm = hf_models(variant)
+    model = jax_model(variant)
+    cfg = model.config.talker
+    rs = np.random.RandomState(5)
+    t = 11
+    embeds = rs.randn(1, t, cfg.embedding_size).astype(np.float32)
+    base = np.arange(t)
+    pos = np.stack([base, base // 2 + 3, (base * 5) % 7])[:, None, :]
+    with torch.no_grad():
+        ref = tm.talker(inputs_embeds=torch.tensor(embeds), position_ids=torch.tensor(pos)).logits.numpy()
+    talker = nnx.merge(*model.talker)
+    got, _ = tk.logits(talker, cfg, jnp.asarray(embeds), jnp.asarray(pos))
+    assert rel_err(np.asarray(got), ref) <= 1e-4
