@@ -1,0 +1,69 @@
+"""Streaming speech latency: time to first text, time to first audio, real-time factor.
+
+    python -m bench.streaming [--model DIR] [--json out.json]
+
+Runs ``model.stream(..., return_audio=True)`` once to compile, then measures a second run (the
+embedded default model when no ``--model``). RTF = wall time of the stream / seconds of audio it
+produced; "ahead of playback" checks that every audio chunk arrived before the audio already
+delivered would have finished playing (playback starting at the first chunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def run(model_dir=None, max_new_tokens=64, talker_max_new_tokens=250) -> dict:
+    import jax
+
+    import omni_jax
+
+    path = model_dir or omni_jax.default_model_path()
+    model = omni_jax.load(path, dtype="float32" if model_dir is None else "bfloat16")
+    conv = [{"role": "user", "content": "Tell me a short story about the sea."}]
+    kw = dict(max_new_tokens=max_new_tokens, return_audio=True, talker_max_new_tokens=talker_max_new_tokens,
+              talker_min_new_tokens=talker_max_new_tokens // 2, eos_token_id=[])
+    t0 = time.perf_counter()
+    list(model.stream(messages=conv, **kw))
+    compile_s = time.perf_counter() - t0
+    events = list(model.stream(messages=conv, **kw))
+    text = [e for e in events if e.kind == "text"]
+    audio = [e for e in events if e.kind == "audio"]
+    total = events[-1].t
+    secs = sum(len(e.audio) for e in audio) / 24000
+    # ahead of playback: chunk i must arrive before the audio before it has played out
+    start, played, ahead = audio[0].t if audio else 0.0, 0.0, True
+    for e in audio:
+        if e.t > start + played + 1e-3:
+            ahead = False
+        played += len(e.audio) / 24000
+    return dict(model=path, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+                date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()} CPU cores", precision="float32",
+                first_compile_run_s=round(compile_s, 2), time_to_first_text_s=round(text[0].t, 3),
+                time_to_first_audio_s=round(audio[0].t, 3) if audio else None, total_s=round(total, 3),
+                audio_s=round(secs, 3), rtf=round(total / secs, 3) if secs else None,
+                audio_chunks=len(audio), ahead_of_playback=ahead,
+                text_tokens=sum(len(e.token_ids) for e in text))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.streaming")
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--talker-max-new-tokens", type=int, default=250)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    res = run(a.model, a.max_new_tokens, a.talker_max_new_tokens)
+    print(json.dumps(res, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
