@@ -19,7 +19,7 @@ from .attention import default_impl
 from .config import OmniConfig, load_config
 from .errors import CheckpointError, InputError
 from .generate import DecodeState, decode_loop, initial_state, make_sampling
-from .processor import TextProcessor, TextStreamer, is_batch_of_conversations
+from .processor import TextProcessor, TextStreamer, is_batch_of_conversations, left_pad
 from .sharding import constrain, to_host, use_mesh
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", None)  # KV cache: sharded over batch and heads
@@ -87,6 +87,7 @@ class TalkerRun:
     max_new: int
     thinker_eos: np.ndarray
     extra: np.ndarray
+    rest: tuple = (0, None)  # (thinker tokens, reply parts built from them)
     taken: int = 0  # codes handed out so far (streaming)
 
     @property
@@ -228,9 +229,6 @@ class OmniModel:
         self.attention = attention
         self.generation_config = generation_config
         self.path = path
-        # layer-scan unrolling for the decode step: measured on an H100 (3B, bf16) a full unroll was
-        # no faster than the rolled scan (11.4 vs 8.8 ms/token at batch 1) and compiles 2x slower
-        self._decode_unroll = 1
         self._graphdef = graphdef
         self.params = params  # the thinker LM's nnx.State
         self.audio = audio  # AudioEncoder (nnx module) or None when the checkpoint has none
@@ -261,7 +259,7 @@ class OmniModel:
         def step_fn(model, s: DecodeState):
             emb = th.embed(model, s.last[:, None])
             h, cache = th.hidden_states(model, tcfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
-                                        kv_valid=s.kv_valid, impl=impl, unroll=self._decode_unroll)
+                                        kv_valid=s.kv_valid, impl=impl)
             return th.lm_logits(model, h[:, 0]), cache, h[:, 0]
 
         def prefill_fn(params, ids, mask, pos, mm_embeds, mm_idx, sp, rng, max_new, eos, pad, n_bucket, do_sample,
@@ -372,7 +370,7 @@ class OmniModel:
             return None
         eos = np.asarray(gen.eos if gen.eos else [-1], np.int32)
         extra = np.asarray([speaker_bos, cfg.tts_text_end_token_id, cfg.tts_text_pad_token_id], np.int32)
-        bos_e, first, _ = self._reply_jit(self.params, st.tokens, st.hidden, st.n, eos, extra)
+        bos_e, first, rest = self._reply_jit(self.params, st.tokens, st.hidden, st.n, eos, extra)
         ti = gen.talker_inputs
         e = ti["prompt_hidden"].shape[-1]
         embeds = jnp.concatenate([ti["prompt_hidden"] + ti["prompt_embeds"], jnp.broadcast_to(bos_e, (b, 1, e)),
@@ -403,7 +401,7 @@ class OmniModel:
         rng = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seed) + 1), i))(jnp.arange(b))
         run = TalkerRun(state=None, sp=sp, eos=teos, eos_arr=np.asarray(teos if teos else [-1], np.int32),
                         pad=np.int32(cfg.tts_codec_pad_token_id), do_sample=bool(talker_do_sample),
-                        max_new=int(talker_max_new_tokens), thinker_eos=eos, extra=extra)
+                        max_new=int(talker_max_new_tokens), thinker_eos=eos, extra=extra, rest=(n, rest))
         with use_mesh(self.mesh):
             run.state = self._talker_prefill_jit(self.talker[1], embeds, mask, pos, seen, sp, rng,
                                                  np.int32(talker_max_new_tokens), run.eos_arr, run.pad,
@@ -420,7 +418,10 @@ class OmniModel:
         todo = run.max_new if final is None else final - (int(run.state.n) - 1)
         if todo <= 0:
             return
-        _, _, rest = self._reply_jit(self.params, st.tokens, st.hidden, st.n, run.thinker_eos, run.extra)
+        n = int(st.n)
+        if run.rest[0] != n:  # the thinker moved on since the reply parts were built
+            run.rest = (n, self._reply_jit(self.params, st.tokens, st.hidden, st.n, run.thinker_eos, run.extra)[2])
+        rest = run.rest[1]
         with use_mesh(self.mesh):
             run.state = self._talker_decode_jit(self.talker[1], run.state, rest, np.int32(todo), run.sp,
                                                 run.eos_arr, run.pad, run.do_sample)
@@ -431,9 +432,7 @@ class OmniModel:
             return x
         from jax.sharding import NamedSharding
 
-        from .sharding import logical_to_spec
-
-        from .sharding import put
+        from .sharding import logical_to_spec, put
 
         names = [None] * np.ndim(x)
         names[axis] = "batch"
@@ -639,13 +638,7 @@ class OmniModel:
                              f"max_position_embeddings ({limit})")
         b, t = ids.shape
         # left-align every row (any padding pattern in, left padding inside), then bucket
-        tb = bucket(t)
-        ids_l = np.zeros((b, tb), np.int32)
-        mask_l = np.zeros((b, tb), np.int32)
-        for i in range(b):
-            v = ids[i][mask[i] == 1]
-            ids_l[i, tb - len(v):] = v
-            mask_l[i, tb - len(v):] = 1
+        ids_l, mask_l = left_pad([ids[i][mask[i] == 1] for i in range(b)], bucket(t))
         mm_embeds, mm_idx, pos = self._multimodal(ids_l, mask_l, kwargs)
         collect_hidden = bool(kwargs.get("return_audio"))
         eos = eos_token_id if eos_token_id is not None else self.generation_config["eos_token_id"]

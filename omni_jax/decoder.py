@@ -54,7 +54,7 @@ def init_cache(shape: DecoderShape, batch: int, slots: int, dtype) -> dict:
 
 
 def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache=None, start=0,
-               kv_valid=None, impl="xla", remat=False, unroll=1):
+               kv_valid=None, impl="xla", remat=False):
     """Run the decoder layers.
 
     ``h [B, T, E]``; ``cos/sin [B, T, head_dim]``. Without a cache: causal self-attention over
@@ -89,6 +89,5 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
     kc = vc = None
     if cache is not None:
         kc, vc = cache["k"], cache["v"]
-    (h, kc, vc), _ = scan_layers(layers, body, (h, kc, vc), jnp.arange(shape.num_layers), remat=remat,
-                                  unroll=unroll)
+    (h, kc, vc), _ = scan_layers(layers, body, (h, kc, vc), jnp.arange(shape.num_layers), remat=remat)
     return h, (None if cache is None else {"k": kc, "v": vc})

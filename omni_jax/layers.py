@@ -88,7 +88,7 @@ class SwiGLU(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def scan_layers(stacked: nnx.Module, body, carry, xs=None, *, remat: bool = False, unroll: int | bool = 1):
+def scan_layers(stacked: nnx.Module, body, carry, xs=None, *, remat: bool = False):
     """Run ``body(layer, carry, x) -> (carry, y)`` over a module whose parameters are stacked
     on a leading layer axis, with one ``lax.scan`` (one compiled layer, not L copies)."""
     graphdef, state = nnx.split(stacked)
@@ -100,4 +100,4 @@ def scan_layers(stacked: nnx.Module, body, carry, xs=None, *, remat: bool = Fals
 
     if remat:
         step = jax.checkpoint(step)
-    return jax.lax.scan(step, carry, (state, xs), unroll=unroll)
+    return jax.lax.scan(step, carry, (state, xs))

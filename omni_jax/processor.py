@@ -126,6 +126,21 @@ def validate_messages(messages) -> None:
                 raise InputError(f"messages[{i}].content[{j}]: a text part needs a string 'text'")
 
 
+def left_pad(rows, width: int | None = None):
+    """Token-id rows -> ``(ids, attention_mask)`` int32 ``[B, width]``, each row right-aligned
+    (left padding with id 0), ``width`` defaulting to the longest row."""
+    import numpy as np
+
+    width = max(len(r) for r in rows) if width is None else width
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 def is_batch_of_conversations(messages) -> bool:
     return isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
 
@@ -242,12 +257,6 @@ def process_conversations(text_proc: TextProcessor, convs: list, *, directory: s
         video_grids=[tuple(g) for g in out.get("video_grid_thw", [])],
         video_seconds=list(out.get("video_second_per_grid", [])), use_audio_in_video=use_audio_in_video,
         video_audio_lengths=video_audio_lengths if use_audio_in_video else None, **kw)
-    rows = [text_proc.encode(t) for t in expanded]
-    t = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), t), np.int32)
-    mask = np.zeros((len(rows), t), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
+    ids, mask = left_pad([text_proc.encode(t) for t in expanded])
     out.update(input_ids=ids, attention_mask=mask)
     return out

@@ -44,11 +44,11 @@ def embed(model: ThinkerLM, input_ids):
 
 
 def hidden_states(model: ThinkerLM, cfg: TextConfig, embeds, position_ids, *, cache=None, start=0,
-                  kv_valid=None, impl="xla", remat=False, unroll=1):
+                  kv_valid=None, impl="xla", remat=False):
     """Last-layer hidden states after the final norm ``[B, T, E]`` and the updated cache."""
     cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     h, cache = run_layers(model.layers, decoder_shape(cfg), embeds, cos, sin, cache=cache, start=start,
-                          kv_valid=kv_valid, impl=impl, remat=remat, unroll=unroll)
+                          kv_valid=kv_valid, impl=impl, remat=remat)
     return model.norm(h), cache
 
 
@@ -59,11 +59,3 @@ def lm_logits(model: ThinkerLM, h):
         return jnp.einsum("...e,ev->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
     w = model.embed_tokens.embedding[...]
     return jnp.einsum("...e,ve->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
-
-
-def text_position_ids(attention_mask):
-    """transformers' text positions: ``cumsum(mask) - 1`` (1 at padding), as 3 equal streams."""
-    m = attention_mask.astype(jnp.int32)
-    pos = jnp.cumsum(m, axis=-1) - 1
-    pos = jnp.where(m == 0, 1, pos)
-    return jnp.broadcast_to(pos[None], (3, *pos.shape))
