@@ -124,7 +124,8 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
 
     ``dtype``: thinker/talker parameters and activations (``"bfloat16"`` or ``"float32"``).
     ``mesh``: a ``jax.sharding.Mesh`` over axes among data/fsdp/tensor, or None (one device).
-    ``attention``: ``"xla"``, ``"pallas"`` or None (pallas on TPU/GPU, xla on CPU).
+    ``attention``: ``"xla"``, ``"pallas"`` or None (XLA, or ``$OMNI_JAX_ATTENTION``: the Pallas kernels
+    are opt-in until their current version has run on a GPU/TPU; see omni_jax.attention.default_impl).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -708,10 +709,8 @@ class OmniModel:
 
         if self.token2wav_params is None:
             raise InputError(f"{self.path} has no token2wav weights (token2wav.*), so it cannot make audio")
-        if speaker not in self.voices:
-            raise InputError(f"speaker '{speaker}' is not available; voices: {', '.join(sorted(self.voices))}")
+        voice = self._voice(speaker)
         dcfg, vcfg = self.config.token2wav.dit, self.config.token2wav.bigvgan
-        voice = self.voices[speaker]
         rows = []
         for r, c in enumerate(codes_list):
             c = np.asarray(c)
@@ -760,8 +759,12 @@ class OmniModel:
                                  f"exceeds the DiT's max_position_embeddings ({d.max_position_embeddings})")
         if not self.voices:
             raise InputError(f"return_audio: {self.path} has no spk_dict.pt, so there is no voice to speak with")
+        self._voice(speaker)
+
+    def _voice(self, speaker: str):
         if speaker not in self.voices:
             raise InputError(f"speaker '{speaker}' is not available; voices: {', '.join(sorted(self.voices))}")
+        return self.voices[speaker]
 
     def _decode_reply(self, row, eos) -> str:
         if self.processor is None:
