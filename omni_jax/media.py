@@ -28,10 +28,13 @@ What the numbers follow (each checked in ``tests/test_media.py``):
   symmetric from both ends, round half to even). Every frame of a video is resized to one
   size: ``smart_resize`` with ``min_pixels = 128 * 28 * 28`` and a per-frame budget
   ``max(min(768 * 28 * 28, total_pixels / nframes * 2), int(1.05 * min_pixels))`` where
-  ``total_pixels = 128000 * 28 * 28 * 0.9``. qwen-omni-utils resizes with torchvision's
-  antialiased bicubic, which on CPU is torch's fixed-point port of Pillow's resampler; we
-  run Pillow's two passes in torch's order (the tests measure at most 2 uint8 levels of
-  difference, on under 1 % of the pixels). Frames are padded to a multiple
+  ``total_pixels = 128000 * 28 * 28 * 0.9``. qwen-omni-utils and transformers' Qwen2-VL
+  video processor resize with torchvision's antialiased bicubic on uint8 tensors, which on
+  CPU is torch's fixed-point port of Pillow's resampler (int16 weights, horizontal pass
+  first, uint8 in between); :func:`resize_frames` is an exact numpy port of that kernel, and
+  :func:`normalize_video` is the video processor's fused ``(x - mean / r) / (std / r)``
+  float32 arithmetic: video pixel values are bit-identical to transformers'.
+  Frames are padded to a multiple
   of ``temporal_patch_size`` by repeating the last one, and ``video_second_per_grid`` is
   ``temporal_patch_size / fps`` with the *processor's* ``fps`` argument, 2.0 when not
   given, as in the official pipeline (which never passes it).
@@ -41,7 +44,7 @@ What the numbers follow (each checked in ``tests/test_media.py``):
   ``Qwen2_5OmniProcessor`` does, including the 2 s chunk interleaving of video and audio
   tokens for ``use_audio_in_video``.
 
-Dependencies: numpy, librosa (audio files and resampling), Pillow (images, frame resize),
+Dependencies: numpy, librosa (audio files and resampling), Pillow (images),
 PyAV (``av``; video files and audio tracks). Pillow and PyAV are imported only when needed.
 """
 
@@ -759,28 +762,105 @@ def video_frame_size(height: int, width: int, num_frames: int, cfg: VisionProces
     return smart_resize(h, w, cfg.factor, cfg.video_min_pixels, cfg.video_max_pixels, name=name)
 
 
-def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic, antialiased resize of uint8 ``[T, H, W, 3]`` frames, as torchvision does it.
+def _aa_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """torch's uint8 antialiased bicubic weights for one axis: ``(idx, k, precision)``.
 
-    qwen-omni-utils resizes with torchvision (``BICUBIC, antialias=True``), which on CPU runs
-    torch's native uint8 kernel: a fixed-point port of Pillow's resampler that always runs
-    the horizontal pass first, rounding to uint8 in between (Pillow itself sometimes runs
-    the vertical pass first). We run Pillow's two passes in torch's order: the result is
-    within 2 levels of torch's on under 1 % of the pixels (measured in the tests)."""
-    t, h, w, _ = frames.shape
+    A numpy port of ``HelperInterpBase::_compute_index_ranges_int16_weights`` (aten's
+    ``UpSampleKernel.cpp``, ``antialias=True``, ``align_corners=False``, no explicit scale):
+    Pillow's support window (``scale = in / out``, support ``2 * scale`` when shrinking, else
+    2; Keys cubic with ``a = -0.5``), weights in float64 normalised by their sequential sum,
+    then int16 fixed point with the precision the largest weight allows (< 2**15 after one more
+    bit), rounded half away from zero. ``idx``/``k`` are ``[out, taps]`` (taps with a zero
+    weight dropped: they add nothing to the exact integer sum); output ``o`` is
+    ``(2**(precision-1) + sum_j x[idx[o, j]] * k[o, j]) >> precision`` clamped to [0, 255].
+    """
+    scale = in_size / out_size
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    taps = int(math.ceil(support)) * 2 + 1
+    center = scale * (np.arange(out_size) + 0.5)
+    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C++ casts truncate toward zero
+    xsize = np.clip(np.minimum((center + support + 0.5).astype(np.int64), in_size) - xmin, 0, taps)
+    j = np.arange(taps)
+    live = j[None, :] < xsize[:, None]
+    x = np.abs(((j[None, :] + xmin[:, None]).astype(np.float64) - center[:, None] + 0.5) * invscale)
+    a = -0.5  # Pillow's (and torch's antialiased) bicubic constant
+    w = np.where(x < 1.0, ((a + 2) * x - (a + 3)) * x * x + 1,
+                 np.where(x < 2.0, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+    w = np.where(live, w, 0.0)
+    total = np.zeros(out_size)
+    for t in range(taps):  # the reference's left-to-right sum (numpy's pairwise sum can differ)
+        total = total + w[:, t]
+    norm = (total != 0.0)[:, None] & live
+    w = np.where(norm, w / np.where(total != 0.0, total, 1.0)[:, None], w)
+    wt_max = float(np.max(np.where(norm, w, 0.0), initial=0.0))
+    precision = 0
+    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    v = w * float(1 << precision)
+    k = np.where(live, np.where(v < 0, np.trunc(v - 0.5), np.trunc(v + 0.5)), 0.0).astype(np.int32)
+    idx = np.minimum(xmin[:, None] + j[None, :], in_size - 1)
+    # drop zero taps (bicubic's outer taps often are): move the nonzero ones to the front
+    order = np.argsort(k == 0, axis=1, kind="stable")
+    k = np.take_along_axis(k, order, axis=1)
+    idx = np.take_along_axis(idx, order, axis=1)
+    used = max(int((k != 0).sum(axis=1).max(initial=0)), 1)
+    return np.ascontiguousarray(idx[:, :used]), np.ascontiguousarray(k[:, :used]), precision
+
+
+def _aa_resample_axis(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    """One separable pass of torch's uint8 antialiased bicubic along ``axis`` of a uint8 array."""
+    idx, k, precision = _aa_bicubic_taps(x.shape[axis], out_size)
+    if precision < 1:
+        raise InputError(f"resize: cannot resample {x.shape[axis]} pixels to {out_size}")
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    out_shape = x.shape[:axis] + (out_size,) + x.shape[axis + 1:]
+    acc = np.full(out_shape, 1 << (precision - 1), np.int32)  # the +0.5 of the rounding
+    tmp = np.empty(out_shape, np.int32)
+    for t in range(idx.shape[1]):
+        np.multiply(np.take(x, idx[:, t], axis=axis), k[:, t].reshape(shape), out=tmp)
+        acc += tmp  # exact: |sum| < 255 * 2**16 * taps, far inside int32
+    acc >>= precision  # arithmetic shift: floor, as the reference's
+    np.clip(acc, 0, 255, out=acc)
+    return acc.astype(np.uint8)
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic, antialiased resize of uint8 ``[T, H, W, C]`` frames, bit-identical to torch's.
+
+    This is what transformers' Qwen2-VL video processor (and qwen-omni-utils) run:
+    torchvision's ``resize(BICUBIC, antialias=True)`` on a uint8 CPU tensor calls torch's
+    native uint8 kernel (``_upsample_bicubic2d_aa``; the AVX2 kernel and the generic one give
+    the same numbers), a fixed-point port of Pillow's resampler: the horizontal pass first,
+    rounded to uint8, then the vertical pass, each with int16 weights of a per-axis precision
+    (see :func:`_aa_bicubic_taps`). An unchanged size returns the frames as they are, as
+    torchvision does. Pure numpy, processed a few frames at a time."""
+    t, h, w, c = frames.shape
     if (h, w) == (height, width):
         return frames
-    from PIL import Image
-
-    out = np.empty((t, height, width, frames.shape[-1]), np.uint8)
-    for i in range(t):
-        im = Image.fromarray(frames[i])
+    if min(height, width) < 1:
+        raise InputError(f"resize: invalid target size {height}x{width}")
+    out = np.empty((t, height, width, c), np.uint8)
+    per = max(1, (1 << 22) // (max(h, height) * max(w, width) * c))  # ~16 MB of int32 per pass
+    for s in range(0, t, per):
+        x = frames[s:s + per]
         if w != width:
-            im = im.resize((width, h), resample=Image.Resampling.BICUBIC)
+            x = _aa_resample_axis(x, 2, width)
         if h != height:
-            im = im.resize((width, height), resample=Image.Resampling.BICUBIC)
-        out[i] = np.asarray(im, dtype=np.uint8)
+            x = _aa_resample_axis(x, 1, height)
+        out[s:s + per] = x
     return out
+
+
+def normalize_video(frames: np.ndarray, cfg: VisionProcessConfig) -> np.ndarray:
+    """uint8 ``[..., C]`` -> float32 with the video processor's fused arithmetic: transformers'
+    torchvision backend folds the rescale into the statistics, ``(x - mean / r) / (std / r)``
+    in float32 with ``mean / r`` and ``std / r`` rounded to float32 (``r = rescale_factor``)."""
+    inv = np.float32(1.0 / cfg.rescale_factor)
+    mean = np.asarray(cfg.image_mean, np.float32) * inv
+    std = np.asarray(cfg.image_std, np.float32) * inv
+    return (frames.astype(np.float32) - mean) / std
 
 
 def video_inputs(videos: Sequence[Video], cfg: VisionProcessConfig | None = None,
@@ -795,7 +875,7 @@ def video_inputs(videos: Sequence[Video], cfg: VisionProcessConfig | None = None
     for v in videos:
         t, h0, w0, _ = v.frames.shape
         h, w = video_frame_size(h0, w0, t, cfg, name=v.name)
-        x = normalize(resize_frames(v.frames, h, w), cfg)
+        x = normalize_video(resize_frames(v.frames, h, w), cfg)
         pv, grid = patchify(x, cfg)
         pixels.append(pv)
         grids.append(grid)
