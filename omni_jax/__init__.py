@@ -10,11 +10,12 @@ from .api import GenerateOutput, Generation, OmniModel, StreamEvent, load
 from .config import OmniConfig, load_config, preset
 from .errors import CheckpointError, InputError, OmniError
 from .sharding import make_mesh
+from .training import train_loss
 
 __version__ = "0.1.0"
 
 __all__ = ["load", "OmniModel", "Generation", "GenerateOutput", "StreamEvent", "OmniConfig", "load_config", "preset",
-           "OmniError", "CheckpointError", "InputError", "make_mesh", "default_model_path"]
+           "OmniError", "CheckpointError", "InputError", "make_mesh", "train_loss", "default_model_path"]
 
 
 def default_model_path() -> str:

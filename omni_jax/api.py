@@ -864,6 +864,36 @@ class OmniModel:
             codec_ids = run.codes()[0] if run is not None else np.zeros((0,), np.int32)
         yield StreamEvent("done", token_ids=all_ids, codec_ids=codec_ids, t=time.perf_counter() - t0)
 
+    # ---------------------------------------------------------------------------------
+    def loss(self, input_ids, labels, attention_mask=None, **processor_outputs) -> float:
+        """The thinker's mean token cross-entropy on ``labels`` (transformers' convention: unshifted,
+        -100 ignored), with the model's weights: the value :func:`omni_jax.train_loss` gives."""
+        from . import training
+
+        unknown = set(processor_outputs) - set(MULTIMODAL_ARGS) - {"use_audio_in_video"}
+        if unknown:
+            raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
+        ids, mask = self._ids_and_mask(input_ids, attention_mask)
+        lab = np.asarray(labels)
+        if lab.ndim == 1:
+            lab = lab[None]
+        if lab.shape != ids.shape or lab.dtype.kind not in "iu":
+            raise InputError(f"labels: expected an int array shaped like input_ids {list(ids.shape)}, got "
+                             f"{list(lab.shape)} ({lab.dtype})")
+        v = self.config.thinker.text.vocab_size
+        bad = (lab != training.IGNORE) & ((lab < 0) | (lab >= v))
+        if bad.any():
+            raise InputError(f"labels: values must be -100 or token ids in [0, {v})")
+        if training.count_targets(lab) == 0:
+            raise InputError("labels: no target token (every label after the first position is -100)")
+        batch = training.make_batch(self.config, ids, mask, lab, processor_outputs)
+        params = {k: p for k, p in training.model_params(self).items() if k != "talker"}
+        if not hasattr(self, "_loss_jit"):
+            cfg, impl = self.config, self.attention
+            self._loss_jit = jax.jit(lambda p, b: training.train_loss(p, b, cfg, impl=impl)[0])
+        with use_mesh(self.mesh):
+            return float(self._loss_jit(params, batch))
+
 
 def _noise_key(seed: int, row: int):
     """The DiT noise key of batch row ``row``: streamed and whole decodes share it (frame_noise)."""

@@ -52,14 +52,21 @@ def decoder_shape(cfg: TalkerConfig) -> DecoderShape:
     return DecoderShape(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
 
 
-def logits(model: Talker, cfg: TalkerConfig, embeds, position_ids, *, cache=None, start=0, kv_valid=None,
-           impl="xla"):
-    """Codec logits (float32) for thinker-space input embeddings ``[B, T, E_thinker]``."""
+def hidden_states(model: Talker, cfg: TalkerConfig, embeds, position_ids, *, cache=None, start=0, kv_valid=None,
+                  impl="xla", remat=False):
+    """Post-norm hidden states ``[B, T, H]`` for thinker-space input embeddings ``[B, T, E_thinker]``."""
     x = model.thinker_to_talker_proj(embeds)
     cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     h, cache = run_layers(model.layers, decoder_shape(cfg), x, cos, sin, cache=cache, start=start,
-                          kv_valid=kv_valid, impl=impl)
-    h = model.norm(h)
+                          kv_valid=kv_valid, impl=impl, remat=remat)
+    return model.norm(h), cache
+
+
+def logits(model: Talker, cfg: TalkerConfig, embeds, position_ids, *, cache=None, start=0, kv_valid=None,
+           impl="xla"):
+    """Codec logits (float32) for thinker-space input embeddings ``[B, T, E_thinker]``."""
+    h, cache = hidden_states(model, cfg, embeds, position_ids, cache=cache, start=start, kv_valid=kv_valid,
+                             impl=impl)
     w = model.codec_head.kernel[...]
     return jnp.einsum("...h,hv->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32), cache
 
