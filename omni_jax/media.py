@@ -14,13 +14,19 @@ What the numbers follow (each checked in ``tests/test_media.py``):
   gives all-zero frames (exactly ``log10(1e-10) = -10`` before the floor), so a 5 s clip
   does not cost a 300 s STFT. Audio longer than ``chunk_length`` seconds raises
   :class:`InputError` (the reference truncates it silently).
-* Images follow the Qwen2-VL image processor (transformers' PIL backend, which is also the
-  slow processor of transformers 4): RGB (transparency composited on white),
-  ``smart_resize`` to multiples of ``patch_size * merge_size`` within
-  ``[min_pixels, max_pixels]``, PIL bicubic resize of the uint8 image, ``x * (1/255)`` in
-  float64 cast to float32, ``(x - mean) / std`` in float32, and the patch layout
+* Images follow the Qwen2-VL image processor that ``Qwen2_5OmniProcessor`` and
+  ``AutoImageProcessor`` instantiate in transformers 5 when torchvision is installed: the
+  torchvision backend ``Qwen2VLImageProcessor`` (``Qwen2VLImageProcessorFast`` before the
+  ``Fast`` suffix was dropped; without torchvision transformers falls back to
+  ``Qwen2VLImageProcessorPil``, whose PIL resize differs by up to ~1e-2 relative). RGB
+  (transparency composited on white: PIL's ``alpha_composite`` for PIL images, torchvision's
+  float32 blend for RGBA arrays), ``smart_resize`` to multiples of ``patch_size * merge_size``
+  within ``[min_pixels, max_pixels]``, then the video path's arithmetic: torch's uint8
+  antialiased bicubic (:func:`resize_frames`) and the fused float32 normalisation
+  (:func:`normalize_video`). The patch layout is
   ``[grid_t * grid_h * grid_w, C * temporal_patch_size * patch * patch]`` ordered by
-  (t, h-block, w-block, merge row, merge col). An image is its own temporal pair.
+  (t, h-block, w-block, merge row, merge col); an image is its own temporal pair. Image pixel
+  values are bit-identical to transformers'.
 * Video frame sampling follows qwen-omni-utils (the reference pipeline of Qwen2.5-Omni):
   ``fps`` 2.0, ``nframes = total / video_fps * fps`` clamped to ``[4, min(768, total)]``
   (both bounds rounded to even) and floored to even; the indices are
@@ -32,7 +38,7 @@ What the numbers follow (each checked in ``tests/test_media.py``):
   video processor resize with torchvision's antialiased bicubic on uint8 tensors, which on
   CPU is torch's fixed-point port of Pillow's resampler (int16 weights, horizontal pass
   first, uint8 in between); :func:`resize_frames` is an exact numpy port of that kernel, and
-  :func:`normalize_video` is the video processor's fused ``(x - mean / r) / (std / r)``
+  :func:`normalize_video` is the torchvision backend's fused ``(x - mean / r) / (std / r)``
   float32 arithmetic: video pixel values are bit-identical to transformers'.
   Frames are padded to a multiple
   of ``temporal_patch_size`` by repeating the last one, and ``video_second_per_grid`` is
@@ -44,7 +50,7 @@ What the numbers follow (each checked in ``tests/test_media.py``):
   ``Qwen2_5OmniProcessor`` does, including the 2 s chunk interleaving of video and audio
   tokens for ``use_audio_in_video``.
 
-Dependencies: numpy, librosa (audio files and resampling), Pillow (images),
+Dependencies: numpy, librosa (audio files and resampling), Pillow (decoding image files),
 PyAV (``av``; video files and audio tracks). Pillow and PyAV are imported only when needed.
 """
 
@@ -416,9 +422,13 @@ def _rgb_from_array(a: np.ndarray, what: str) -> np.ndarray:
         raise InputError(f"{what}: expected an array of shape (H, W, 3), got {a.shape}")
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
-    elif a.shape[-1] == 4:  # composite onto white, as transformers' convert_to_rgb
-        alpha = a[..., 3:4] / 255
-        a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    elif a.shape[-1] == 4:  # composite onto white, as transformers' torchvision backend
+        # to_dtype(float32, scale=True), rgb * a + (1 - a), to_dtype(uint8, scale=True): all in
+        # float32, and the last step truncates x * (255 + 1 - 1e-3) (torchvision's rounding trick)
+        x = a.astype(np.float32) * np.float32(1.0 / 255)
+        alpha = x[..., 3:4]
+        x = x[..., :3] * alpha + (np.float32(1.0) - alpha)
+        a = (x * np.float32(255.0 + 1.0 - 1e-3)).astype(np.uint8)
     return np.ascontiguousarray(a)
 
 
@@ -443,7 +453,8 @@ MIN_IMAGE_SIDE = 14  # one patch; smaller images carry less than a patch of deta
 def load_image(src) -> np.ndarray:
     """RGB uint8 ``[H, W, 3]`` from a path, a PIL image or an ``[H, W, 3|4|1]`` uint8 array.
 
-    Transparency is composited onto white (as transformers does). Unreadable files, and
+    Transparency is composited onto white, as transformers' torchvision backend does (PIL's
+    ``alpha_composite`` for files and PIL images, a float32 blend for arrays). Unreadable files, and
     images with a side below :data:`MIN_IMAGE_SIDE` pixels or an aspect ratio above 200,
     raise :class:`InputError` naming the file.
     """
@@ -477,24 +488,6 @@ def _check_image_size(h: int, w: int, what: str) -> None:
         raise InputError(f"{what}: aspect ratio {max(h, w) / min(h, w):.1f} ({h}x{w}) is above the limit of 200")
 
 
-def resize_rgb(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """PIL bicubic resize of a uint8 ``[H, W, 3]`` image (a copy when the size is unchanged)."""
-    from PIL import Image
-
-    if img.shape[0] == height and img.shape[1] == width:
-        return img.copy()
-    out = Image.fromarray(img).resize((width, height), resample=Image.Resampling.BICUBIC)
-    return np.asarray(out, dtype=np.uint8)
-
-
-def normalize(frames: np.ndarray, cfg: VisionProcessConfig) -> np.ndarray:
-    """uint8 ``[..., H, W, C]`` -> float32 ``(x * rescale - mean) / std`` (transformers' arithmetic)."""
-    x = (frames.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, np.float32)
-    std = np.asarray(cfg.image_std, np.float32)
-    return (x - mean) / std
-
-
 def patchify(frames: np.ndarray, cfg: VisionProcessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Normalised float32 ``[T, H, W, C]`` -> (``[T' * gh * gw, C * tp * p * p]``, (T', gh, gw)).
 
@@ -518,15 +511,17 @@ def patchify(frames: np.ndarray, cfg: VisionProcessConfig) -> tuple[np.ndarray, 
 
 def image_inputs(images: Sequence, cfg: VisionProcessConfig | None = None) -> dict[str, np.ndarray]:
     """``pixel_values`` [N, C * tp * p * p] float32 and ``image_grid_thw`` [B, 3] int64 for images
-    (anything :func:`load_image` accepts, or its result)."""
+    (anything :func:`load_image` accepts, or its result), bit-identical to transformers' default
+    (torchvision backend) ``Qwen2VLImageProcessor``: ``smart_resize``, torch's uint8 antialiased
+    bicubic (:func:`resize_frames`), the fused float32 normalisation (:func:`normalize_video`)."""
     cfg = cfg or VisionProcessConfig()
     pixels, grids = [], []
     for i, src in enumerate(images):
         rgb = load_image(src)
         h, w = smart_resize(rgb.shape[0], rgb.shape[1], cfg.factor, cfg.min_pixels, cfg.max_pixels,
                             name=_name(src, "image"))
-        x = normalize(resize_rgb(rgb, h, w), cfg)
-        pv, grid = patchify(np.broadcast_to(x[None], (cfg.temporal_patch_size, *x.shape)), cfg)
+        x = normalize_video(resize_frames(rgb[None], h, w), cfg)  # [1, h, w, C]
+        pv, grid = patchify(np.broadcast_to(x, (cfg.temporal_patch_size, *x.shape[1:])), cfg)
         pixels.append(pv)
         grids.append(grid)
     return {"pixel_values": np.concatenate(pixels, axis=0),
@@ -854,9 +849,10 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def normalize_video(frames: np.ndarray, cfg: VisionProcessConfig) -> np.ndarray:
-    """uint8 ``[..., C]`` -> float32 with the video processor's fused arithmetic: transformers'
-    torchvision backend folds the rescale into the statistics, ``(x - mean / r) / (std / r)``
-    in float32 with ``mean / r`` and ``std / r`` rounded to float32 (``r = rescale_factor``)."""
+    """uint8 ``[..., C]`` -> float32 with the fused arithmetic of transformers' torchvision
+    backend (its video processor and its default image processor; used for both here): the
+    rescale is folded into the statistics, ``(x - mean / r) / (std / r)`` in float32 with
+    ``mean / r`` and ``std / r`` rounded to float32 (``r = rescale_factor``)."""
     inv = np.float32(1.0 / cfg.rescale_factor)
     mean = np.asarray(cfg.image_mean, np.float32) * inv
     std = np.asarray(cfg.image_std, np.float32) * inv
