@@ -134,8 +134,9 @@ THINKER_LM_PREFIXES = {"lm_head": "thinker.", "": "thinker.model."}
 
 
 def iter_hf_tensors(state: nnx.State, prefixes: dict[str, str], stack_names=("layers",)):
-    """Yield ``(hf_key, numpy array)`` for every parameter of ``state`` (the export direction)."""
-    pure = nnx.to_pure_dict(state)
+    """Yield ``(hf_key, numpy array)`` for every parameter of ``state`` (an ``nnx.State`` or its pure
+    dict; the export direction)."""
+    pure = state if isinstance(state, dict) else nnx.to_pure_dict(state)
     for path, arr in flatten_dict(pure):
         a = np.asarray(arr)
         if stack_index(path, stack_names) is not None:

@@ -137,14 +137,88 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_serve(sub):
+    from .serve.scheduler import ServeLimits
+
+    d = ServeLimits()
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",
+                       description="Serve POST /v1/chat/completions (text and speech, streamed or not), "
+                                   "GET /v1/models, /health and /metrics. Binds 127.0.0.1 unless --host says "
+                                   "otherwise. Without --model, serves the embedded default model (noise).")
+    p.add_argument("--model", help="checkpoint directory; default: embedded model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("OMNI_JAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $OMNI_JAX_API_KEY; none: no key checked)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=1,tensor=8 (default: one device)")
+    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bfloat16; float32 for the "
+                                                  "embedded model)")
+    p.add_argument("--model-name", default=None, help="the id /v1/models reports (default: the directory name)")
+    p.add_argument("--allow-local-media", action="store_true",
+                   help="let requests name local files (file:// URLs or paths) as media; off by default")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests decoded together (slots)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for a slot; beyond: 429")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most new text tokens per request")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--max-audio-tokens", type=int, default=d.max_audio_tokens,
+                   help="most codec ids per spoken reply (50 per second)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="beyond: 413")
+    p.add_argument("--max-media-seconds", type=float, default=d.max_media_seconds,
+                   help="longest audio or video part; beyond: 413")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="largest image (or video frame) in pixels; beyond: 413")
+    p.add_argument("--steps-per-call", type=int, default=d.steps_per_call,
+                   help="thinker tokens per decode call: requests join and leave between calls")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from .errors import InputError
+    from .serve.scheduler import ServeLimits
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port: expected 1..65535, got {args.port}")
+    limits = ServeLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
+                         max_prompt_tokens=args.max_prompt_tokens, max_audio_tokens=args.max_audio_tokens,
+                         max_body_bytes=args.max_body_bytes, max_media_seconds=args.max_media_seconds,
+                         max_image_pixels=args.max_image_pixels, steps_per_call=args.steps_per_call)
+    limits.check()
+    _setup_jax()
+    import omni_jax
+    from .serve import serve
+
+    model_dir = args.model
+    embedded = model_dir is None
+    if embedded:
+        model_dir = omni_jax.default_model_path()
+        print("note: serving the embedded default model (tiny, random weights): its output is noise. "
+              "Pass --model DIR for a real checkpoint.", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    mesh = omni_jax.make_mesh(args.mesh) if args.mesh else None
+    model = omni_jax.load(model_dir, dtype=args.dtype or ("float32" if embedded else "bfloat16"), mesh=mesh)
+    name = args.model_name or ("omni-jax-default" if embedded else os.path.basename(os.path.normpath(model_dir)))
+    serve(model, host=args.host, port=args.port, api_key=args.api_key, model_name=name, limits=limits,
+          allow_local_media=args.allow_local_media, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-jax", description="Qwen2.5-Omni in JAX")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
     from convert.cli import add_subcommands
 
     add_subcommands(sub)  # convert, export
+    from train.cli import add_subcommand as add_train
+
+    add_train(sub)
     return parser
 
 

@@ -190,7 +190,8 @@ def _media_source(part: dict, key: str):
 
 
 def process_conversations(text_proc: TextProcessor, convs: list, *, directory: str | None,
-                          use_audio_in_video: bool = False, thinker_cfg=None) -> dict:
+                          use_audio_in_video: bool = False, thinker_cfg=None,
+                          add_generation_prompt: bool = True) -> dict:
     """Conversations with typed parts -> the processor outputs the thinker takes (numpy, left-padded):
     ``input_ids``, ``attention_mask`` and, when present, ``input_features`` +
     ``feature_attention_mask``, ``pixel_values`` + ``image_grid_thw``, ``pixel_values_videos`` +
@@ -223,7 +224,7 @@ def process_conversations(text_proc: TextProcessor, convs: list, *, directory: s
                 videos.append(v)
                 if use_audio_in_video:
                     audios.append(v.audio)  # the video's audio, in order of appearance
-        texts.append(text_proc.apply_chat_template(conv))
+        texts.append(text_proc.apply_chat_template(conv, add_generation_prompt=add_generation_prompt))
     out: dict = {}
     audio_lengths, video_audio_lengths = [], []
     if audios:
