@@ -20,7 +20,7 @@ from .config import OmniConfig, load_config
 from .errors import CheckpointError, InputError
 from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations, left_pad
-from .sharding import constrain, to_host, use_mesh
+from .sharding import MeshJit, constrain, to_host, use_mesh
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", None)  # KV cache: sharded over batch and heads
 
@@ -295,11 +295,15 @@ class OmniModel:
             return th.embed(nnx.merge(gdef, params), ids)
 
         self._embed_jit = jax.jit(embed_tokens_fn)
-        self._logits_jit = jax.jit(logits_fn, static_argnums=(6,))
+        mesh, bt, bt3 = self.mesh, ("batch", None), (None, "batch", None)
+        self._logits_jit = MeshJit(logits_fn, mesh, ["own", bt, bt, bt3, None, None, None], static_argnums=(6,),
+                                   out_axes=lambda path, nd: ("batch", None, "act_vocab")[:nd])
         if self.talker is not None:
             self._build_talker()
-        self._prefill_jit = jax.jit(prefill_fn, static_argnums=(11, 12, 13))
-        self._decode_jit = jax.jit(decode_fn, static_argnums=(6,), donate_argnums=(1,))
+        self._prefill_jit = MeshJit(prefill_fn, mesh, ["own", bt, bt, bt3, None, None, None, ("batch",), None, None,
+                                                       None, None, None, None], static_argnums=(11, 12, 13))
+        self._decode_jit = MeshJit(decode_fn, mesh, ["own", "io", None, None, None, None, None], static_argnums=(6,),
+                                   donate_argnums=(1,))
 
     def _build_talker(self):
         from . import talker as tk
@@ -342,8 +346,13 @@ class OmniModel:
                                          ex[2])
             return ex[0], first, rest
 
-        self._talker_prefill_jit = jax.jit(prefill_fn, static_argnums=(12, 13))
-        self._talker_decode_jit = jax.jit(decode_fn, static_argnums=(7,), donate_argnums=(1,))
+        mesh, bt = self.mesh, ("batch", None)
+        self._talker_prefill_jit = MeshJit(
+            prefill_fn, mesh, ["own", ("batch", None, "act_embed"), bt, (None, "batch", None), bt, None, ("batch",),
+                               None, None, None, None, None, None, None], static_argnums=(12, 13))
+        self._talker_decode_jit = MeshJit(
+            decode_fn, mesh, ["own", "io", ("batch", None, "act_embed"), None, None, None, None, None],
+            static_argnums=(7,), donate_argnums=(1,))
         self._reply_jit = jax.jit(reply_fn)
 
     def _talker_codes(self, gen: "Generation", **kw) -> list[np.ndarray]:

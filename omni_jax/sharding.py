@@ -161,3 +161,99 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
         raise InputError(f"mesh {full} needs {n} devices, only {len(devices)} available")
     arr = np.array(devices[:n]).reshape(tuple(full.values()))
     return Mesh(arr, MESH_AXES)
+
+
+# logical axes of the arrays that cross the jitted entry points, by pytree path (first match wins):
+# a DecodeState's fields, the talker inputs and the batch-shaped arguments
+IO_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"\.cache\['[kv]'\]$", ("layers", "batch", "cache_seq", "act_kv_heads", None)),
+    (r"\.(kv_valid|tokens|seen)$", ("batch", None)),
+    (r"\.(last|done|rng)$", ("batch",)),
+    (r"\.next_pos$", (None, "batch")),
+    (r"\.hidden$|prompt_hidden|prompt_embeds", ("batch", None, "act_embed")),
+]
+
+
+def io_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    for pat, axes in IO_AXES:
+        if re.search(pat, path) and len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
+class MeshJit:
+    """``jax.jit`` that declares its input and output shardings on a mesh.
+
+    ``arg_axes`` gives each positional argument's logical axes: ``"own"`` (keep the arrays'
+    own shardings: parameters placed at load), a tuple of names, ``"io"`` (a pytree whose leaves
+    are named by :data:`IO_AXES` from their paths) or None (replicated). Outputs are named by
+    :data:`IO_AXES` too, or by ``out_axes`` (a function of the output's path and ndim). The
+    shardings depend on the arguments' shapes (a dimension that does not divide its mesh axis is
+    replicated), so one ``jax.jit`` with explicit ``in_shardings``/``out_shardings`` is kept per
+    shape signature — the same programs plain jit would compile. Without a mesh it is plain jit.
+    """
+
+    def __init__(self, fn, mesh, arg_axes, *, static_argnums=(), donate_argnums=(), out_axes=None):
+        self.fn, self.mesh, self.arg_axes = fn, mesh, list(arg_axes)
+        self.static = tuple(static_argnums)
+        self.donate = tuple(donate_argnums)
+        self.out_axes = out_axes or io_axes
+        self._plain = jax.jit(fn, static_argnums=self.static, donate_argnums=self.donate)
+        self._jits: dict = {}
+
+    def _cache_size(self) -> int:
+        if self.mesh is None:
+            return self._plain._cache_size()
+        return sum(j._cache_size() for j, _ in self._jits.values())
+
+    def _named(self, axes_fn, tree):
+        mesh = self.mesh
+
+        def one(path, x):
+            names = axes_fn(jax.tree_util.keystr(path), np.ndim(x))
+            return NamedSharding(mesh, logical_to_spec(names, np.shape(x), mesh))
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    def __call__(self, *args):
+        if self.mesh is None:
+            return self._plain(*args)
+        dyn = [i for i in range(len(args)) if i not in self.static]
+        key = (tuple(args[i] for i in self.static),
+               tuple(jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x)))), args[i]) for i in dyn)
+               .__repr__())
+        if key not in self._jits:
+            rep = NamedSharding(self.mesh, P())
+            in_sh = []
+            for i in dyn:
+                a, spec = args[i], self.arg_axes[i]
+                if spec == "own":
+                    in_sh.append(jax.tree.map(lambda x: x.sharding if isinstance(getattr(x, "sharding", None),
+                                                                                NamedSharding) else rep, a))
+                elif spec == "io":
+                    in_sh.append(self._named(io_axes, a))
+                elif spec is None:
+                    in_sh.append(jax.tree.map(lambda x: rep, a))
+                else:
+                    in_sh.append(self._named(lambda p, nd, s=spec: s if len(s) == nd else (None,) * nd, a))
+            static = self.static
+
+            def dynamic_fn(*dargs):
+                full, it = [], iter(dargs)
+                for i in range(len(args)):
+                    full.append(args[i] if i in static else next(it))
+                return self.fn(*full)
+
+            out = jax.eval_shape(dynamic_fn, *[args[i] for i in dyn])
+            out_sh = self._named(self.out_axes, out)
+            donate = tuple(dyn.index(i) for i in self.donate)
+            jitted = jax.jit(dynamic_fn, in_shardings=tuple(in_sh), out_shardings=out_sh, donate_argnums=donate)
+            self._jits[key] = (jitted, tuple(in_sh))
+        jitted, in_sh = self._jits[key]
+
+        def fit(x, sh):  # a device array laid out otherwise (another program's output) moves to the declared layout
+            if isinstance(x, jax.Array) and x.sharding != sh:
+                return jax.device_put(x, sh)
+            return x
+
+        return jitted(*[jax.tree.map(fit, args[i], s) for i, s in zip(dyn, in_sh)])
