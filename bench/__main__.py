@@ -106,6 +106,15 @@ def bench_thinker(args) -> dict:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":  # python -m bench train ...: training throughput (bench/train.py)
+        from .train import main as train_main
+
+        return train_main(argv[1:])
+    if argv and argv[0] == "serve":  # python -m bench serve ...: the server load generator (bench/serve.py)
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench")
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("thinker", help="thinker prefill/decode throughput vs the hardware limit")

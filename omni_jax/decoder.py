@@ -59,12 +59,15 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
 
     ``h [B, T, E]``; ``cos/sin [B, T, head_dim]``. Without a cache: causal self-attention over
     the T tokens with key padding ``kv_valid [B, T]``. With a cache: write at slots
-    ``[start, start+T)`` and attend over all ``S`` slots (``kv_valid [B, S]``).
+    ``[start, start+T)`` and attend over all ``S`` slots (``kv_valid [B, S]``). ``start`` may be a
+    ``[B]`` array of per-row slots (continuous batching: rows at different lengths share one batch);
+    writes past the cache's end are dropped.
     Returns ``(h, cache)``.
     """
     b, t, _ = h.shape
     nh, kvh, hd = shape.heads, shape.kv_heads, shape.head_dim
-    q_slots = start + jnp.arange(t)
+    per_row = jnp.ndim(start) == 1  # serving: each row writes at its own slots start[b] + [0, T)
+    q_slots = start[:, None] + jnp.arange(t)[None, :] if per_row else start + jnp.arange(t)
     mask = MaskSpec(causal=True, q_slots=q_slots, kv_valid=kv_valid)
 
     def body(layer: DecoderLayers, carry, i):
@@ -75,9 +78,14 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
         k = apply_rope(att.k_proj(y).reshape(b, t, kvh, hd), cos, sin)
         v = att.v_proj(y).reshape(b, t, kvh, hd)
         q = constrain(q, ("batch", "seq", "act_heads", None))
-        if kc is not None:
+        if kc is not None and per_row:
+            rows = jnp.arange(b)[:, None]
+            kc = kc.at[i, rows, q_slots].set(k.astype(kc.dtype), mode="drop")
+            vc = vc.at[i, rows, q_slots].set(v.astype(vc.dtype), mode="drop")
+        elif kc is not None:
             kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, 0, start, 0, 0))
             vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, 0, start, 0, 0))
+        if kc is not None:
             k = jax.lax.dynamic_index_in_dim(kc, i, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(vc, i, 0, keepdims=False)
         o = attention(q, k, v, mask, impl=impl)

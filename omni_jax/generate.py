@@ -151,3 +151,116 @@ def initial_state(logits, cache, kv_valid, seen, next_pos, slot, sp: Sampling, r
     return DecodeState(cache=cache, kv_valid=kv_valid, tokens=tokens, n=jnp.int32(1), max_new=max_new, last=tok,
                        next_pos=next_pos, slot=jnp.int32(slot), done=done, seen=seen, rng=rng, hidden=hidden,
                        min_new=min_new, suppress=suppress)
+
+
+# --------------------------------------------------------------------------------------
+# per-row decoding (serving: continuous batching)
+#
+# In :class:`DecodeState` the step counter, cache slot and limits are shared by the batch, so all
+# rows start together. A server's rows join and leave at different times, so :class:`RowState`
+# keeps all of them per row: each row has its own token count ``n``, cache slot, limits, sampling
+# parameters and RNG key, and :func:`decode_rows` advances only the rows that may step. A row's
+# numbers depend on its own state only (per-row positions, key mask, cache slots, RNG key and
+# sampling parameters), so what it generates does not depend on the rows beside it.
+
+
+class RowSampling(NamedTuple):
+    """Per-row sampling parameters (``[B]`` each); greedy rows have ``do_sample`` False."""
+
+    temperature: jax.Array  # f32
+    top_k: jax.Array  # i32; >= vocab means off
+    top_p: jax.Array  # f32; 1.0 means off
+    repetition_penalty: jax.Array  # f32; 1.0 means off
+    do_sample: jax.Array  # bool
+
+
+class RowState(NamedTuple):
+    cache: dict  # {"k","v"}: [L, B, S, KVH, D]
+    kv_valid: jax.Array  # [B, S] bool
+    tokens: jax.Array  # [B, N] int32: row b's first n[b] are valid
+    n: jax.Array  # [B] int32
+    max_new: jax.Array  # [B] int32
+    min_new: jax.Array  # [B] int32: EOS ids are suppressed while fewer tokens exist
+    last: jax.Array  # [B] int32
+    next_pos: jax.Array  # [3, B] int32
+    slot: jax.Array  # [B] int32: the cache slot the next fed token is written to
+    done: jax.Array  # [B] bool (free slots are done)
+    eos_on: jax.Array  # [B] bool: whether the EOS ids stop this row
+    seen: jax.Array  # [B, V] bool
+    rng: jax.Array  # [B] PRNG keys
+    hidden: jax.Array  # [B, N, E] or [B, 0, E]
+    sp: RowSampling
+
+
+def choose_rows(logits, seen, sp: RowSampling, keys):
+    """:func:`choose` with per-row sampling parameters: row ``b``'s token equals what ``choose``
+    gives for that row alone with its own scalar parameters (same operations, same order)."""
+    pen = sp.repetition_penalty[:, None]
+    penalised = jnp.where(logits < 0, logits * pen, logits / pen)
+    logits = jnp.where(seen, penalised, logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(_):
+        b, v = logits.shape
+        temp = jnp.where(sp.do_sample, sp.temperature, 1.0)
+        lg = logits / temp[:, None]
+        desc = jnp.sort(lg, axis=-1)[..., ::-1]
+        kth = jnp.take_along_axis(desc, jnp.clip(sp.top_k - 1, 0, v - 1)[:, None], -1)
+        lg = jnp.where(lg < kth, -jnp.inf, lg)
+        order = jnp.argsort(lg, axis=-1)
+        sorted_logits = jnp.take_along_axis(lg, order, -1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = (cum <= 1.0 - sp.top_p[:, None]).at[..., -1].set(False)
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(b)[:, None], order].set(remove_sorted)
+        lg = jnp.where(remove, -jnp.inf, lg)
+        return jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys, lg).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.any(sp.do_sample), sample, lambda _: greedy, None)
+    return jnp.where(sp.do_sample, sampled, greedy)
+
+
+def row_live(s: RowState):
+    return ~s.done & (s.n < s.max_new)
+
+
+def decode_rows(step_fn, state: RowState, n_steps, budget, *, eos_ids, pad_id, suppress=None):
+    """Advance each row by up to ``min(n_steps, budget[b])`` tokens (rows that are done, at their
+    limit or out of budget stay as they are); stops early when no row can step.
+    ``step_fn(state) -> (logits [B, V], cache, hidden [B, E])`` runs every row (fixed shapes);
+    only the rows that step record their token, position, slot and hidden state."""
+    rows = jnp.arange(state.tokens.shape[0])
+    cap = state.tokens.shape[1]
+
+    def can_step(s, i):
+        return row_live(s) & (i < budget)
+
+    def cond(carry):
+        s, i = carry
+        return (i < n_steps) & jnp.any(can_step(s, i))
+
+    def body(carry):
+        s, i = carry
+        live = can_step(s, i)
+        logits, cache, hid = step_fn(s)
+        v = logits.shape[-1]
+        eos_mask = jnp.any(jnp.arange(v)[:, None] == eos_ids[None, :], axis=-1)
+        banned = eos_mask[None, :] & ((s.n < s.min_new) & s.eos_on)[:, None]
+        if suppress is not None:
+            banned = banned | suppress[None, :]
+        logits = jnp.where(banned, -jnp.inf, logits)
+        tok = choose_rows(logits, s.seen, s.sp, jax.vmap(jax.random.fold_in)(s.rng, s.n))
+        col = jnp.where(live, s.n, cap)  # out of range: dropped
+        tokens = s.tokens.at[rows, col].set(tok, mode="drop")
+        seen = s.seen.at[rows, tok].max(live)
+        is_eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=-1) & s.eos_on
+        hidden = s.hidden
+        if hidden.shape[1]:  # the hidden state of the token just fed (token n-1)
+            hidden = hidden.at[rows, jnp.where(live, s.n - 1, cap)].set(hid.astype(hidden.dtype), mode="drop")
+        step = live.astype(jnp.int32)
+        s = s._replace(cache=cache, tokens=tokens, seen=seen, done=s.done | (live & is_eos),
+                       last=jnp.where(live, tok, s.last), n=s.n + step, next_pos=s.next_pos + step[None, :],
+                       slot=s.slot + step, hidden=hidden)
+        return s, i + 1
+
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+    return state

@@ -1,0 +1,195 @@
+"""The server's fixed-shape decode batches (device side of continuous batching).
+
+A :class:`SlotBatch` holds one :class:`~omni_jax.generate.RowState` of ``B`` rows ("slots") with a
+cache of ``S`` slots per row and a ``N``-token buffer, for the thinker or the talker. A request
+is prefilled alone with the model's own prefill (:meth:`OmniModel.prefill` /
+:meth:`OmniModel._talker_start`, so the first token is the offline one), then its batch-1
+state is written into a free row (:meth:`SlotBatch.insert`, a jitted dynamic_update_slice with
+the row index traced: no compile per row). :meth:`SlotBatch.step` runs the jitted per-row decode
+loop (:func:`omni_jax.generate.decode_rows`) over all ``B`` rows for up to ``k`` steps. Rows join
+and leave between calls; every shape is fixed by the server's limits, so joining never
+recompiles. Each row keeps the cache layout of an offline run (prompt bucket at slots
+``[0, Tb)``, token ``j`` at ``Tb + j``), its own positions, key mask, RNG key and sampling
+parameters, so its tokens do not depend on the rows beside it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import thinker as th
+from ..generate import DecodeState, RowSampling, RowState, decode_rows
+
+INT_BIG = np.int32(2 ** 30)
+
+
+def empty_state(b: int, cache_shape, cache_dtype, n_tokens: int, vocab: int, hidden_dim: int, hidden_dtype):
+    """``b`` free rows (all done)."""
+    layers, slots, kvh, hd = cache_shape
+    z = jnp.zeros((layers, b, slots, kvh, hd), cache_dtype)
+    return RowState(
+        cache={"k": z, "v": jnp.zeros_like(z)}, kv_valid=jnp.zeros((b, slots), bool),
+        tokens=jnp.zeros((b, n_tokens), jnp.int32), n=jnp.zeros((b,), jnp.int32), max_new=jnp.zeros((b,), jnp.int32),
+        min_new=jnp.zeros((b,), jnp.int32), last=jnp.zeros((b,), jnp.int32), next_pos=jnp.zeros((3, b), jnp.int32),
+        slot=jnp.zeros((b,), jnp.int32), done=jnp.ones((b,), bool), eos_on=jnp.ones((b,), bool),
+        seen=jnp.zeros((b, vocab), bool), rng=jax.random.key_data(jax.vmap(jax.random.key)(jnp.arange(b))),
+        hidden=jnp.zeros((b, n_tokens if hidden_dim else 0, hidden_dim), hidden_dtype),
+        sp=RowSampling(temperature=jnp.ones((b,), jnp.float32), top_k=jnp.full((b,), vocab, jnp.int32),
+                       top_p=jnp.ones((b,), jnp.float32), repetition_penalty=jnp.ones((b,), jnp.float32),
+                       do_sample=jnp.zeros((b,), bool)))
+
+
+def _insert(big: RowState, small: DecodeState, r, max_new, min_new, eos_on, sp_row):
+    """Write batch-1 prefill state ``small`` into row ``r`` of ``big`` (row ``r``'s cache slots
+    beyond the small cache keep stale values, masked out by ``kv_valid``)."""
+
+    def put(dst, src, axis=0):  # src has a leading batch axis of 1 at `axis`
+        start = [0] * dst.ndim
+        start[axis] = r
+        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), start)
+
+    def row_pad(src, width):  # [1, w, ...] -> [1, width, ...] (zeros/False after)
+        pad = [(0, 0)] * src.ndim
+        pad[1] = (0, width - src.shape[1])
+        return jnp.pad(src, pad)
+
+    cache = {k: put(big.cache[k], small.cache[k], axis=1) for k in ("k", "v")}
+    kv_valid = put(big.kv_valid, row_pad(small.kv_valid, big.kv_valid.shape[1]))
+    tokens = put(big.tokens, row_pad(small.tokens, big.tokens.shape[1]))
+    hidden = big.hidden
+    if hidden.shape[1]:
+        hidden = put(hidden, row_pad(small.hidden, hidden.shape[1]))
+    one = lambda x: jnp.reshape(x, (1,))  # noqa: E731
+    sp = RowSampling(*[put(getattr(big.sp, f), one(v)) for f, v in zip(RowSampling._fields, sp_row)])
+    return big._replace(
+        cache=cache, kv_valid=kv_valid, tokens=tokens, hidden=hidden, n=put(big.n, one(small.n)),
+        max_new=put(big.max_new, one(max_new)), min_new=put(big.min_new, one(min_new)),
+        last=put(big.last, small.last), next_pos=put(big.next_pos, small.next_pos, axis=1),
+        slot=put(big.slot, one(small.slot)), done=put(big.done, small.done), eos_on=put(big.eos_on, one(eos_on)),
+        seen=put(big.seen, small.seen), rng=put(big.rng, jax.random.key_data(small.rng)), sp=sp)
+
+
+def _release(state: RowState, rows):
+    """Mark ``rows`` ([B] bool) done: they stop stepping at once (a free slot is a done row)."""
+    return state._replace(done=state.done | rows)
+
+
+def _take_row(state: RowState, r):
+    """Row ``r``'s tokens ``[1, N]``, hidden ``[1, N, E]`` and count (for the talker's prefill)."""
+    return (jax.lax.dynamic_slice_in_dim(state.tokens, r, 1), jax.lax.dynamic_slice_in_dim(state.hidden, r, 1),
+            jax.lax.dynamic_index_in_dim(state.n, r, keepdims=False))
+
+
+class SlotBatch:
+    """One decode batch of ``b`` rows with jitted insert / release / step programs."""
+
+    def __init__(self, state: RowState, step_fn, *, eos, pad, suppress=None, donate=True, mesh=None):
+        self.state = state
+        self.mesh = mesh
+        self.b = state.tokens.shape[0]
+        self.eos = jnp.asarray(eos, jnp.int32)
+        self.pad = jnp.int32(pad)
+        self.suppress = suppress
+        # wrappers, so that each batch has its own compile cache (and compile count)
+        self._insert = jax.jit(lambda *a: _insert(*a), donate_argnums=(0,) if donate else ())
+        self._release = jax.jit(lambda *a: _release(*a), donate_argnums=(0,) if donate else ())
+        self._take = jax.jit(lambda *a: _take_row(*a))
+        self._step = jax.jit(step_fn, donate_argnums=(1,) if donate else ())
+
+    def step(self, *args, before=(), after=()):
+        """``state = step_fn(*before, state, *after)`` (under the model's mesh)."""
+        from ..sharding import use_mesh
+
+        with use_mesh(self.mesh):
+            self.state = self._step(*before, self.state, *after)
+
+    def insert(self, r: int, small: DecodeState, *, max_new, min_new, eos_on, sp_row):
+        self.state = self._insert(self.state, small, np.int32(r), np.int32(max_new), np.int32(min_new),
+                                  np.bool_(eos_on), sp_row)
+
+    def release(self, rows: np.ndarray):
+        self.state = self._release(self.state, np.asarray(rows, bool))
+
+    def take_row(self, r: int):
+        return self._take(self.state, np.int32(r))
+
+    def host_view(self):
+        """(n [B], tokens [B, N], finished [B]) on the host."""
+        s = self.state
+        n, tokens, done, max_new = jax.device_get((s.n, s.tokens, s.done, s.max_new))
+        return n, tokens, done | (n >= max_new)
+
+    def compiles(self) -> dict:
+        return {"insert": self._insert._cache_size(), "step": self._step._cache_size()}
+
+
+def sampling_row(temperature, top_k, top_p, repetition_penalty, do_sample, vocab):
+    """Per-row sampling values, as :func:`omni_jax.generate.make_sampling` sets them."""
+    return (np.float32(temperature if do_sample else 1.0), np.int32(min(int(top_k), vocab) if top_k else vocab),
+            np.float32(1.0 if top_p is None else top_p), np.float32(repetition_penalty), np.bool_(do_sample))
+
+
+def thinker_step_fn(model_obj):
+    """``step(params, state, n_steps, eos, pad)``: the thinker's per-row decode chunk."""
+    gdef, tcfg, impl = model_obj._graphdef, model_obj.config.thinker.text, model_obj.attention
+
+    def step(params, state: RowState, n_steps, eos, pad):
+        model = nnx.merge(gdef, params)
+
+        def one(s: RowState):  # as OmniModel's step_fn, with per-row cache slots
+            emb = th.embed(model, s.last[:, None])
+            h, cache = th.hidden_states(model, tcfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
+                                        kv_valid=s.kv_valid, impl=impl)
+            return th.lm_logits(model, h[:, 0]), cache, h[:, 0]
+
+        budget = jnp.full(state.n.shape, INT_BIG, jnp.int32)
+        return decode_rows(one, state, n_steps, budget, eos_ids=eos, pad_id=pad)
+
+    return step
+
+
+def talker_step_fn(model_obj):
+    """``step(tparams, state, params, thinker_view, n_steps, eos, pad, suppress, thinker_eos, extra)``:
+    the talker's per-row decode chunk. Row ``b`` feeds, at its step ``k`` (its ``n - 1``), the reply
+    input that :func:`omni_jax.talker.reply_parts` builds (thinker token ``k + 1``'s hidden state +
+    embedding; then text-eos, then text-pad), computed from the thinker's buffers of the same row,
+    and steps only while that input is final (``k < n_thinker - 2``, or the thinker has finished) —
+    what :meth:`OmniModel.stream` does for one conversation."""
+    from .. import talker as tk
+
+    tgdef, cfg, impl = model_obj.talker[0], model_obj.config.talker, model_obj.attention
+    gdef = model_obj._graphdef
+
+    def step(tparams, state: RowState, params, th_tokens, th_hidden, th_n, th_finished, th_eos_on, n_steps, eos, pad,
+             suppress, thinker_eos, extra_ids):
+        tmodel = nnx.merge(tgdef, tparams)
+        model = nnx.merge(gdef, params)
+        ex = th.embed(model, extra_ids)  # text bos (speaker), text eos, text pad
+        b, cap = th_tokens.shape
+        rows = jnp.arange(b)
+        j = jnp.arange(cap)[None, :]
+        n = th_n[:, None]
+        is_eos = jnp.any(th_tokens[:, :, None] == thinker_eos[None, None, :], axis=-1) & (j < n) & th_eos_on[:, None]
+        first_eos = jnp.clip(jnp.min(jnp.where(is_eos, j, n), axis=1), 1, th_n - 1)
+        stop = jnp.minimum(first_eos, th_n - 1)
+        final = jnp.where(th_finished, INT_BIG, th_n - 2)
+        budget = jnp.clip(final - (state.n - 1), 0, INT_BIG)
+
+        def one(s: RowState):
+            k = jnp.minimum(s.n - 1, cap - 1)
+            jj = jnp.minimum(k + 1, cap - 1)
+            hid = th_hidden[rows, jj]
+            reply = hid + th.embed(model, th_tokens[rows, jj]).astype(hid.dtype)
+            inp = jnp.where((k >= stop)[:, None], ex[2].astype(reply.dtype), reply)
+            inp = jnp.where((k == stop - 1)[:, None], ex[1].astype(reply.dtype), inp)
+            emb = (tmodel.embed_tokens(s.last) + inp)[:, None]
+            logits, cache = tk.logits(tmodel, cfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
+                                      kv_valid=s.kv_valid, impl=impl)
+            return logits[:, 0], cache, logits[:, 0, :0]
+
+        return decode_rows(one, state, n_steps, budget, eos_ids=eos, pad_id=pad, suppress=suppress)
+
+    return step

@@ -1,0 +1,364 @@
+"""omni-jax serve: a real uvicorn server on 127.0.0.1 (embedded default model), driven over HTTP by
+the real ``openai`` client and by httpx; every served result is compared with offline
+``generate`` / ``stream`` on the same input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import wave
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+import omni_jax
+from omni_jax.serve import Engine, ServeLimits, build_app
+
+KEY = "test-key-123"
+LIMITS = dict(max_batch=8, max_queue=32, max_tokens=128, max_prompt_tokens=64, max_audio_tokens=64,
+              max_body_bytes=1 << 20, max_media_seconds=5.0, max_image_pixels=200 * 200, steps_per_call=4)
+SPEECH = dict(talker_max_new_tokens=40, talker_min_new_tokens=30)  # 0.8 s of speech: two audio chunks
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+
+    model = omni_jax.load(omni_jax.default_model_path(), dtype="float32")
+    engine = Engine(model, ServeLimits(**LIMITS)).start()
+    app = build_app(engine, model_name="omni-test", api_key=KEY)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield dict(url=f"http://127.0.0.1:{port}", engine=engine, model=model)
+    srv.should_exit = True
+    th.join(10)
+    engine.stop()
+    sock.close()
+
+
+def client(server, **kw):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=300, **kw)
+
+
+def post(server, body, *, key=KEY, raw=None, timeout=300):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(server["url"] + "/v1/chat/completions", content=content, timeout=timeout,
+                      headers={**headers, "Content-Type": "application/json"})
+
+
+def offline(model, conv, *, max_tokens, seed, ignore_eos=False, speech=False):
+    """The offline reference: generate (text) or stream (speech): (text, ids, codec ids, pcm16)."""
+    kw = dict(max_new_tokens=max_tokens, seed=seed, eos_token_id=[] if ignore_eos else None)
+    if not speech:
+        out = model.generate(messages=conv, **kw)
+        return out.text[0], [int(x) for x in out.sequences[0, out.prompt_length:]], None, None
+    evs = list(model.stream(messages=conv, return_audio=True, speaker="Chelsie", talker_do_sample=False, **SPEECH,
+                            **kw))
+    text = "".join(e.text for e in evs)
+    ids = [t for e in evs if e.kind == "text" for t in e.token_ids]
+    wav = np.concatenate([e.audio for e in evs if e.kind == "audio"])
+    return text, ids, [int(c) for c in evs[-1].codec_ids], pcm(wav)
+
+
+def pcm(wav):
+    return (np.clip(wav, -1, 1) * 32767.0).round().astype("<i2")
+
+
+def wav_pcm(data: bytes):
+    with wave.open(io.BytesIO(data)) as w:
+        assert w.getframerate() == 24000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2")
+
+
+def tone_wav(seconds=0.5, rate=16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def png(h, w, seed=0) -> bytes:
+    from PIL import Image
+
+    arr = np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_endpoints_and_api_key(server):
+    url = server["url"]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}  # no key needed
+    for path in ("/v1/models", "/metrics", "/nowhere"):
+        r = httpx.get(url + path)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        r = httpx.get(url + path, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = post(server, {"messages": [{"role": "user", "content": "Hi"}]}, key=None)
+    assert r.status_code == 401
+    r = post(server, {"messages": [{"role": "user", "content": "Hi"}]}, key="wrong")
+    assert r.status_code == 401
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == ["omni-test"]
+    from openai import AuthenticationError, OpenAI
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    assert "omni_jax_queue_length 0" in r.text and "omni_jax_batch_slots 8" in r.text
+    assert "omni_jax_time_to_first_token_seconds_bucket" in r.text and "omni_jax_tokens_per_second" in r.text
+
+
+def test_openai_client_text_and_audio_input(server):
+    model, c = server["model"], client(server)
+    conv = [{"role": "user", "content": "Hello! How are you today?"}]
+    ref_text, ref_ids, _, _ = offline(model, conv, max_tokens=10, seed=1)
+    r = c.chat.completions.create(model="omni-test", messages=conv, max_tokens=10, temperature=0, seed=1,
+                                  extra_body={"return_token_ids": True})
+    assert r.choices[0].message.content == ref_text
+    assert r.choices[0].model_extra["token_ids"] == ref_ids
+    assert r.choices[0].finish_reason == ("stop" if ref_ids[-1] in model.generation_config["eos_token_id"]
+                                          else "length")
+    assert r.usage.completion_tokens == len(ref_ids) and r.usage.prompt_tokens > 5
+    # streamed: the deltas add up to the same text
+    parts = [ch.choices[0].delta.content for ch in c.chat.completions.create(
+        model="omni-test", messages=conv, max_tokens=10, temperature=0, seed=1, stream=True) if ch.choices]
+    assert "".join(p for p in parts if p) == ref_text
+    # input_audio (base64 wav): same as the offline run on the same file
+    wav = tone_wav()
+    msgs = [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
+        {"type": "text", "text": "What do you hear?"}]}]
+    r = c.chat.completions.create(model="omni-test", messages=msgs, max_tokens=8, temperature=0, seed=2,
+                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+        f.write(wav)
+        f.flush()
+        conv = [{"role": "user", "content": [{"type": "audio", "audio": f.name},
+                                             {"type": "text", "text": "What do you hear?"}]}]
+        text, ids, _, _ = offline(model, conv, max_tokens=8, seed=2, ignore_eos=True)
+    assert r.choices[0].model_extra["token_ids"] == ids and len(ids) == 8
+    assert r.choices[0].message.content == text
+
+
+def test_openai_client_speech(server):
+    model, c = server["model"], client(server)
+    conv = [{"role": "user", "content": "Tell me a story about the sea."}]
+    text, ids, codes, ref_pcm = offline(model, conv, max_tokens=8, seed=3, ignore_eos=True, speech=True)
+    assert len(codes) >= 30
+    extra = {"return_token_ids": True, "ignore_eos": True, **SPEECH}
+    r = c.chat.completions.create(model="omni-test", messages=conv, max_tokens=8, temperature=0, seed=3,
+                                  modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "wav"},
+                                  extra_body=extra)
+    msg = r.choices[0].message
+    assert msg.content is None and msg.audio.transcript == text
+    assert r.choices[0].model_extra["codec_ids"] == codes and r.choices[0].model_extra["token_ids"] == ids
+    np.testing.assert_array_equal(wav_pcm(base64.b64decode(msg.audio.data)), ref_pcm)
+    # streamed: transcript deltas and pcm16 chunks as the pipeline produces them
+    transcript, chunks, last = [], [], None
+    for ch in c.chat.completions.create(model="omni-test", messages=conv, max_tokens=8, temperature=0, seed=3,
+                                        modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "pcm16"},
+                                        stream=True, extra_body=extra):
+        a = ch.choices[0].delta.audio if ch.choices else None  # the client's ChoiceDeltaAudio
+        if a and a.transcript:
+            transcript.append(a.transcript)
+        if a and a.data:
+            chunks.append(np.frombuffer(base64.b64decode(a.data), "<i2"))
+        if ch.choices and ch.choices[0].finish_reason:
+            last = ch.choices[0]
+    assert len(chunks) >= 2 and "".join(transcript) == text
+    np.testing.assert_array_equal(np.concatenate(chunks), ref_pcm)
+    assert last.model_extra["codec_ids"] == codes
+
+
+def _stream_raw(server, body):
+    """POST a streaming request; return (text, token ids, codec ids, pcm16, finish_reason)."""
+    text, ids, audio, codes, reason = [], [], [], None, None
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=600,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])["choices"][0]
+            d = ch["delta"]
+            text.append(d.get("content") or (d.get("audio") or {}).get("transcript") or "")
+            ids.extend(ch.get("token_ids") or [])
+            if (d.get("audio") or {}).get("data"):
+                audio.append(np.frombuffer(base64.b64decode(d["audio"]["data"]), "<i2"))
+            if ch["finish_reason"]:
+                reason, codes = ch["finish_reason"], ch.get("codec_ids")
+                assert ch["token_ids_all"] == ids
+    return "".join(text), ids, codes, (np.concatenate(audio) if audio else None), reason
+
+
+def test_32_concurrent_streams_equal_offline(server):
+    model, engine = server["model"], server["engine"]
+    words = ["sea", "boat", "island", "wind", "music", "food", "travel", "science"]
+    reqs = []
+    for i in range(32):
+        conv = [{"role": "user", "content": f"Tell me about the {words[i % 8]}" + " and the sky" * (i % 5)}]
+        speech = i % 4 == 0
+        body = dict(model="omni-test", messages=conv, max_tokens=4 + (i * 5) % 13, temperature=0, seed=i,
+                    stream=True, return_token_ids=True, ignore_eos=i % 2 == 0)
+        if speech:
+            body.update(modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "pcm16"}, **SPEECH)
+        reqs.append(body)
+    # queue all 32 while the scheduler is held, so that the first 8 start together and the rest join
+    # the running batch as rows finish (continuous batching)
+    engine.pause()
+    with ThreadPoolExecutor(32) as pool:
+        futs = [pool.submit(_stream_raw, server, b) for b in reqs]
+        deadline = time.time() + 120
+        while len(engine.queue) < 32 and time.time() < deadline:
+            time.sleep(0.02)
+        assert len(engine.queue) == 32
+        engine.resume()
+        results = [f.result() for f in futs]
+    assert engine.peak_active == 8
+    after = engine.compile_counts()
+    assert after["thinker_step"] == 1 and after["talker_step"] == 1  # joining never recompiles
+    m = httpx.get(server["url"] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    joins = [float(line.split()[-1]) for line in m.splitlines() if line.startswith("omni_jax_joins_running_batch_total")]
+    assert joins and joins[0] >= 1
+    for body, (text, ids, codes, audio, reason) in zip(reqs, results):
+        speech = "audio" in body
+        ref_text, ref_ids, ref_codes, ref_pcm = offline(model, body["messages"], max_tokens=body["max_tokens"],
+                                                        seed=body["seed"], ignore_eos=body["ignore_eos"],
+                                                        speech=speech)
+        assert ids == ref_ids and text == ref_text
+        assert reason == ("length" if len(ids) == body["max_tokens"] and (body["ignore_eos"] or ids[-1] not in
+                                                                          model.generation_config["eos_token_id"])
+                          else "stop")
+        if speech:
+            assert codes == ref_codes
+            if ref_pcm is None:
+                assert audio is None
+            else:
+                np.testing.assert_array_equal(audio, ref_pcm)
+        else:
+            assert codes is None and audio is None
+
+
+def test_disconnect_frees_the_slot(server):
+    engine = server["engine"]
+    done_before = engine.metrics.counters[("requests_total", (("status", "cancelled"),))]
+    body = dict(model="omni-test", messages=[{"role": "user", "content": "Tell me a long story"}], max_tokens=128,
+                temperature=0, seed=0, stream=True, ignore_eos=True)
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):  # the first chunk comes once the request holds a slot
+                break
+        engine.pause()  # hold the engine while the client goes away
+        req = next(q for q in engine.slots if q is not None)
+    deadline = time.time() + 30
+    while not req.cancelled and time.time() < deadline:
+        time.sleep(0.02)
+    assert req.cancelled  # the server saw the disconnect...
+    engine.resume()
+    deadline = time.time() + 30
+    while engine.active() and time.time() < deadline:
+        time.sleep(0.02)
+    assert engine.active() == 0  # ...and the engine freed the slot at its next step
+    assert len(req.token_ids) < 128
+    assert engine.metrics.counters[("requests_total", (("status", "cancelled"),))] == done_before + 1
+    r = post(server, dict(messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_queue_full_gives_429(server):
+    engine = server["engine"]
+    engine.limits.max_queue = 1
+    try:
+        engine.pause()
+        body = dict(messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0, seed=0)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, server, body)
+            deadline = time.time() + 30
+            while len(engine.queue) < 1 and time.time() < deadline:
+                time.sleep(0.02)
+            r = post(server, body)
+            assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["code"] == "queue_full" and "queue is full" in r.json()["error"]["message"]
+            engine.resume()
+            assert first.result().status_code == 200
+    finally:
+        engine.limits.max_queue = LIMITS["max_queue"]
+        engine.resume()
+
+
+def test_bad_inputs_answer_alone(server):
+    model = server["model"]
+    img = png(60, 90, seed=4)
+    url = "data:image/png;base64," + base64.b64encode(img).decode()
+    good = dict(model="omni-test", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it."}]}],
+        max_tokens=24, temperature=0, seed=5, stream=True, return_token_ids=True, ignore_eos=True)
+
+    def user(*parts):
+        return {"messages": [{"role": "user", "content": list(parts)}], "max_tokens": 4}
+
+    text = {"type": "text", "text": "hi"}
+    bad = [
+        (400, None, b"{not json"),
+        (400, {"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"],
+               "audio": {"voice": "Nobody", "format": "wav"}}, None),
+        (400, user({"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                              + base64.b64encode(b"not an image").decode()}}, text),
+         None),
+        (400, user({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}, text), None),
+        (400, user({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFFjunk").decode(),
+                                                           "format": "wav"}}, text), None),
+        (400, user({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"
+                                                              + base64.b64encode(b"junk").decode()}}, text), None),
+        (400, user({"type": "image_url", "image_url": {"url": "/etc/hostname"}}, text), None),
+        (400, user({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, text), None),
+        (400, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 129}, None),
+        (400, {"messages": []}, None),
+        (413, user({"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                              + base64.b64encode(png(300, 300)).decode()}}, text),
+         None),
+        (413, user({"type": "input_audio", "input_audio": {"data": base64.b64encode(tone_wav(6.0)).decode(),
+                                                           "format": "wav"}}, text), None),
+        (413, None, b'{"messages": [{"role": "user", "content": "' + b"a" * (1 << 20) + b'"}]}'),
+    ]
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(_stream_raw, server, good)
+        for status, body, raw in bad:
+            r = post(server, body, raw=raw)
+            assert r.status_code == status, (status, body if raw is None else raw[:40], r.text)
+            err = r.json()["error"]
+            assert err["message"] and err["type"]
+        text_s, ids, _, _, _ = fut.result()
+    from omni_jax.media import load_image
+    from PIL import Image
+
+    conv = [{"role": "user", "content": [{"type": "image", "image": load_image(Image.open(io.BytesIO(img)))},
+                                         {"type": "text", "text": "Describe it."}]}]
+    ref_text, ref_ids, _, _ = offline(model, conv, max_tokens=24, seed=5, ignore_eos=True)
+    assert ids == ref_ids and text_s == ref_text and len(ids) == 24
