@@ -9,8 +9,8 @@ kernel (qwen-omni-utils' frame sampling and resize), and transformers' Qwen2-VL 
 With torchvision installed, transformers 5 picks the torchvision backend ``Qwen2VLImageProcessor``
 (the former ``Qwen2VLImageProcessorFast``) for images, as it does for the video processor; that
 is what omni_jax reproduces. torchvision is on PyPI only beside torch 2.14
-(``pip install torch==2.14.1 torchvision==0.29.1``, as in CI); without it the bit-identical image
-and video tests skip, transformers falls back to ``Qwen2VLImageProcessorPil`` (a PIL resize, up
+(``pip install torch==2.14.1 torchvision==0.29.1``, as the README's test command does); the
+bit-identical image and video tests require it (they fail without it). Without torchvision, transformers falls back to ``Qwen2VLImageProcessorPil`` (a PIL resize, up
 to ~1e-2 relative away; checked loosely, and exactly where no resize happens), and the prompt
 tests use a stand-in video processor that returns our video tensors (its prompt expansion, the
 part under test there, is transformers' own code).
@@ -223,8 +223,8 @@ def _is_torchvision_backend(proc):
 @pytest.fixture(scope="module")
 def fast_image_processor(image_processor):
     """transformers' default image processor when torchvision is installed (as in CI): the
-    torchvision backend ``Qwen2VLImageProcessor``; skips without torchvision."""
-    pytest.importorskip("torchvision", reason="transformers' default image processor needs torchvision")
+    torchvision backend ``Qwen2VLImageProcessor`` (the test extra installs torchvision)."""
+    import torchvision  # noqa: F401  (the test extra installs it: transformers' default image processor needs it)
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     assert type(image_processor) is Qwen2VLImageProcessor and _is_torchvision_backend(image_processor)
@@ -437,7 +437,7 @@ def video_processor():
     """transformers' own Qwen2-VL video processor (the one ``Qwen2_5OmniProcessor`` uses); it
     imports torchvision (``pip install torch==2.14.1 torchvision==0.29.1``: PyPI's torchvision
     does not import beside torch 2.13)."""
-    pytest.importorskip("torchvision", reason="transformers' video processor needs torchvision")
+    import torchvision  # noqa: F401  (the test extra installs it: transformers' video processor needs it)
     from transformers import Qwen2VLVideoProcessor
 
     return Qwen2VLVideoProcessor(cap_pixels_per_frame=False)  # few frames: the budget does not bind
