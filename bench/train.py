@@ -65,7 +65,7 @@ def run(args) -> dict:
         if args.preset:
             from . import __main__ as bm
 
-            model = bm.random_model(args.preset, args.dtype)
+            model = bm.random_model(args.preset, "float32")  # float32 master weights; compute in --dtype
             tm = None
             vocab = model.config.thinker.text.vocab_size
         else:

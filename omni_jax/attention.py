@@ -93,17 +93,16 @@ def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
 
 
 def default_impl() -> str:
-    """The implementation used when ``attention=None``.
-
-    XLA everywhere for now: the Pallas kernels pass their tests in interpret mode and lower for
-    GPU (Triton) and TPU (Mosaic), but the current kernel version has not completed a run on a
-    GPU or TPU yet, so it is opt-in (``attention="pallas"``) until it has. Set
-    ``OMNI_JAX_ATTENTION=pallas`` to change the default.
-    """
+    """The implementation used when ``attention=None``: ``"pallas"`` on GPU and TPU, ``"xla"`` on CPU
+    (where the kernels would only run in interpret mode). ``OMNI_JAX_ATTENTION=xla|pallas``
+    overrides it. The kernels fall back to XLA attention, logging once per reason, for calls
+    they do not cover (:func:`omni_jax.kernels.unsupported_reason`)."""
     import os
 
-    impl = os.environ.get("OMNI_JAX_ATTENTION", "xla")
-    return impl if impl in ("xla", "pallas") else "xla"
+    impl = os.environ.get("OMNI_JAX_ATTENTION", "")
+    if impl in ("xla", "pallas"):
+        return impl
+    return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
 
 
 def attention(q, k, v, mask: MaskSpec = MaskSpec(), *, scale: float | None = None, impl: str = "xla"):

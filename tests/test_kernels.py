@@ -170,3 +170,57 @@ def test_cross_platform_lowering(platform, target, marker):
     for fn, n in [(fwd_bwd, 3), (dec, 1)]:
         txt = jax.jit(fn).trace(q, kv, kv, valid).lower(lowering_platforms=(target,)).as_text()
         assert txt.count(marker) >= n, (fn.__name__, txt.count(marker))
+
+
+def test_separate_backward_blocks(monkeypatch):
+    """The GPU configuration: larger forward query blocks than the backward's (``Cfg.bwd``), with
+    the block-size shrink for short inputs; checked here in interpret mode with small blocks."""
+    def small_gpu_like(platform, d, dtype):
+        return dict(bq=32, bk=16, min_block=8, num_warps=4, num_stages=2, exp2=True, bwd=(16, 8, 4, 2),
+                    min_programs=2)
+
+    monkeypatch.setattr(flash, "_defaults", small_gpu_like)
+    b, t, h, kvh, d = 2, 45, 4, 2, 16
+    q, k, v = qkv(7, b, t, t, h, kvh, d)
+    seg = jnp.asarray(np.repeat([0, 1], [20, 25]))[None]
+    mask = MaskSpec(causal=True, kv_valid=left_pad_valid(t, [0, 6]), q_segment_ids=seg, kv_segment_ids=seg)
+    cfg = flash._prepare(q, k, v, mask, None, "interpret", None, None, False)[0]
+    assert (cfg.bq, cfg.bk, cfg.bwd[:2]) == (32, 16, (16, 8))
+    w = jnp.asarray(np.random.default_rng(8).standard_normal((b, t, h, d)), jnp.float32)
+    loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v) * w))
+    ref_o = xla_attention(q, k, v, mask)
+    ref = jax.grad(loss(lambda q, k, v: xla_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
+    got_o = jax.jit(lambda q, k, v: flash.flash_attention(q, k, v, mask))(q, k, v)
+    got = jax.jit(jax.grad(loss(lambda q, k, v: flash.flash_attention(q, k, v, mask)), (0, 1, 2)))(q, k, v)
+    assert rel(got_o, ref_o) <= 1e-5
+    for n, g, r in zip("qkv", got, ref):
+        assert rel(g, r) <= 1e-4, (n, rel(g, r))
+
+
+def test_default_impl(monkeypatch):
+    from omni_jax.attention import default_impl
+
+    monkeypatch.delenv("OMNI_JAX_ATTENTION", raising=False)
+    assert default_impl() == ("xla" if jax.default_backend() == "cpu" else "pallas")
+    monkeypatch.setenv("OMNI_JAX_ATTENTION", "pallas")
+    assert default_impl() == "pallas"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("OMNI_JAX_ATTENTION")
+    assert default_impl() == "pallas"
+    monkeypatch.setenv("OMNI_JAX_ATTENTION", "xla")
+    assert default_impl() == "xla"
+
+
+def test_gpu_decode_routes_to_xla(caplog, monkeypatch):
+    """One-query attention on a GPU goes to XLA attention (measured faster there), logged once."""
+    monkeypatch.delenv("OMNI_JAX_PALLAS_DECODE", raising=False)
+    b, s, h, kvh, d = 2, 24, 4, 2, 16
+    q, k, v = qkv(9, b, 1, s, h, kvh, d)
+    lens = jnp.asarray([24, 5])
+    mask = MaskSpec(causal=True, q_slots=(lens - 1)[:, None], kv_valid=jnp.arange(s)[None] < lens[:, None])
+    kernels._warned.clear()
+    with caplog.at_level(logging.INFO, logger="omni_jax"):
+        a = kernels.attention(q, k, v, mask, platform="gpu")
+        kernels.attention(q, k, v, mask, platform="gpu")
+    assert sum("decode" in r.message for r in caplog.records) == 1
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(xla_attention(q, k, v, mask)))

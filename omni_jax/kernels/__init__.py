@@ -9,6 +9,13 @@
 and falls back to the XLA implementation, logging once per reason, where no kernel covers a
 call (mismatched dtypes, head dims above 256, empty inputs). See :mod:`.flash` for the design.
 
+Decode on a GPU (``Tq == 1``, platform ``gpu``) goes to XLA attention too, logged once: on the
+H100 the fused XLA path measured faster than the split-K kernel plus its XLA glue (8k cache,
+batch 1: 17.5 us vs 39 us per call; the 3B thinker decoded 99 tok/s at batch 1 with the kernel,
+against 114 tok/s in an earlier run with XLA attention; ``bench/results_h100_attention.json``,
+``bench/results_h100_3b_thinker*.json``). ``OMNI_JAX_PALLAS_DECODE=1`` forces
+the kernel; :func:`decode_attention` calls it directly.
+
 The platform follows ``jax.default_backend()``: ``gpu`` -> Triton lowering, ``tpu`` -> Mosaic,
 anything else -> ``interpret=True`` (the same kernels run as plain JAX ops; this is how CPU
 tests check them). ``platform=`` overrides it (the TPU lowering test uses that from CPU).
@@ -17,6 +24,7 @@ tests check them). ``platform=`` overrides it (the TPU lowering test uses that f
 from __future__ import annotations
 
 import logging
+import os
 
 from .flash import current_platform, decode_attention, flash_attention
 
@@ -55,5 +63,14 @@ def attention(q, k, v, mask, *, scale=None, platform=None):
                         reason)
         return xla_attention(q, k, v, mask, scale)
     if q.shape[1] == 1:
+        if (platform or current_platform()) == "gpu" and os.environ.get("OMNI_JAX_PALLAS_DECODE", "") != "1":
+            from ..attention import xla_attention
+
+            why = "decode on GPU"
+            if why not in _warned:
+                _warned.add(why)
+                log.info("omni_jax: one-query (decode) attention on GPU uses XLA attention, measured faster than "
+                         "the split-K Pallas kernel; OMNI_JAX_PALLAS_DECODE=1 forces the kernel")
+            return xla_attention(q, k, v, mask, scale)
         return decode_attention(q, k, v, mask, scale=scale, platform=platform)
     return flash_attention(q, k, v, mask, scale=scale, platform=platform)

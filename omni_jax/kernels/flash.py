@@ -33,6 +33,13 @@ Decode (``Tq == 1``): the same body on a grid that also splits the key axis (fla
 decoding), so one sequence's cache is read by many programs at once; the partial results
 are merged with their log-sum-exps in XLA.
 
+The exponentials run in base 2 (scores pre-multiplied by ``scale * log2(e)``, ``exp2`` per
+element; the saved log-sum-exp stays natural), except on TPU. Float32 inputs on a GPU use
+tensor-core dots: 3-pass TF32 under ``jax.default_matmul_precision("highest")`` (the DiT's
+setting; about float32 accuracy), one-pass TF32 otherwise; Triton's IEEE float32 dot is an FMA
+loop, slow to compile and to run. GPU bfloat16 tiles (:func:`_defaults`) come from an H100 sweep;
+the backward may use smaller tiles than the forward (``Cfg.bwd``).
+
 Platforms: ``"gpu"`` lowers through Pallas' Triton backend, ``"tpu"`` through Mosaic (K/V
 are transposed to ``[B, KVH, T, D]`` there, since Mosaic tiles the last two dims),
 ``"interpret"`` runs the kernel as plain JAX (CPU tests).
@@ -69,6 +76,15 @@ class Cfg:
     splits: int = 1  # key-axis splits (decode)
     num_warps: int = 4
     num_stages: int = 2
+    exp2: bool = True  # softmax in base 2: scores pre-multiplied by scale * log2(e), exp2 per element
+    precision: Optional[str] = None  # float32 dots on GPU: "tf32" or "tf32x3" (None: the dtype's default)
+    bwd: Optional[tuple[int, int, int, int]] = None  # backward (bq, bk, num_warps, num_stages), if not the same
+
+    def for_bwd(self) -> "Cfg":
+        if self.bwd is None:
+            return self
+        bq, bk, w, st = self.bwd
+        return dataclasses.replace(self, bq=bq, bk=bk, num_warps=w, num_stages=st, bwd=None)
 
 
 def current_platform() -> str:
@@ -191,16 +207,31 @@ def _tile_mask(cfg: Cfg, qm: dict, km: dict):
     return m
 
 
-def _dot_nt(a, b):  # a [m, d] . b [n, d]^T -> [m, n] f32
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+_PRECISIONS = {None: None, "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32,
+               "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
-def _dot_nn(a, b):  # a [m, n] . b [n, d] -> [m, d] f32
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+def _dg(a, b, dims, prec):
+    p = _PRECISIONS[prec] if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (dims, ((), ())), precision=p, preferred_element_type=jnp.float32)
 
 
-def _dot_tn(a, b):  # a [n, m]^T . b [n, d] -> [m, d] f32
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+def _dot_nt(a, b, prec=None):  # a [m, d] . b [n, d]^T -> [m, n] f32
+    return _dg(a, b, ((1,), (1,)), prec)
+
+
+def _dot_nn(a, b, prec=None):  # a [m, n] . b [n, d] -> [m, d] f32
+    return _dg(a, b, ((1,), (0,)), prec)
+
+
+def _dot_tn(a, b, prec=None):  # a [n, m]^T . b [n, d] -> [m, d] f32
+    return _dg(a, b, ((0,), (0,)), prec)
+
+
+def _exp(cfg, x):
+    return jnp.exp2(x) if cfg.exp2 else jnp.exp(x)
 
 
 def _loops(rng_ref, b, i, body, carry, clip=None):
@@ -238,23 +269,25 @@ def _fwd_kernel(rng_ref, q_ref, k_ref, v_ref, *refs, cfg: Cfg, names: tuple, per
     q = q_ref[...]
     qm = {n: r[...] for n, r in zip(names, qm_refs)}  # [bq, 1]
 
+    qk_scale = cfg.scale * (LOG2E if cfg.exp2 else 1.0)  # scores in the exponent's base
+
     def body(masked, j, carry):
         acc, m, l = carry
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
-        sc = _dot_nt(q, k) * cfg.scale
+        sc = _dot_nt(q, k, cfg.precision) * qk_scale
         if masked:
             km = {n: r[:, pl.ds(start, bk)] for n, r in zip(names, km_refs)}  # [1, bk]
             msk = _tile_mask(cfg, qm, km)
             sc = jnp.where(msk, sc, NEG)
         m_new = jnp.maximum(m, jnp.max(sc, axis=-1, keepdims=True))
-        corr = jnp.exp(m - m_new)
-        p = jnp.exp(sc - m_new)
+        corr = _exp(cfg, m - m_new)
+        p = _exp(cfg, sc - m_new)
         if masked:
             p = jnp.where(msk, p, 0.0)
         l = corr * l + jnp.sum(p, axis=-1, keepdims=True)
         v = v_ref[pl.ds(start, bk), :]
-        acc = corr * acc + _dot_nn(p.astype(v.dtype), v)
+        acc = corr * acc + _dot_nn(p.astype(v.dtype), v, cfg.precision)
         return acc, m_new, l
 
     d = q_ref.shape[-1]
@@ -264,7 +297,8 @@ def _fwd_kernel(rng_ref, q_ref, k_ref, v_ref, *refs, cfg: Cfg, names: tuple, per
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, EMPTY, m + jnp.log(l_safe))
+    lse = (m + jnp.log2(l_safe)) * LN2 if cfg.exp2 else m + jnp.log(l_safe)  # natural log-sum-exp
+    lse_ref[...] = jnp.where(empty, EMPTY, lse)
 
 
 def _dq_kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, cfg: Cfg, names: tuple):
@@ -275,19 +309,20 @@ def _dq_kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, cfg
     bk = cfg.bk
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], dl_ref[...]
     qm = {n: r[...] for n, r in zip(names, qm_refs)}
+    qk_scale = cfg.scale * (LOG2E if cfg.exp2 else 1.0)
 
     def body(masked, j, dq):
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
-        sc = _dot_nt(q, k) * cfg.scale
-        p = jnp.exp(sc - lse)
+        sc = _dot_nt(q, k, cfg.precision) * qk_scale
+        p = _exp(cfg, sc - lse)
         if masked:
             km = {n: r[:, pl.ds(start, bk)] for n, r in zip(names, km_refs)}
             p = jnp.where(_tile_mask(cfg, qm, km), p, 0.0)
-        dp = _dot_nt(do, v)
+        dp = _dot_nt(do, v, cfg.precision)
         ds = p * (dp - delta)
-        return dq + _dot_nn(ds.astype(k.dtype), k)
+        return dq + _dot_nn(ds.astype(k.dtype), k, cfg.precision)
 
     dq = _loops(rng_ref, b, i, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -301,6 +336,7 @@ def _dkv_kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, cf
     bq = cfg.bq
     k, v = k_ref[...], v_ref[...]
     km = {n: r[...] for n, r in zip(names, km_refs)}  # [1, bk]
+    qk_scale = cfg.scale * (LOG2E if cfg.exp2 else 1.0)
 
     def body(masked, i, carry):
         dk, dv = carry
@@ -309,15 +345,15 @@ def _dkv_kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, cf
         do = do_ref[pl.ds(start, bq), :]
         lse = lse_ref[pl.ds(start, bq), :]
         delta = dl_ref[pl.ds(start, bq), :]
-        sc = _dot_nt(q, k) * cfg.scale
-        p = jnp.exp(sc - lse)
+        sc = _dot_nt(q, k, cfg.precision) * qk_scale
+        p = _exp(cfg, sc - lse)
         if masked:
             qm = {n: r[pl.ds(start, bq), :] for n, r in zip(names, qm_refs)}
             p = jnp.where(_tile_mask(cfg, qm, km), p, 0.0)
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        dp = _dot_nt(do, v)
+        dv = dv + _dot_tn(p.astype(do.dtype), do, cfg.precision)
+        dp = _dot_nt(do, v, cfg.precision)
         ds = p * (dp - delta)
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+        dk = dk + _dot_tn(ds.astype(q.dtype), q, cfg.precision)
         return dk, dv
 
     z = jnp.zeros(k.shape, jnp.float32)
@@ -420,13 +456,15 @@ def _bwd(cfg: Cfg, q, k, v, do, lse, delta, meta_q, meta_k, rng_q, rng_k):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_core(cfg, q, k, v, meta_q, meta_k, rng_q, rng_k):
-    o, lse = _fwd(cfg, q, k, v, meta_q, meta_k, rng_q)
+def _flash_core(cfg, q, k, v, meta_q, meta_k, rng_f, rng_q, rng_k):
+    """``rng_f``: the forward's per-query-block key ranges; ``rng_q``/``rng_k``: the backward's
+    (its blocks may differ: ``cfg.bwd``)."""
+    o, lse = _fwd(cfg, q, k, v, meta_q, meta_k, rng_f)
     return o[:, :, 0], lse[:, :, 0]
 
 
-def _flash_core_fwd(cfg, q, k, v, meta_q, meta_k, rng_q, rng_k):
-    o, lse = _flash_core(cfg, q, k, v, meta_q, meta_k, rng_q, rng_k)
+def _flash_core_fwd(cfg, q, k, v, meta_q, meta_k, rng_f, rng_q, rng_k):
+    o, lse = _flash_core(cfg, q, k, v, meta_q, meta_k, rng_f, rng_q, rng_k)
     return (o, lse), (q, k, v, o, lse, meta_q, meta_k, rng_q, rng_k)
 
 
@@ -435,8 +473,10 @@ def _flash_core_bwd(cfg, res, cts):
     do = cts[0].astype(q.dtype)  # the lse output is only compared, never differentiated
     delta = jnp.sum(cts[0].astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
     lse = jnp.where(lse <= EMPTY / 2, 0.0, lse)  # empty rows: every p is masked to 0 anyway
-    dq, dk, dv = _bwd(cfg, q, k, v, do, lse, delta, meta_q, meta_k, rng_q, rng_k)
-    return dq, dk, dv, None, None, None, None
+    if cfg.exp2:
+        lse = lse * LOG2E  # the kernels exponentiate in base 2
+    dq, dk, dv = _bwd(cfg.for_bwd(), q, k, v, do, lse, delta, meta_q, meta_k, rng_q, rng_k)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
@@ -455,17 +495,36 @@ def _choose(n, pref, lo):
 
 
 def _defaults(platform, d, dtype):
+    """Per-platform tiles. GPU bfloat16 figures are from the H100 sweep in ``bench/attention.py``
+    (8k causal prefill, 16 heads / 2 KV heads, head dim 128; ``bench/results_h100_attention.json``):
+    256-row query blocks, 64-key blocks, 8 warps, 3 pipeline stages forward; the backward keeps
+    128 x 64 (its dQ / dK,dV accumulators double the register load)."""
     if platform == "gpu":
         if dtype == jnp.float32:  # float32 tiles take twice the registers
-            return dict(bq=64, bk=32, min_block=16, num_warps=4, num_stages=2)
-        return dict(bq=128, bk=64, min_block=16, num_warps=8 if d > 64 else 4, num_stages=2)
+            return dict(bq=64, bk=32, min_block=16, num_warps=4, num_stages=2, exp2=True, bwd=None)
+        return dict(bq=256, bk=64, min_block=16, num_warps=8, num_stages=3, exp2=True, bwd=(128, 64, 8, 2),
+                    min_programs=264)
     if platform == "tpu":
-        return dict(bq=128, bk=128, min_block=8, num_warps=4, num_stages=2)
-    return dict(bq=64, bk=64, min_block=8, num_warps=4, num_stages=2)
+        return dict(bq=128, bk=128, min_block=8, num_warps=4, num_stages=2, exp2=False, bwd=None)
+    return dict(bq=64, bk=64, min_block=8, num_warps=4, num_stages=2, exp2=True, bwd=None)
+
+
+def _f32_precision(platform, dtype):
+    """Triton input precision for float32 dots, following ``jax.default_matmul_precision``:
+    3-pass TF32 (about float32 accuracy, on the tensor cores) under "highest"/"float32", one-pass
+    TF32 otherwise (XLA's own default for float32 matmuls on the GPU). Plain IEEE float32 dots
+    lower to FMA loops in Triton: slow to compile at useful tile sizes and slow to run."""
+    if platform != "gpu" or dtype != jnp.float32:
+        return None
+    from jax._src import config as jcfg
+
+    val = jcfg.default_matmul_precision.value
+    val = str(getattr(val, "name", val)).lower() if val is not None else "default"
+    return "tf32x3" if val in ("highest", "float32", "f32_f32_f32", "tensorfloat32x3") else "tf32"
 
 
 def _prepare(q, k, v, mask, scale, platform, block_q, block_k, splits_for_decode, num_warps=None,
-             num_stages=None):
+             num_stages=None, exp2=None, splits=None):
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -473,12 +532,21 @@ def _prepare(q, k, v, mask, scale, platform, block_q, block_k, splits_for_decode
     dflt = _defaults(platform, d, q.dtype)
     rq = tq * g
     bq = block_q or _choose(rq, dflt["bq"], dflt["min_block"])
+    if not block_q and "min_programs" in dflt:  # short inputs: smaller query blocks, more programs
+        while bq > 128 and b * kvh * -(-rq // bq) < dflt["min_programs"]:
+            bq //= 2
     bk = block_k or _choose(tk, dflt["bk"], dflt["min_block"])
+    bwd = None
+    if dflt["bwd"] is not None and not (block_q or block_k or num_warps or num_stages):
+        bbq, bbk, bw, bs = dflt["bwd"]
+        bwd = (min(bbq, bq), min(bbk, bk), bw, bs)  # powers of two <= the forward's: they divide the padding
     rq_pad = -(-rq // bq) * bq
     tk_pad = -(-tk // bk) * bk
     dp = max(16, _pow2(d)) if platform == "gpu" else d
     nk = tk_pad // bk
-    if splits_for_decode:
+    if splits_for_decode and splits:
+        splits = int(max(1, min(nk, splits)))
+    elif splits_for_decode:
         if platform == "gpu":
             want = -(-264 // (b * kvh * (rq_pad // bq)))
         else:
@@ -493,9 +561,12 @@ def _prepare(q, k, v, mask, scale, platform, block_q, block_k, splits_for_decode
         band = (int(back), int(ahead))
     cfg = Cfg(causal=bool(mask.causal), band=band, scale=scale, bq=bq, bk=bk, platform=platform,
               splits=splits, num_warps=num_warps or dflt["num_warps"],
-              num_stages=num_stages or dflt["num_stages"])
+              num_stages=num_stages or dflt["num_stages"], exp2=dflt["exp2"] if exp2 is None else bool(exp2),
+              precision=_f32_precision(platform, q.dtype), bwd=bwd)
     meta = build_meta(mask, b, tq, tk, g, rq_pad, tk_pad, band_size)
     rng_q, rng_k = _block_ranges(meta, cfg)
+    if bwd is not None:
+        rng_q = (rng_q,) + _block_ranges(meta, cfg.for_bwd())  # (forward, backward rows, backward keys)
     # rows: [B, Tq, KVH, G, D] -> [B, KVH, Tq*G, D]
     qr = q.reshape(b, tq, kvh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, rq, d)
     qr = _pad_to(_pad_to(qr, rq_pad, 2), dp, 3)
@@ -526,7 +597,7 @@ def _finish(o_rows, lse, q, v, mask):
 
 
 def flash_attention(q, k, v, mask, *, scale=None, platform=None, block_q=None, block_k=None, num_warps=None,
-                    num_stages=None):
+                    num_stages=None, exp2=None):
     """Blockwise attention with a structural mask; differentiable (custom_vjp).
 
     Same contract as :func:`omni_jax.attention.xla_attention`. ``block_q`` counts query *rows*
@@ -535,13 +606,16 @@ def flash_attention(q, k, v, mask, *, scale=None, platform=None, block_q=None, b
     """
     platform = platform or current_platform()
     cfg, meta, rng_q, rng_k, qr, kk, vv = _prepare(q, k, v, mask, scale, platform, block_q, block_k, False,
-                                                   num_warps, num_stages)
-    o, lse = _flash_core(cfg, qr, kk, vv, meta.q, meta.k, rng_q, rng_k)
+                                                   num_warps, num_stages, exp2)
+    rng_f, rng_bq, rng_bk = rng_q if cfg.bwd is not None else (rng_q, rng_q, rng_k)
+    o, lse = _flash_core(cfg, qr, kk, vv, meta.q, meta.k, rng_f, rng_bq, rng_bk)
     return _finish(o, lse, q, v, mask)
 
 
-def _decode_impl(q, k, v, mask, scale, platform, block_k):
-    cfg, meta, rng_q, _, qr, kk, vv = _prepare(q, k, v, mask, scale, platform, None, block_k, True)
+def _decode_impl(q, k, v, mask, scale, platform, block_k, splits=None):
+    cfg, meta, rng_q, _, qr, kk, vv = _prepare(q, k, v, mask, scale, platform, None, block_k, True, splits=splits)
+    if cfg.bwd is not None:
+        rng_q = rng_q[0]
     o, lse = _fwd(cfg, qr, kk, vv, meta.q, meta.k, rng_q)  # [B, KVH, S, R, D], [B, KVH, S, R, 1]
     if cfg.splits > 1:  # merge the key-axis splits by their log-sum-exps
         mx = jnp.max(lse, axis=2, keepdims=True)
@@ -554,7 +628,7 @@ def _decode_impl(q, k, v, mask, scale, platform, block_k):
     return _finish(o, lse, q, v, mask)
 
 
-def decode_attention(q, k, v, mask, *, scale=None, platform=None, block_k=None):
+def decode_attention(q, k, v, mask, *, scale=None, platform=None, block_k=None, splits=None):
     """One new query per sequence (``q [B, 1, H, D]``) against the cache ``k, v [B, S, KVH, D]``.
 
     Split-K ("flash decoding"): the key axis is cut into splits run as separate programs and
@@ -570,7 +644,7 @@ def decode_attention(q, k, v, mask, *, scale=None, platform=None, block_k=None):
 
     @jax.custom_vjp
     def f(q, k, v, arrs):
-        return _decode_impl(q, k, v, rebuild(arrs), scale, platform, block_k)
+        return _decode_impl(q, k, v, rebuild(arrs), scale, platform, block_k, splits)
 
     def f_fwd(q, k, v, arrs):
         return f(q, k, v, arrs), (q, k, v, arrs)
