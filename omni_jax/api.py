@@ -124,8 +124,8 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
 
     ``dtype``: thinker/talker parameters and activations (``"bfloat16"`` or ``"float32"``).
     ``mesh``: a ``jax.sharding.Mesh`` over axes among data/fsdp/tensor, or None (one device).
-    ``attention``: ``"xla"``, ``"pallas"`` or None (XLA, or ``$OMNI_JAX_ATTENTION``: the Pallas kernels
-    are opt-in until their current version has run on a GPU/TPU; see omni_jax.attention.default_impl).
+    ``attention``: ``"xla"``, ``"pallas"`` or None (``$OMNI_JAX_ATTENTION`` if set, else Pallas on GPU/TPU
+    and XLA on CPU; see omni_jax.attention.default_impl).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -521,7 +521,7 @@ class OmniModel:
             fmask = np.ones((feats.shape[0], feats.shape[-1]), np.int32) if fmask is None else np.asarray(fmask)
             seqlens = fmask.sum(-1)
             pieces.append(("input_features", tc.audio_token_id,
-                           encode_audio_padded(self.audio, tc.audio, feats, fmask, self.attention)))
+                           encode_audio_padded(self.audio, tc.audio, feats, fmask, self.attention, mesh=self.mesh)))
         elif aiv:
             raise InputError("use_audio_in_video: needs the video's audio as input_features")
         for name, px, grid, tok in (("pixel_values", images, igrid, tc.image_token_id),
@@ -535,7 +535,7 @@ class OmniModel:
             from .vision import encode_vision
 
             pieces.append((name, tok, encode_vision(self.vision, tc.vision, np.asarray(px), np.asarray(grid),
-                                                    self.attention)))
+                                                    self.attention, mesh=self.mesh)))
         if videos is not None and spg is None:
             spg = [1.0] * len(np.asarray(vgrid).reshape(-1, 3))  # temporal patch 2 at 2 fps
         b, t = ids.shape
