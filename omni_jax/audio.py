@@ -269,16 +269,30 @@ def _audio_jit(graphdef, state, cfg, chunks, chunk_lens, pool_a, pool_b, impl):
     return audio_forward(model, cfg, chunks, chunk_lens, pool_a, pool_b, impl=impl)
 
 
+@functools.lru_cache(maxsize=8)
+def _audio_mesh_jit(mesh):
+    """The encoder jitted with declared shardings on ``mesh`` (parameters keep theirs, chunks over the batch
+    axes, the output replicated)."""
+    from .sharding import MeshJit
+
+    def fn(graphdef, state, cfg, chunks, chunk_lens, pool_a, pool_b, impl):
+        return audio_forward(nnx.merge(graphdef, state), cfg, chunks, chunk_lens, pool_a, pool_b, impl=impl)
+
+    return MeshJit(fn, mesh, [None, "own", None, ("batch", None, None), ("batch",), None, None, None],
+                   static_argnums=(0, 2, 7))
+
+
 def encode_audio(model: AudioEncoder, cfg: AudioConfig, input_features, feature_lens, impl="xla", *,
-                 num_chunks: int | None = None):
+                 num_chunks: int | None = None, mesh=None):
     """Audio embeddings ``[sum(tokens), output_dim]`` for audios given as the reference takes them:
     ``input_features [num_mel_bins, sum(L)]`` (the audios' frames concatenated) and
     ``feature_lens [num_audios]``. One compile per chunk-count bucket.
     """
     batch = prepare_audio(cfg, input_features, feature_lens, num_chunks=num_chunks)
     graphdef, state = nnx.split(model)
-    out = _audio_jit(graphdef, state, cfg, jnp.asarray(batch.chunks), jnp.asarray(batch.chunk_lens),
-                     jnp.asarray(batch.pool_a), jnp.asarray(batch.pool_b), impl)
+    fn = _audio_jit if mesh is None else _audio_mesh_jit(mesh)
+    out = fn(graphdef, state, cfg, jnp.asarray(batch.chunks), jnp.asarray(batch.chunk_lens),
+             jnp.asarray(batch.pool_a), jnp.asarray(batch.pool_b), impl)
     return out[: batch.num_tokens]
 
 

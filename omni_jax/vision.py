@@ -281,8 +281,21 @@ def _vision_jit(graphdef, state, cfg, pixel_values, order, positions, window_ids
     return vision_forward(model, cfg, pixel_values, order, positions, window_ids, frame_ids, restore, impl=impl)
 
 
+@functools.lru_cache(maxsize=8)
+def _vision_mesh_jit(mesh):
+    """The encoder jitted with declared shardings on ``mesh`` (parameters keep theirs, the rest replicated)."""
+    from .sharding import MeshJit
+
+    def fn(graphdef, state, cfg, pixel_values, order, positions, window_ids, frame_ids, restore, impl):
+        return vision_forward(nnx.merge(graphdef, state), cfg, pixel_values, order, positions, window_ids,
+                              frame_ids, restore, impl=impl)
+
+    return MeshJit(fn, mesh, [None, "own", None, None, None, None, None, None, None, None],
+                   static_argnums=(0, 2, 9))
+
+
 def encode_vision(model: VisionEncoder, cfg: VisionConfig, pixel_values, grid_thw, impl="xla", *,
-                  num_patches: int | None = None):
+                  num_patches: int | None = None, mesh=None):
     """Vision embeddings ``[sum(t*h*w) / m^2, out_hidden_size]`` for the processor's
     ``pixel_values [sum(t*h*w), C*tp*p*p]`` and ``grid_thw [N, 3]`` (images or videos).
     One compile per patch-count bucket.
@@ -296,7 +309,8 @@ def encode_vision(model: VisionEncoder, cfg: VisionConfig, pixel_values, grid_th
     dtype = model.patch_embed.proj.weight[...].dtype
     padded = np.zeros((len(batch.order), width), dtype=dtype)
     padded[: batch.num_patches] = pv
-    out = _vision_jit(graphdef, state, cfg, jnp.asarray(padded), jnp.asarray(batch.order),
+    fn = _vision_jit if mesh is None else _vision_mesh_jit(mesh)
+    out = fn(graphdef, state, cfg, jnp.asarray(padded), jnp.asarray(batch.order),
                       jnp.asarray(batch.positions), jnp.asarray(batch.window_ids), jnp.asarray(batch.frame_ids),
                       jnp.asarray(batch.restore), impl)
     return out[: batch.num_tokens]
