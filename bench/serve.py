@@ -3,8 +3,9 @@
     python -m bench serve [--model DIR] [--concurrency 1 8 32] [--requests 32] [--duration 120]
                           [--max-tokens 16] [--audio-every 4] [--json bench/results_cpu_serve.json]
 
-Starts the server in-process on 127.0.0.1 (uvicorn, a free port), warms every compiled program
-up with one untimed round, then for each concurrency ``c`` runs up to ``--requests`` streamed
+Starts the server in-process on 127.0.0.1 (uvicorn, a free port), compiles the decode programs of
+every occupancy bucket (:meth:`Engine.precompile`) and warms the rest up with one untimed round
+(``warmup_s``; the compile counts after it are checked unchanged at the end), then for each concurrency ``c`` runs up to ``--requests`` streamed
 requests from ``c`` client threads (bounded by ``--duration`` seconds: no new request starts
 after it). Each request is a distinct prompt, greedy, ``ignore_eos`` (fixed length); every
 ``--audio-every``-th one also asks for speech. Reported: requests/s, generated tokens/s, p50/p99
@@ -152,7 +153,10 @@ def main(argv=None):
     model = omni_jax.load(path, dtype=args.dtype or ("float32" if args.model is None else "bfloat16"))
     limits = ServeLimits(max_batch=args.max_batch, max_queue=max(64, args.requests), max_tokens=args.max_tokens,
                          max_prompt_tokens=64, max_audio_tokens=max(args.talker_tokens, 1))
-    engine = Engine(model, limits).start()
+    t = time.perf_counter()
+    engine = Engine(model, limits)
+    engine.precompile()  # one decode program per occupancy bucket: none compiles while timed
+    engine.start()
     key = "bench"
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -164,22 +168,29 @@ def main(argv=None):
         time.sleep(0.05)
     try:
         reqs = make_requests(args.requests, args.max_tokens, args.audio_every, args.talker_tokens)
-        t = time.perf_counter()
         warm = make_requests(max(args.concurrency), args.max_tokens, args.audio_every, args.talker_tokens)
         run_load(url, key, warm, max(args.concurrency), 600)  # compile everything once (untimed)
         run_offline(model, warm[:max(1, args.audio_every or 1) + 1], 600)
         warm_s = time.perf_counter() - t
+        compiles_warm = engine.compile_counts()
         levels = {}
         for c in args.concurrency:
             levels[str(c)] = run_load(url, key, reqs, c, args.duration)
             print(f"concurrency {c:3d}: {levels[str(c)]}", flush=True)
         offline = run_offline(model, reqs, args.duration * 2)
         print(f"offline one by one: {offline}", flush=True)
-        res = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), jax=jax.__version__,
+        compiles = engine.compile_counts()
+        if compiles != compiles_warm:
+            print(f"warning: compiled while timed: {compiles_warm} -> {compiles}", flush=True)
+        res = dict(command=" ".join(["python -m bench serve"] + list(sys.argv[1:] if argv is None else argv)),
+                   device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), jax=jax.__version__,
                    cpu_count=os.cpu_count(), model="embedded default (float32)" if args.model is None else path,
                    date=time.strftime("%Y-%m-%d"), max_tokens=args.max_tokens, audio_every=args.audio_every,
                    talker_tokens=args.talker_tokens, max_batch=args.max_batch, warmup_s=round(warm_s, 1),
-                   compiles=engine.compile_counts(), server=levels, offline_one_by_one=offline)
+                   compiles=compiles, compiled_while_timed=compiles != compiles_warm,
+                   decode_buckets={"thinker": sorted(engine.thinker.buckets),
+                                   "talker": sorted(engine.talker.buckets) if engine.talker else []},
+                   server=levels, offline_one_by_one=offline)
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {args.json}")

@@ -264,3 +264,30 @@ def decode_rows(step_fn, state: RowState, n_steps, budget, *, eos_ids, pad_id, s
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return state
+
+
+# Row subsets (serving: decode only the occupied rows). A server's batch of ``B`` rows is mostly
+# partly full; :func:`take_rows` copies ``k`` of its rows out as a ``k``-row :class:`RowState`,
+# :func:`decode_rows` advances that, and :func:`put_rows` writes it back. Rows are independent, so
+# a row's tokens are the same in any sub-batch.
+
+def _row_axis(path) -> int:
+    """The batch axis of a :class:`RowState` leaf: 1 for the KV cache and ``next_pos``, else 0."""
+    top = path[0].name if hasattr(path[0], "name") else None
+    return 1 if top in ("cache", "next_pos") else 0
+
+
+def take_rows(state: RowState, rows) -> RowState:
+    """Rows ``rows`` (``[k]`` int32, unique) of ``state`` as a ``k``-row state (a copy)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: jnp.take(x, rows, axis=_row_axis(p)), state)
+
+
+def put_rows(state: RowState, rows, sub: RowState) -> RowState:
+    """``state`` with rows ``rows`` (``[k]`` int32, unique and sorted) replaced by ``sub``'s ``k``
+    rows (in place when ``state`` is donated)."""
+
+    def put(p, x, y):
+        idx = (slice(None),) * _row_axis(p) + (rows,)
+        return x.at[idx].set(y, unique_indices=True, indices_are_sorted=True)
+
+    return jax.tree_util.tree_map_with_path(put, state, sub)

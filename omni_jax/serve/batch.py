@@ -6,11 +6,20 @@ is prefilled alone with the model's own prefill (:meth:`OmniModel.prefill` /
 :meth:`OmniModel._talker_start`, so the first token is the offline one), then its batch-1
 state is written into a free row (:meth:`SlotBatch.insert`, a jitted dynamic_update_slice with
 the row index traced: no compile per row). :meth:`SlotBatch.step` runs the jitted per-row decode
-loop (:func:`omni_jax.generate.decode_rows`) over all ``B`` rows for up to ``k`` steps. Rows join
-and leave between calls; every shape is fixed by the server's limits, so joining never
-recompiles. Each row keeps the cache layout of an offline run (prompt bucket at slots
-``[0, Tb)``, token ``j`` at ``Tb + j``), its own positions, key mask, RNG key and sampling
-parameters, so its tokens do not depend on the rows beside it.
+loop (:func:`omni_jax.generate.decode_rows`) for up to ``k`` steps over the rows the scheduler
+names (the occupied rows that still decode), not over all ``B``: it copies them, padded with free
+rows to the occupancy bucket (the smallest power of two >= their count, at most ``B``: 1, 2, 4,
+..., ``B``), into a bucket-sized sub-batch (:func:`omni_jax.generate.take_rows`), decodes it and
+writes it back in place (:func:`omni_jax.generate.put_rows`; at bucket ``B`` it decodes the
+whole batch without a copy). The copy is of the bucket's rows only, so a call costs about what a
+batch of that size costs offline.
+
+Compiles: one decode program per occupancy bucket actually used (at most ``ceil(log2(B)) + 1``
+per batch, the talker's and the thinker's separately), one insert program per prefill-state shape;
+the row indices are traced, and every other shape is fixed by the server's limits, so rows
+joining or leaving never recompile. Each row keeps the cache layout of an offline run (prompt
+bucket at slots ``[0, Tb)``, token ``j`` at ``Tb + j``), its own positions, key mask, RNG key and
+sampling parameters, so its tokens do not depend on the rows beside it nor on the bucket.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from .. import thinker as th
-from ..generate import DecodeState, RowSampling, RowState, decode_rows
+from ..generate import DecodeState, RowSampling, RowState, decode_rows, put_rows, take_rows
 
 INT_BIG = np.int32(2 ** 30)
 
@@ -83,6 +92,29 @@ def _take_row(state: RowState, r):
             jax.lax.dynamic_index_in_dim(state.n, r, keepdims=False))
 
 
+def occupancy_bucket(n: int, b: int) -> int:
+    """The sub-batch size for ``n`` decoding rows in a batch of ``b``: the smallest power of two
+    ``>= n``, at most ``b``."""
+    k = 1
+    while k < n:
+        k *= 2
+    return min(k, b)
+
+
+def _on_rows(step_fn, b):
+    """``run(before, state, rows, after)``: ``step_fn`` over rows ``rows`` of ``state`` only (all of
+    them, without a copy, when ``len(rows) == b``). ``step_fn(*before, state, *after, rows=...)``
+    gets the row indices (or None) to select its own per-row inputs."""
+
+    def run(before, state: RowState, rows, after):
+        if rows.shape[0] == b:
+            return step_fn(*before, state, *after, rows=None)
+        sub = step_fn(*before, take_rows(state, rows), *after, rows=rows)
+        return put_rows(state, rows, sub)
+
+    return run
+
+
 class SlotBatch:
     """One decode batch of ``b`` rows with jitted insert / release / step programs."""
 
@@ -97,14 +129,27 @@ class SlotBatch:
         self._insert = jax.jit(lambda *a: _insert(*a), donate_argnums=(0,) if donate else ())
         self._release = jax.jit(lambda *a: _release(*a), donate_argnums=(0,) if donate else ())
         self._take = jax.jit(lambda *a: _take_row(*a))
-        self._step = jax.jit(step_fn, donate_argnums=(1,) if donate else ())
+        self._step = jax.jit(_on_rows(step_fn, self.b), donate_argnums=(1,) if donate else ())
+        self.buckets: set[int] = set()  # occupancy buckets decoded so far (one program each)
 
-    def step(self, *args, before=(), after=()):
-        """``state = step_fn(*before, state, *after)`` (under the model's mesh)."""
+    def step(self, rows, *, before=(), after=()):
+        """``state = step_fn(*before, state, *after)`` over rows ``rows`` (host ints) only, padded
+        with other rows (free or finished: they do not step) to :func:`occupancy_bucket` (under the
+        model's mesh). No rows: nothing to do."""
         from ..sharding import use_mesh
 
+        rows = sorted(set(int(r) for r in rows))
+        if not rows:
+            return
+        k = occupancy_bucket(len(rows), self.b)
+        if k < self.b:
+            chosen = set(rows)
+            rows = sorted(rows + [r for r in range(self.b) if r not in chosen][:k - len(rows)])
+        else:
+            rows = list(range(self.b))
+        self.buckets.add(k)
         with use_mesh(self.mesh):
-            self.state = self._step(*before, self.state, *after)
+            self.state = self._step(tuple(before), self.state, np.asarray(rows, np.int32), tuple(after))
 
     def insert(self, r: int, small: DecodeState, *, max_new, min_new, eos_on, sp_row):
         self.state = self._insert(self.state, small, np.int32(r), np.int32(max_new), np.int32(min_new),
@@ -136,7 +181,7 @@ def thinker_step_fn(model_obj):
     """``step(params, state, n_steps, eos, pad)``: the thinker's per-row decode chunk."""
     gdef, tcfg, impl = model_obj._graphdef, model_obj.config.thinker.text, model_obj.attention
 
-    def step(params, state: RowState, n_steps, eos, pad):
+    def step(params, state: RowState, n_steps, eos, pad, rows=None):
         model = nnx.merge(gdef, params)
 
         def one(s: RowState):  # as OmniModel's step_fn, with per-row cache slots
@@ -152,8 +197,9 @@ def thinker_step_fn(model_obj):
 
 
 def talker_step_fn(model_obj):
-    """``step(tparams, state, params, thinker_view, n_steps, eos, pad, suppress, thinker_eos, extra)``:
-    the talker's per-row decode chunk. Row ``b`` feeds, at its step ``k`` (its ``n - 1``), the reply
+    """``step(tparams, state, params, thinker_view, n_steps, eos, pad, suppress, thinker_eos, extra,
+    rows=None)``: the talker's per-row decode chunk (``thinker_view`` has all ``B`` rows; ``rows``
+    selects those of ``state``'s sub-batch). Row ``b`` feeds, at its step ``k`` (its ``n - 1``), the reply
     input that :func:`omni_jax.talker.reply_parts` builds (thinker token ``k + 1``'s hidden state +
     embedding; then text-eos, then text-pad), computed from the thinker's buffers of the same row,
     and steps only while that input is final (``k < n_thinker - 2``, or the thinker has finished) —
@@ -164,7 +210,10 @@ def talker_step_fn(model_obj):
     gdef = model_obj._graphdef
 
     def step(tparams, state: RowState, params, th_tokens, th_hidden, th_n, th_finished, th_eos_on, n_steps, eos, pad,
-             suppress, thinker_eos, extra_ids):
+             suppress, thinker_eos, extra_ids, rows=None):
+        if rows is not None:  # the thinker rows of this sub-batch
+            th_tokens, th_hidden, th_n, th_finished, th_eos_on = (
+                jnp.take(x, rows, axis=0) for x in (th_tokens, th_hidden, th_n, th_finished, th_eos_on))
         tmodel = nnx.merge(tgdef, tparams)
         model = nnx.merge(gdef, params)
         ex = th.embed(model, extra_ids)  # text bos (speaker), text eos, text pad

@@ -5,18 +5,27 @@ Loop (one iteration = one ``decode_steps`` boundary):
 1. admit: while a slot is free and requests wait, prefill the next one alone (the model's own
    :meth:`OmniModel.prefill`, which also picks its first token) and write it into the free row;
 2. drop the rows of requests whose client went away (their slot is free for the next admit);
-3. advance every live thinker row by up to ``steps_per_call`` tokens in one jitted call;
+3. advance every thinker row still writing text by up to ``steps_per_call`` tokens in one jitted
+   call over those rows only (gathered into the smallest power-of-two sub-batch that holds them,
+   :meth:`SlotBatch.step`: a call costs what a batch of the occupied rows costs, not of
+   ``max_batch``);
 4. hand out text deltas (whole UTF-8 characters, :class:`omni_jax.processor.TextStreamer`);
 5. speech: start the talker of rows whose thinker has fed its first reply token (the model's own
    talker prefill, written into the talker batch at the same row), advance every talker row
-   whose next input is final by up to ``talker_steps_per_call`` codec ids in one jitted call, and
+   whose next input is final by up to ``talker_steps_per_call`` codec ids in one jitted call over
+   the speaking rows only (bucketed the same way), and
    pass new codec ids to the request's :class:`omni_jax.streaming.StreamingToken2Wav` (run on a
    separate vocoder thread, so the DiT/BigVGAN chunks overlap decoding);
 6. free the slots of finished requests.
 
 Requests wait in a bounded FIFO queue (:class:`QueueFull` when it is full). Every per-row value
 (positions, cache slots, key mask, RNG key, sampling parameters, limits) lives in the row, so a
-request's greedy tokens do not depend on the others in the batch.
+request's greedy tokens do not depend on the others in the batch, nor on the sub-batch size.
+
+Compiles: the thinker and the talker each compile one decode program per occupancy bucket
+actually used (1, 2, 4, ..., ``max_batch``: at most ``ceil(log2(max_batch)) + 1`` each, see
+:func:`.batch.occupancy_bucket`); :meth:`Engine.compile_counts` reports them with the insert and
+prefill programs. Joining or leaving never recompiles otherwise.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import numpy as np
 
 from ..api import _noise_key, bucket
 from ..errors import OmniError
-from .batch import SlotBatch, empty_state, sampling_row, talker_step_fn, thinker_step_fn
+from .batch import SlotBatch, empty_state, occupancy_bucket, sampling_row, talker_step_fn, thinker_step_fn
 
 log = logging.getLogger("omni_jax.serve")
 
@@ -355,13 +364,35 @@ class Engine:
         self._drop_cancelled()
         if self.active() == 0:
             return
-        th = self.thinker
-        th.step(before=(self.model.params,), after=(np.int32(self.limits.steps_per_call), th.eos, th.pad))
-        n, tokens, finished = th.host_view()
+        self._thinker_step([r for r, q in enumerate(self.slots) if q is not None and not q.text_done])
+        n, tokens, finished = self.thinker.host_view()
         self._emit_text(n, tokens, finished)
         if self.talker is not None:
             self._talk(n, finished)
         self._free_finished()
+
+    def _thinker_step(self, rows):
+        th = self.thinker
+        th.step(rows, before=(self.model.params,), after=(np.int32(self.limits.steps_per_call), th.eos, th.pad))
+
+    def _talker_step(self, rows):
+        m, tb, ts = self.model, self.talker, self.thinker.state
+        view = (ts.tokens, ts.hidden, ts.n, ts.done | (ts.n >= ts.max_new), ts.eos_on)
+        tb.step(rows, before=(m.talker[1],), after=(m.params, *view, np.int32(self.limits.talker_steps_per_call),
+                                                  tb.eos, tb.pad, tb.suppress, self.thinker.eos, self.t_extra))
+
+    def precompile(self):
+        """Compile the thinker's and talker's decode programs for every occupancy bucket now, rather
+        than the first time that many rows decode together. Call it before :meth:`start` (or while
+        paused with no request in a slot): it steps free rows only, which changes nothing."""
+        b = self.limits.max_batch
+        if any(q is not None for q in self.slots):
+            raise RuntimeError("precompile needs an idle engine")
+        for k in sorted({occupancy_bucket(n, b) for n in range(1, b + 1)}):
+            self._thinker_step(range(k))
+            if self.talker is not None:
+                self._talker_step(range(k))
+        jax.block_until_ready(self.thinker.state)
 
     def _admit(self):
         while True:
@@ -487,10 +518,7 @@ class Engine:
         live = [r for r, q in enumerate(self.slots) if q is not None and q.talker_started and not q.talker_done]
         if not live:
             return
-        ts = self.thinker.state
-        tb.step(before=(m.talker[1],), after=(m.params, ts.tokens, ts.hidden, ts.n, ts.done | (ts.n >= ts.max_new),
-                                              ts.eos_on, np.int32(lim.talker_steps_per_call), tb.eos, tb.pad,
-                                              tb.suppress, self.thinker.eos, self.t_extra))
+        self._talker_step(live)
         tn, ttok, tfin = tb.host_view()
         for r in live:
             req = self.slots[r]
