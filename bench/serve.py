@@ -17,7 +17,6 @@ event from the call).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import socket
