@@ -62,7 +62,7 @@ from flax import nnx
 from .attention import MaskSpec, attention, default_impl
 from .config import BigVGANConfig, DiTConfig, Token2WavConfig
 from .errors import CheckpointError, InputError
-from .layers import Embed, Linear, scan_layers
+from .layers import Embed, Linear
 from .rope import inv_freq, rotate_half
 from .sharding import constrain
 
@@ -353,13 +353,25 @@ def _rope_first_head(x, cos, sin):
     return jnp.concatenate([h0[:, :, None, :], x[:, :, 1:, :]], axis=2)
 
 
-def dit_forward(dit: DiT, cfg: DiTConfig, x, t, cond_feats, *, kv_valid=None, rope=None, impl="xla"):
+def dit_layers(dit: DiT, cfg: DiTConfig) -> list:
+    """Per-layer views of the stacked DiT blocks (static slices of the stacked parameters).
+
+    :func:`dit_sample_fn` takes them once, outside its ODE loops, and :func:`dit_forward` runs
+    the layers as a Python loop over them. A ``lax.scan`` over the stacked layers instead
+    dynamic-slices (copies, on CPU) every weight matrix of a layer at every layer of every DiT
+    evaluation: at published widths 59 MB per layer per evaluation, the same weights 36 times per
+    ODE solve (profiled: 8% of the CPU solve at 4 layers)."""
+    graphdef, state = nnx.split(dit.transformer_blocks)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(cfg.num_hidden_layers)]
+
+
+def dit_forward(dit: DiT, cfg: DiTConfig, x, t, cond_feats, *, kv_valid=None, rope=None, impl="xla", layers=None):
     """One DiT evaluation (the velocity field).
 
     ``x [N, T, mel_dim]`` (the noised mel), ``t`` a scalar time (float32, shared by the rows),
     ``cond_feats [N, T, enc_dim + emb_dim + enc_emb_dim]``: the speaker-encoder output, the
     codec embedding and the speaker vector, per frame (see :func:`dit_conditioning`).
-    Returns ``[N, T, mel_dim]``.
+    ``layers``: :func:`dit_layers` of ``dit`` (taken here when None). Returns ``[N, T, mel_dim]``.
     """
     n, tlen, _ = x.shape
     nh, hd = cfg.num_attention_heads, cfg.head_dim
@@ -370,16 +382,8 @@ def dit_forward(dit: DiT, cfg: DiTConfig, x, t, cond_feats, *, kv_valid=None, ro
     h = constrain(h, ("batch", "seq", "act_embed"))
 
     bands = layer_bands(cfg)
-    kinds = sorted(set(bands))
-    kind_of_layer = jnp.asarray([kinds.index(b) for b in bands], jnp.int32)
 
-    def attend_with(band):
-        mask = MaskSpec(block_band=(cfg.block_size, band[0], band[1]), kv_valid=kv_valid)
-        return lambda q, k, v: attention(q, k, v, mask, impl=impl)
-
-    branches = [attend_with(b) for b in kinds]
-
-    def body(layer: DiTBlocks, h, kind):
+    def body(layer: DiTBlocks, h, band):
         mod = layer.attn_norm.linear(stemb)  # [1, 6H]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 6, axis=-1)
         y = _layer_norm(h) * (1 + scale_msa) + shift_msa
@@ -389,13 +393,15 @@ def dit_forward(dit: DiT, cfg: DiTConfig, x, t, cond_feats, *, kv_valid=None, ro
         v = att.to_v(y).reshape(n, tlen, nh, hd)
         q = _rope_first_head(q, cos, sin)
         k = _rope_first_head(k, cos, sin)
-        o = branches[0](q, k, v) if len(branches) == 1 else jax.lax.switch(kind, branches, q, k, v)
+        mask = MaskSpec(block_band=(cfg.block_size, band[0], band[1]), kv_valid=kv_valid)
+        o = attention(q, k, v, mask, impl=impl)
         h = h + gate_msa * att.to_out[0](o.reshape(n, tlen, nh * hd))
         y = _layer_norm(h) * (1 + scale_mlp) + shift_mlp
         h = h + gate_mlp * layer.ff(y)
-        return constrain(h, ("batch", "seq", "act_embed")), None
+        return constrain(h, ("batch", "seq", "act_embed"))
 
-    h, _ = scan_layers(dit.transformer_blocks, body, h, kind_of_layer)
+    for layer, band in zip(dit_layers(dit, cfg) if layers is None else layers, bands):
+        h = body(layer, h, band)
     scale, shift = jnp.split(dit.norm_out.linear(stemb)[:, None, :], 2, axis=-1)
     h = _layer_norm(h) * (1 + scale) + shift
     return dit.proj_out(h)
@@ -471,10 +477,11 @@ def dit_sample_fn(dit: DiT, cfg: DiTConfig, codes, cond, ref_mel, noise, *, step
         if use_cfg:
             kv_valid = jnp.concatenate([kv_valid, kv_valid], axis=0)
     rope = _dit_rope(cfg, tlen)
+    layers = dit_layers(dit, cfg)  # sliced once, outside the ODE loops
 
     def velocity(t, y):
         x = jnp.concatenate([y, y], axis=0) if use_cfg else y
-        out = dit_forward(dit, cfg, x, t, feats, kv_valid=kv_valid, rope=rope, impl=impl)
+        out = dit_forward(dit, cfg, x, t, feats, kv_valid=kv_valid, rope=rope, impl=impl, layers=layers)
         if not use_cfg:
             return out
         c, u = out[:b], out[b:]
