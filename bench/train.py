@@ -69,7 +69,7 @@ def run(args) -> dict:
             tm = None
             vocab = model.config.thinker.text.vocab_size
         else:
-            tm = compare.build_checkpoint(cfg, d)
+            tm = compare.build_checkpoint(cfg, d).thinker
             model = omni_jax.load(d, dtype="float32")
             vocab = cfg["text"]["vocab_size"]
         t = model.config.thinker.text
