@@ -190,6 +190,7 @@ def test_bad_lines_named_then_skipped_or_fatal(tmp_path, capsys):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"bad\.jsonl:2: not valid JSON"):
         Trainer(_opts(str(path), tmp_path / "a"))
+    assert not (tmp_path / "a").exists()  # a failed start leaves no run directory behind
     logged = []
     tr = Trainer(_opts(str(path), tmp_path / "b", on_error="skip"), log=logged.append)
     assert len(tr.examples) == 2 and tr.skipped == 6
@@ -203,6 +204,7 @@ def test_bad_lines_named_then_skipped_or_fatal(tmp_path, capsys):
     assert main(["--model", omni_jax.default_model_path(), "--data", str(path), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert err.strip().startswith("error:") and "bad.jsonl:2" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
 
 
 def test_train_step_on_eight_devices(data, tmp_path):

@@ -148,6 +148,7 @@ class Trainer:
         self._jits: dict = {}
         self._apply = self._build_apply()
         self.history: list[dict] = []
+        self._write_run_file()
 
     # ------------------------------------------------------------------------------------
     # set-up
@@ -166,7 +167,13 @@ class Trainer:
             if diff:
                 raise InputError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in diff)} differ from the run "
                                  f"in {o.out} ({RUN_FILE})")
+
+    def _write_run_file(self):
+        """Create the run directory and its ``run.json`` once the model and data are known good (a bad
+        argument leaves nothing behind)."""
+        o = self.o
         os.makedirs(o.out, exist_ok=True)
+        runf = os.path.join(o.out, RUN_FILE)
         tmp = runf + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(o), f, indent=1)
