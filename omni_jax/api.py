@@ -368,7 +368,7 @@ class OmniModel:
                       talker_temperature=0.9, talker_repetition_penalty=1.05, talker_eos_token_id=None):
         """The talker's prefill, as soon as the thinker has fed its first reply token (n >= 2); None before."""
         from .talker import rope_view
-        from .tmrope import rope_index
+        from .tmrope import media_rope_kwargs, rope_index
 
         cfg = self.config.talker
         self._check_sampling(talker_max_new_tokens, talker_do_sample, talker_temperature, talker_top_k,
@@ -388,17 +388,7 @@ class OmniModel:
         mask = np.concatenate([gen.aligned_mask, np.ones((b, 2), np.int32)], axis=1)
         text_ids = np.concatenate([gen.aligned_ids, np.full((b, 1), speaker_bos, np.int32),
                                    np.asarray(st.tokens[:, :1])], axis=1)
-        seqlens = None
-        if mm.get("feature_attention_mask") is not None:
-            seqlens = np.asarray(mm["feature_attention_mask"]).sum(-1)
-        elif mm.get("input_features") is not None:
-            seqlens = [np.asarray(mm["input_features"]).shape[-1]] * np.asarray(mm["input_features"]).shape[0]
-        spg = mm.get("video_second_per_grid")
-        if mm.get("video_grid_thw") is not None and spg is None:
-            spg = [1.0] * len(np.asarray(mm["video_grid_thw"]).reshape(-1, 3))
-        pos = rope_index(rope_view(cfg), text_ids, mask, image_grid_thw=mm.get("image_grid_thw"),
-                         video_grid_thw=mm.get("video_grid_thw"), audio_seqlens=seqlens, second_per_grids=spg,
-                         use_audio_in_video=bool(mm.get("use_audio_in_video")))
+        pos = rope_index(rope_view(cfg), text_ids, mask, **media_rope_kwargs(mm))
         v = cfg.vocab_size
         seen = np.zeros((b, v), bool)
         seen[:, [cfg.tts_codec_mask_token_id, cfg.tts_codec_pad_token_id, cfg.tts_codec_start_token_id]] = True

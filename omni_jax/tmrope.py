@@ -168,3 +168,21 @@ def rope_index(cfg: ThinkerConfig, input_ids, attention_mask=None, *, image_grid
                              f"({pos.shape[1]} positions for {len(toks)} tokens)")
         out[:, r, mask[r]] = pos
     return out.astype(np.int32)
+
+
+def media_rope_kwargs(mm: dict, audio_seqlens=None) -> dict:
+    """:func:`rope_index`'s media arguments from processor outputs ``mm`` (``input_features`` /
+    ``feature_attention_mask``, image and video grids, ``video_second_per_grid`` (default 1.0 per
+    video), ``use_audio_in_video``); ``audio_seqlens`` when already known."""
+    if audio_seqlens is None:
+        if mm.get("feature_attention_mask") is not None:
+            audio_seqlens = np.asarray(mm["feature_attention_mask"]).sum(-1)
+        elif mm.get("input_features") is not None:
+            feats = np.asarray(mm["input_features"])
+            audio_seqlens = [feats.shape[-1]] * feats.shape[0]
+    spg = mm.get("video_second_per_grid")
+    if mm.get("video_grid_thw") is not None and spg is None:
+        spg = [1.0] * len(np.asarray(mm["video_grid_thw"]).reshape(-1, 3))
+    return dict(image_grid_thw=mm.get("image_grid_thw"), video_grid_thw=mm.get("video_grid_thw"),
+                audio_seqlens=audio_seqlens, second_per_grids=spg,
+                use_audio_in_video=bool(mm.get("use_audio_in_video")))

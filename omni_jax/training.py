@@ -90,7 +90,7 @@ def make_batch(config: OmniConfig, input_ids, attention_mask, labels, mm: dict |
     media buckets (default: the next bucket). ``talker``: the output of :func:`talker_layout`.
     """
     from .audio import prepare_audio
-    from .tmrope import rope_index
+    from .tmrope import media_rope_kwargs, rope_index
     from .vision import prepare_vision
 
     tc = config.thinker
@@ -144,12 +144,7 @@ def make_batch(config: OmniConfig, input_ids, attention_mask, labels, mm: dict |
         out.update(vision_pixels=padded, vision_order=vb.order, vision_positions=vb.positions,
                    vision_window_ids=vb.window_ids, vision_frame_ids=vb.frame_ids, vision_restore=vb.restore,
                    vision_idx=idx)
-    spg = mm.get("video_second_per_grid")
-    if mm.get("video_grid_thw") is not None and spg is None:
-        spg = [1.0] * len(np.asarray(mm["video_grid_thw"]).reshape(-1, 3))
-    out["position_ids"] = rope_index(tc, ids, mask, image_grid_thw=mm.get("image_grid_thw"),
-                                     video_grid_thw=mm.get("video_grid_thw"), audio_seqlens=seqlens,
-                                     second_per_grids=spg, use_audio_in_video=bool(mm.get("use_audio_in_video")))
+    out["position_ids"] = rope_index(tc, ids, mask, **media_rope_kwargs(mm, seqlens))
     out["num_targets"] = np.float32(count_targets(lab) if num_targets is None else num_targets)
     if talker is not None:
         out.update(talker)
@@ -180,7 +175,7 @@ def talker_layout(config: OmniConfig, input_ids, attention_mask, replies, mm: di
     position that predicts it.
     """
     from .talker import rope_view
-    from .tmrope import rope_index
+    from .tmrope import media_rope_kwargs, rope_index
 
     cfg = config.talker
     if cfg is None:
@@ -223,19 +218,7 @@ def talker_layout(config: OmniConfig, input_ids, attention_mask, replies, mm: di
         lp = s - f
         p_ids[r, lp_max - lp - 2:] = np.concatenate([ids[r, f:s], [spk, ids[r, s]]])
         p_mask[r, lp_max - lp - 2:] = 1
-    mm = mm or {}
-    seqlens = None
-    if mm.get("feature_attention_mask") is not None:
-        seqlens = np.asarray(mm["feature_attention_mask"]).sum(-1)
-    elif mm.get("input_features") is not None:
-        feats = np.asarray(mm["input_features"])
-        seqlens = [feats.shape[-1]] * feats.shape[0]
-    spg = mm.get("video_second_per_grid")
-    if mm.get("video_grid_thw") is not None and spg is None:
-        spg = [1.0] * len(np.asarray(mm["video_grid_thw"]).reshape(-1, 3))
-    ppos = rope_index(rope_view(cfg), p_ids, p_mask, image_grid_thw=mm.get("image_grid_thw"),
-                      video_grid_thw=mm.get("video_grid_thw"), audio_seqlens=seqlens, second_per_grids=spg,
-                      use_audio_in_video=bool(mm.get("use_audio_in_video")))
+    ppos = rope_index(rope_view(cfg), p_ids, p_mask, **media_rope_kwargs(mm or {}))
     for r, row in enumerate(rows):
         if row is None:
             continue

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from omni_jax.api import bucket
 from omni_jax.errors import InputError
 from omni_jax.sharding import use_mesh
 from omni_jax.training import model_params, train_loss
@@ -111,7 +112,7 @@ class Trainer:
         self.talker_length = None
         if self.speech:
             need = max(len(e.codes) + e.reply[0] + 1 for e in ex if e.codes is not None)
-            self.talker_length = _bucket(need)
+            self.talker_length = bucket(need)
         comps = ["thinker"]
         if any("input_features" in e.media for e in ex):
             comps.append("audio")
@@ -272,7 +273,8 @@ class Trainer:
         return out
 
     def _micro_jit(self, batch):
-        key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+        """The jitted micro-step for this batch layout (declared shardings on a mesh)."""
+        key = ("micro",) + tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
         if key not in self._jits:
             fn = self._micro_fn()
             if self.mesh is None:
@@ -283,6 +285,24 @@ class Trainer:
                 self._jits[key] = (jax.jit(fn, in_shardings=(tr, self._shardings(self.frozen), tr, bs),
                                            out_shardings=(tr, self._replicated(), self._replicated()),
                                            donate_argnums=(2,)), bs)
+        return self._jits[key]
+
+    def _eval_jit(self, batch):
+        """The loss alone (no gradient) for this batch layout: evaluation."""
+        key = ("eval",) + tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+        if key not in self._jits:
+            cfg, impl = self.config, self.model.attention
+
+            def fn(trainable, frozen, batch):
+                return train_loss(self._params(trainable, frozen), batch, cfg, impl=impl)[1]
+
+            if self.mesh is None:
+                self._jits[key] = (jax.jit(fn), None)
+            else:
+                bs = self._batch_shardings(batch)
+                self._jits[key] = (jax.jit(fn, in_shardings=(self._shardings(self.trainable),
+                                                             self._shardings(self.frozen), bs),
+                                           out_shardings=self._replicated()), bs)
         return self._jits[key]
 
     def _build_apply(self):
@@ -315,8 +335,9 @@ class Trainer:
         picks = []
         for g in range(step * k, (step + 1) * k):
             epoch, i = divmod(g, n)
-            perm = np.random.RandomState(o.seed + epoch).permutation(n)
-            picks.append(self.examples[perm[i]])
+            if getattr(self, "_perm_epoch", None) != epoch:  # one permutation per epoch, not per example
+                self._perm, self._perm_epoch = np.random.RandomState(o.seed + epoch).permutation(n), epoch
+            picks.append(self.examples[self._perm[i]])
         return [picks[j * o.batch_size:(j + 1) * o.batch_size] for j in range(o.grad_accum)]
 
     def _collate(self, exs, num_targets, talker_targets):
@@ -332,19 +353,18 @@ class Trainer:
         flat = [e for m in micro for e in m]
         nt, ntt = D.targets(flat)
         acc = jax.tree.map(jnp.zeros_like, self.trainable)
-        loss = 0.0
-        tl = tt = 0.0
+        parts = []  # per micro-batch (loss, aux) on device: read once the step is dispatched
         with use_mesh(self.mesh):
             for exs in micro:
                 batch = self._collate(exs, nt, ntt)
                 fn, bs = self._micro_jit(batch)
                 acc, l, aux = fn(self.trainable, self.frozen, acc, self._place(batch, bs))
-                loss += float(l)
-                tl += float(aux["thinker_loss_sum"])
-                if "talker_loss_sum" in aux:
-                    tt += float(aux["talker_loss_sum"])
+                parts.append((l, aux))
             lr = float(self.schedule(self.step))
             self.trainable, self.opt_state, gn = self._apply(self.trainable, self.opt_state, acc)
+        loss = sum(float(l) for l, _ in parts)
+        tl = sum(float(a["thinker_loss_sum"]) for _, a in parts)
+        tt = sum(float(a.get("talker_loss_sum", 0.0)) for _, a in parts)
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = sum(len(e.ids) for e in flat)
@@ -359,15 +379,13 @@ class Trainer:
         """Mean token loss over the eval set (thinker targets, plus talker targets when present)."""
         exs = self.eval_examples
         tot = n = 0.0
-        zero = jax.tree.map(jnp.zeros_like, self.trainable)
         with use_mesh(self.mesh):
             for i in range(0, len(exs), self.o.batch_size):
                 chunk = exs[i:i + self.o.batch_size]
                 nt, ntt = D.targets(chunk)
                 batch = self._collate(chunk, 1.0, 1.0)
-                fn, bs = self._micro_jit(batch)
-                _, _, aux = fn(self.trainable, self.frozen, zero, self._place(batch, bs))
-                zero = jax.tree.map(jnp.zeros_like, self.trainable)
+                fn, bs = self._eval_jit(batch)
+                aux = fn(self.trainable, self.frozen, self._place(batch, bs))
                 tot += float(aux["thinker_loss_sum"]) + float(aux.get("talker_loss_sum", 0.0))
                 n += nt + ntt
         return tot / max(n, 1.0)
@@ -463,13 +481,6 @@ class Trainer:
             write_model(self.model, self.merged_params(), path, progress=o.progress)
             summary["model"] = path
         return summary
-
-
-def _bucket(n: int, minimum: int = 16) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
 
 
 def _truncate_metrics(path: str, step: int) -> None:
