@@ -353,58 +353,80 @@ def _rope_first_head(x, cos, sin):
     return jnp.concatenate([h0[:, :, None, :], x[:, :, 1:, :]], axis=2)
 
 
-def dit_layers(dit: DiT, cfg: DiTConfig) -> list:
-    """Per-layer views of the stacked DiT blocks (static slices of the stacked parameters).
-
-    :func:`dit_sample_fn` takes them once, outside its ODE loops, and :func:`dit_forward` runs
-    the layers as a Python loop over them. A ``lax.scan`` over the stacked layers instead
-    dynamic-slices (copies, on CPU) every weight matrix of a layer at every layer of every DiT
-    evaluation: at published widths 59 MB per layer per evaluation, the same weights 36 times per
-    ODE solve (profiled: 8% of the CPU solve at 4 layers)."""
-    graphdef, state = nnx.split(dit.transformer_blocks)
-    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(cfg.num_hidden_layers)]
+def _affine(x, w, b=None):
+    y = jnp.einsum("...i,io->...o", x, w, preferred_element_type=_F32)
+    return y if b is None else y + b
 
 
-def dit_forward(dit: DiT, cfg: DiTConfig, x, t, cond_feats, *, kv_valid=None, rope=None, impl="xla", layers=None):
-    """One DiT evaluation (the velocity field).
+def dit_plan(dit: DiT, cfg: DiTConfig, cond_feats, times) -> dict:
+    """Everything of a DiT evaluation that does not depend on the noised mel, computed once
+    per ODE solve (outside its loops) for the evaluation times ``times [E]``.
 
-    ``x [N, T, mel_dim]`` (the noised mel), ``t`` a scalar time (float32, shared by the rows),
-    ``cond_feats [N, T, enc_dim + emb_dim + enc_emb_dim]``: the speaker-encoder output, the
-    codec embedding and the speaker vector, per frame (see :func:`dit_conditioning`).
-    ``layers``: :func:`dit_layers` of ``dit`` (taken here when None). Returns ``[N, T, mel_dim]``.
+    * the conditioning's share of the input projection, ``cond_feats @ W_cond + b`` (the
+      projection is linear: only the mel's 80 columns are left per evaluation);
+    * the time modulations (AdaLN shifts, scales and gates) of every layer for every
+      evaluation: one ``[E, H] x [H, 6H]`` product per layer instead of a matrix-vector product
+      per layer per evaluation, which on CPU reads the 25 MB modulation matrix every time;
+    * per-layer weights as static slices of the stacked parameters, q/k/v fused into one
+      ``[H, 3 inner]`` product. (A ``lax.scan`` over the stacked layers would dynamic-slice,
+      i.e. copy on CPU, every weight matrix at every layer of every evaluation.)
     """
+    md = cfg.mel_dim
+    k_in, b_in = dit.input_embed.proj.kernel[...], dit.input_embed.proj.bias[...]
+    stemb = jax.nn.silu(dit.time_embed(jnp.reshape(times, (-1,)).astype(_F32)))  # [E, H]
+    blk = dit.transformer_blocks
+    mods = jnp.einsum("eh,lho->leo", stemb, blk.attn_norm.linear.kernel[...],
+                      preferred_element_type=_F32) + blk.attn_norm.linear.bias[...][:, None, :]  # [L, E, 6H]
+    att = blk.attn
+    qkv_w = jnp.concatenate([att.to_q.kernel[...], att.to_k.kernel[...], att.to_v.kernel[...]], axis=-1)
+    qkv_b = jnp.concatenate([att.to_q.bias[...], att.to_k.bias[...], att.to_v.bias[...]], axis=-1)
+    stacked = dict(qkv_w=qkv_w, qkv_b=qkv_b, o_w=att.to_out[0].kernel[...], o_b=att.to_out[0].bias[...],
+                   ff0_w=blk.ff.ff["0"].kernel[...], ff0_b=blk.ff.ff["0"].bias[...],
+                   ff3_w=blk.ff.ff["3"].kernel[...], ff3_b=blk.ff.ff["3"].bias[...], mod=mods)
+    layers = [{k: v[i] for k, v in stacked.items()} for i in range(cfg.num_hidden_layers)]
+    return dict(
+        x_w=k_in[:md], h_cond=_affine(cond_feats, k_in[md:], b_in), layers=layers,
+        out_mod=_affine(stemb, dit.norm_out.linear.kernel[...], dit.norm_out.linear.bias[...]),  # [E, 2H]
+        proj_w=dit.proj_out.kernel[...], proj_b=dit.proj_out.bias[...])
+
+
+def dit_eval(plan: dict, cfg: DiTConfig, x, e, *, kv_valid=None, rope=None, impl="xla"):
+    """One DiT evaluation (the velocity field) from a :func:`dit_plan`: ``x [N, T, mel_dim]`` the
+    noised mel, ``e`` the index (may be traced) of this evaluation's time in the plan's
+    ``times``. Returns ``[N, T, mel_dim]``."""
     n, tlen, _ = x.shape
     nh, hd = cfg.num_attention_heads, cfg.head_dim
+    inner = nh * hd
     cos, sin = rope if rope is not None else _dit_rope(cfg, tlen)
-    temb = dit.time_embed(jnp.reshape(t, (1,)).astype(_F32))  # [1, H]; identical for every row
-    stemb = jax.nn.silu(temb)
-    h = dit.input_embed.proj(jnp.concatenate([x.astype(_F32), cond_feats], axis=-1))
+    h = _affine(x.astype(_F32), plan["x_w"]) + plan["h_cond"]
     h = constrain(h, ("batch", "seq", "act_embed"))
-
-    bands = layer_bands(cfg)
-
-    def body(layer: DiTBlocks, h, band):
-        mod = layer.attn_norm.linear(stemb)  # [1, 6H]
+    for w, band in zip(plan["layers"], layer_bands(cfg)):
+        mod = jax.lax.dynamic_index_in_dim(w["mod"], e, keepdims=True)  # [1, 6H]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 6, axis=-1)
         y = _layer_norm(h) * (1 + scale_msa) + shift_msa
-        att = layer.attn
-        q = att.to_q(y).reshape(n, tlen, nh, hd)
-        k = att.to_k(y).reshape(n, tlen, nh, hd)
-        v = att.to_v(y).reshape(n, tlen, nh, hd)
+        qkv = _affine(y, w["qkv_w"], w["qkv_b"])
+        q, k, v = (qkv[..., i * inner:(i + 1) * inner].reshape(n, tlen, nh, hd) for i in range(3))
         q = _rope_first_head(q, cos, sin)
         k = _rope_first_head(k, cos, sin)
         mask = MaskSpec(block_band=(cfg.block_size, band[0], band[1]), kv_valid=kv_valid)
         o = attention(q, k, v, mask, impl=impl)
-        h = h + gate_msa * att.to_out[0](o.reshape(n, tlen, nh * hd))
+        h = h + gate_msa * _affine(o.reshape(n, tlen, inner), w["o_w"], w["o_b"])
         y = _layer_norm(h) * (1 + scale_mlp) + shift_mlp
-        h = h + gate_mlp * layer.ff(y)
-        return constrain(h, ("batch", "seq", "act_embed"))
-
-    for layer, band in zip(dit_layers(dit, cfg) if layers is None else layers, bands):
-        h = body(layer, h, band)
-    scale, shift = jnp.split(dit.norm_out.linear(stemb)[:, None, :], 2, axis=-1)
+        h = h + gate_mlp * _affine(jax.nn.gelu(_affine(y, w["ff0_w"], w["ff0_b"]), approximate=True),
+                                   w["ff3_w"], w["ff3_b"])
+        h = constrain(h, ("batch", "seq", "act_embed"))
+    scale, shift = jnp.split(jax.lax.dynamic_index_in_dim(plan["out_mod"], e, keepdims=True)[:, None, :], 2, axis=-1)
     h = _layer_norm(h) * (1 + scale) + shift
-    return dit.proj_out(h)
+    return _affine(h, plan["proj_w"], plan["proj_b"])
+
+
+def dit_forward(dit: DiT, cfg: DiTConfig, x, t, cond_feats, *, kv_valid=None, rope=None, impl="xla"):
+    """One DiT evaluation at time ``t`` (a float32 scalar shared by the rows): ``x [N, T, mel_dim]``
+    the noised mel, ``cond_feats [N, T, enc_dim + emb_dim + enc_emb_dim]`` the speaker-encoder
+    output, the codec embedding and the speaker vector per frame (:func:`dit_conditioning`).
+    Returns ``[N, T, mel_dim]``. (An ODE solve plans once and calls :func:`dit_eval`.)"""
+    plan = dit_plan(dit, cfg, cond_feats, jnp.reshape(t, (1,)))
+    return dit_eval(plan, cfg, x, 0, kv_valid=kv_valid, rope=rope, impl=impl)
 
 
 def dit_conditioning(dit: DiT, cfg: DiTConfig, codes, cond, ref_mel, *, cfg_half: bool):
@@ -477,26 +499,28 @@ def dit_sample_fn(dit: DiT, cfg: DiTConfig, codes, cond, ref_mel, noise, *, step
         if use_cfg:
             kv_valid = jnp.concatenate([kv_valid, kv_valid], axis=0)
     rope = _dit_rope(cfg, tlen)
-    layers = dit_layers(dit, cfg)  # sliced once, outside the ODE loops
+    third, two_thirds = 1.0 / 3.0, 2.0 / 3.0
+    grid = jnp.asarray(time_grid(steps, sway) if time_points is None else time_points, _F32)
+    t0, t1 = grid[:-1], grid[1:]
+    dts = t1 - t0
+    # the four RK4 stage times of every interval, in evaluation order [intervals * 4]
+    stage_t = jnp.stack([t0, t0 + dts * third, t0 + dts * two_thirds, t1], axis=1)
+    plan = dit_plan(dit, cfg, feats, stage_t.reshape(-1))  # once, outside the ODE loops
 
-    def velocity(t, y):
+    def velocity(e, y):
         x = jnp.concatenate([y, y], axis=0) if use_cfg else y
-        out = dit_forward(dit, cfg, x, t, feats, kv_valid=kv_valid, rope=rope, impl=impl, layers=layers)
+        out = dit_eval(plan, cfg, x, e, kv_valid=kv_valid, rope=rope, impl=impl)
         if not use_cfg:
             return out
         c, u = out[:b], out[b:]
         return c + (c - u) * guidance_scale
 
-    third, two_thirds = 1.0 / 3.0, 2.0 / 3.0
-
-    def rk4_38(y, ts):
+    def rk4_38(y, xs):
         """Kutta's 3/8 rule, in the reference's operation order:
         k1 = f(t0, y); k2 = f(t0 + dt/3, y + dt k1 / 3); k3 = f(t0 + 2dt/3, y + dt (k2 - k1/3));
         k4 = f(t1, y + dt (k1 - k2 + k3)); y1 = y + (k1 + 3 (k2 + k3) + k4) dt / 8.
         The four stages run as a scan over one DiT call site (one compiled DiT, not four)."""
-        t0, t1 = ts
-        dt = t1 - t0
-        stage_t = jnp.stack([t0, t0 + dt * third, t0 + dt * two_thirds, t1])
+        i, dt = xs
         stage_y = [
             lambda ks: y,
             lambda ks: y + dt * ks[0] * third,
@@ -505,15 +529,14 @@ def dit_sample_fn(dit: DiT, cfg: DiTConfig, codes, cond, ref_mel, noise, *, step
         ]
 
         def stage(ks, s):
-            k = velocity(stage_t[s], jax.lax.switch(s, stage_y, ks))
+            k = velocity(4 * i + s, jax.lax.switch(s, stage_y, ks))
             return ks.at[s].set(k), None
 
         ks, _ = jax.lax.scan(stage, jnp.zeros((4, *y.shape), _F32), jnp.arange(4))
         k1, k2, k3, k4 = ks[0], ks[1], ks[2], ks[3]
         return y + (k1 + 3 * (k2 + k3) + k4) * dt / 8, None
 
-    grid = jnp.asarray(time_grid(steps, sway) if time_points is None else time_points, _F32)
-    y, _ = jax.lax.scan(rk4_38, jnp.asarray(noise, _F32), (grid[:-1], grid[1:]))
+    y, _ = jax.lax.scan(rk4_38, jnp.asarray(noise, _F32), (jnp.arange(dts.shape[0]), dts))
     return y
 
 
