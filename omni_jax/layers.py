@@ -9,6 +9,7 @@ parameter path in :mod:`omni_jax.sharding`, so modules carry no sharding code.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,9 +89,23 @@ class SwiGLU(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def scan_layers(stacked: nnx.Module, body, carry, xs=None, *, remat: bool = False):
+def scan_layers(stacked, body, carry, xs=None, *, remat: bool = False):
     """Run ``body(layer, carry, x) -> (carry, y)`` over a module whose parameters are stacked
-    on a leading layer axis, with one ``lax.scan`` (one compiled layer, not L copies)."""
+    on a leading layer axis, with one ``lax.scan`` (one compiled layer, not L copies).
+
+    ``stacked`` may instead be a sequence of per-layer modules (:func:`unstack_layers`): then the
+    layers run as a Python loop, each reading its own weight buffers. On CPU the scan's per-layer
+    dynamic slice of the stacked weights is a copy (read + write of every weight at every layer,
+    which triples a decode step's memory traffic: see ``python -m bench.decode_layers``); per-layer
+    buffers avoid it at the price of compiling L layers instead of one. ``y`` is not stacked then
+    (a list)."""
+    if isinstance(stacked, Sequence):  # includes nnx.List
+        ys = []
+        for i, layer in enumerate(stacked):
+            x = None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs)
+            carry, y = (jax.checkpoint(body) if remat else body)(layer, carry, x)
+            ys.append(y)
+        return carry, ys
     graphdef, state = nnx.split(stacked)
 
     def step(c, inp):
@@ -101,3 +116,11 @@ def scan_layers(stacked: nnx.Module, body, carry, xs=None, *, remat: bool = Fals
     if remat:
         step = jax.checkpoint(step)
     return jax.lax.scan(step, carry, (state, xs))
+
+
+def unstack_layers(stacked: nnx.Module) -> list:
+    """Per-layer modules (parameters without the layer axis, each its own array: a copy) of a
+    module whose parameters are stacked on a leading layer axis."""
+    graphdef, state = nnx.split(stacked)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
