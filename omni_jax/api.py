@@ -17,6 +17,7 @@ from flax import nnx
 from . import thinker as th
 from .attention import default_impl
 from .config import OmniConfig, load_config
+from .decoder import stacked_state, to_per_layer
 from .errors import CheckpointError, InputError
 from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations, left_pad
@@ -155,6 +156,11 @@ def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
 
         voices = load_voices(os.path.join(path, "spk_dict.pt"))
     processor = TextProcessor.from_dir(path)
+    # decoder layers as per-layer buffers (see omni_jax.decoder); the stacked arrays are ours: free them
+    # as they are sliced, so loading never holds two copies of the layers
+    graphdef, state = to_per_layer(graphdef, state, free=True)
+    if talker is not None:
+        talker = to_per_layer(*talker, free=True)
     return OmniModel(cfg, graphdef, state, processor=processor, dtype=dt, mesh=mesh, attention=impl,
                      generation_config=_generation_config(path, processor), path=path, audio=audio, vision=vision,
                      talker=talker, voices=voices, token2wav=t2w)
@@ -230,14 +236,39 @@ class OmniModel:
         self.attention = attention
         self.generation_config = generation_config
         self.path = path
-        self._graphdef = graphdef
-        self.params = params  # the thinker LM's nnx.State
+        # the thinker LM and the talker hold their decoder layers as per-layer buffers (layers/<i>/...;
+        # omni_jax.decoder.to_per_layer): the jitted programs read each weight once per step
+        self._graphdef, self._params = to_per_layer(graphdef, params)
         self.audio = audio  # AudioEncoder (nnx module) or None when the checkpoint has none
         self.vision = vision  # VisionEncoder or None
-        self.talker = talker  # (graphdef, params) of the Talker, or None
+        self.talker = None if talker is None else to_per_layer(*talker)  # (graphdef, params) of the Talker
         self.voices: dict = voices or {}  # speaker name -> omni_jax.voices.Voice (from spk_dict.pt)
         self.token2wav_params = token2wav  # the Token2Wav module (float32), or None
         self._build()
+
+    @property
+    def params(self):
+        """The thinker LM's ``nnx.State``, decoder layers as per-layer buffers (``layers/<i>/...``).
+        Assigning a state in the checkpoint's stacked layout (``layers/...`` with a leading layer
+        axis, as training produces) converts it (a copy)."""
+        return self._params
+
+    @params.setter
+    def params(self, state):
+        stacked_def = nnx.split(nnx.eval_shape(lambda: th.ThinkerLM(self.config.thinker, rngs=nnx.Rngs(0))))[0]
+        gdef, state = to_per_layer(stacked_def, state)
+        if jax.tree.structure(state) != jax.tree.structure(self._params):
+            raise InputError("params: the state does not have this model's thinker structure")
+        self._params = state
+
+    def stacked_params(self) -> dict:
+        """The thinker LM (``"thinker"``) and talker (``"talker"``, when loaded) states in the
+        checkpoint's stacked layer layout (copies of the layer weights): what training and
+        conversion take."""
+        out = {"thinker": stacked_state(self._graphdef, self._params)}
+        if self.talker is not None:
+            out["talker"] = stacked_state(*self.talker)
+        return out
 
     # ---------------------------------------------------------------------------------
     # jitted programs (one compile per shape bucket)

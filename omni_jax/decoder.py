@@ -1,7 +1,9 @@
 """The Qwen2 decoder stack shared by the thinker and the talker.
 
-Layers are one NNX module whose parameters carry a leading layer axis; the forward pass
-is one ``lax.scan`` over it (one compiled layer whatever the depth). The KV cache is an
+Layers are one NNX module whose parameters carry a leading layer axis (the checkpoint and
+training layout; the forward pass is one ``lax.scan`` over it, one compiled layer whatever the
+depth), or, in a loaded :class:`omni_jax.OmniModel`, a list of per-layer modules run as a
+Python loop (see "inference layout" below: the scan's weight slices are copies on CPU). The KV cache is an
 explicit pytree ``{"k", "v"}: [L, B, S, KVH, D]`` in the load dtype, updated in place with
 ``dynamic_update_slice``; every call writes the new tokens' keys/values at cache slots
 ``[start, start + T)`` and attends over the whole cache with a causal slot mask and the
@@ -99,3 +101,63 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
         kc, vc = cache["k"], cache["v"]
     (h, kc, vc), _ = scan_layers(layers, body, (h, kc, vc), jnp.arange(shape.num_layers), remat=remat)
     return h, (None if cache is None else {"k": kc, "v": vc})
+
+
+# ---------------------------------------------------------------------------------------------
+# inference layout: one weight buffer per layer
+#
+# Checkpoints, training and sharding rules use the stacked layout (``layers/<name>`` with a
+# leading layer axis; one ``lax.scan``). A loaded OmniModel keeps its thinker and talker
+# decoder layers as per-layer buffers instead (``layers/<i>/<name>``), run as a Python loop:
+# on XLA:CPU the scan's per-layer dynamic slice of the stacked weights is a copy, so a
+# memory-bound decode step read every weight three times (read, write, read); per-layer
+# buffers read it once (``python -m bench.decode_layers``: 3x faster decode at the talker's
+# widths). The price is compile time: L layers are compiled instead of one.
+
+
+def is_per_layer(state) -> bool:
+    """Whether a thinker/talker state holds its decoder layers as per-layer buffers."""
+    return isinstance(state["layers"], nnx.State) and all(isinstance(k, int) for k in state["layers"].keys())
+
+
+def _take(a, i: int):
+    """Layer ``i`` of a stacked array, keeping the other axes' sharding."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    s = getattr(a, "sharding", None)
+    if isinstance(s, NamedSharding) and len(s.spec) > 0:
+        out = NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
+        return jax.jit(lambda x, j: jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False), out_shardings=out)(a, i)
+    return a[i]
+
+
+def to_per_layer(graphdef, state, *, free: bool = False):
+    """``(graphdef, state)`` of a ThinkerLM/Talker with stacked layers -> the same model with
+    ``layers`` an ``nnx.List`` of per-layer modules. ``free``: delete each stacked array once it
+    is sliced (the caller owns ``state`` and drops it; peak memory grows by one array, not by
+    the whole stack)."""
+    if is_per_layer(state):
+        return graphdef, state
+    model = nnx.merge(graphdef, state)
+    lgdef, lstate = nnx.split(model.layers)
+    leaves, treedef = jax.tree.flatten(lstate)
+    n = leaves[0].shape[0]
+    per = [[None] * len(leaves) for _ in range(n)]
+    for j, a in enumerate(leaves):
+        for i in range(n):
+            per[i][j] = _take(a, i)
+        if free and isinstance(a, jax.Array):
+            a.delete()
+    model.layers = nnx.List([nnx.merge(lgdef, jax.tree.unflatten(treedef, p)) for p in per])
+    return nnx.split(model)
+
+
+def stacked_state(graphdef, state):
+    """The checkpoint (stacked) layout of a ``(graphdef, state)`` from :func:`to_per_layer` (a copy
+    of the layer weights); a stacked state is returned as is."""
+    if not is_per_layer(state):
+        return state
+    model = nnx.merge(graphdef, state)
+    lgdef = nnx.split(model.layers[0])[0]  # a graphdef carries no shapes: the stacked module's is the same
+    model.layers = nnx.merge(lgdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(x) for x in model.layers]))
+    return nnx.split(model)[1]

@@ -103,6 +103,12 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
 
 
 def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of the parameter at ``path`` (``/``-joined). A per-layer path of the inference
+    layout (``layers/<i>/...``, see omni_jax.decoder.to_per_layer) takes its stacked rule without
+    the layer axis."""
+    per_layer = re.sub(r"(^|/)layers/\d+/", r"\1layers/", path)
+    if per_layer != path:
+        return param_axes(per_layer, ndim + 1)[1:]
     for pat, axes in PARAM_AXES:
         if re.search(pat, path) and len(axes) == ndim:
             return axes

@@ -60,14 +60,17 @@ def graphdefs(config: OmniConfig) -> dict:
 
 
 def model_params(model) -> dict:
-    """The trainable components of a loaded :class:`omni_jax.OmniModel` as a ``params`` dict."""
-    p = {"thinker": model.params}
+    """The trainable components of a loaded :class:`omni_jax.OmniModel` as a ``params`` dict
+    (decoder layers in the stacked layout training scans over: a copy of the model's per-layer
+    buffers)."""
+    stacked = model.stacked_params()
+    p = {"thinker": stacked["thinker"]}
     if model.audio is not None:
         p["audio"] = nnx.split(model.audio)[1]
     if model.vision is not None:
         p["vision"] = nnx.split(model.vision)[1]
     if model.talker is not None:
-        p["talker"] = model.talker[1]
+        p["talker"] = stacked["talker"]
     return p
 
 

@@ -76,7 +76,7 @@ def run(variant: str) -> dict:
         if gen.state.cache["k"].sharding != kc.sharding:
             bad.append(f"KV cache after decode: {gen.state.cache['k'].sharding.spec} != {kc.sharding.spec}")
         res["sharding_mismatches"] = bad
-        q = m.params["layers"]["self_attn"]["q_proj"]["kernel"][...]
+        q = m.params["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
         res["q_proj_spec"] = str(q.sharding.spec)
         out[spec] = res
     return out

@@ -48,9 +48,10 @@ def test_sharded_equals_single_device_on_8_host_devices():
             assert m["ids_equal"], where
             assert m["codes_equal"], where
             assert m["sharding_mismatches"] == [], where
-    assert res["gqa"]["tensor=8"]["q_proj_spec"] == str(P(None, None, "tensor"))
-    assert res["odd"]["tensor=8"]["q_proj_spec"] == str(P(None, None, None))  # 60 columns: replicated
-    assert res["gqa"]["fsdp=8"]["q_proj_spec"] == str(P(None, "fsdp", None))
+    # layer 0's q_proj of the per-layer inference layout: the stacked rule without the layer axis
+    assert res["gqa"]["tensor=8"]["q_proj_spec"] == str(P(None, "tensor"))
+    assert res["odd"]["tensor=8"]["q_proj_spec"] == str(P(None, None))  # 60 columns: replicated
+    assert res["gqa"]["fsdp=8"]["q_proj_spec"] == str(P("fsdp", None))
 
 
 def test_two_processes_on_localhost_equal_one(hf_models, jax_model, tmp_path):

@@ -216,7 +216,7 @@ def test_load_onto_a_mesh(hf_models, jax_model):
 
     mesh = omni_jax.make_mesh({"tensor": 1}, devices=jax.devices()[:1])
     model = omni_jax.load(hf_models("gqa")[0], dtype="float32", mesh=mesh)
-    k = model.params["layers"]["self_attn"]["q_proj"]["kernel"][...]
+    k = model.params["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
     assert k.sharding.mesh.shape == mesh.shape
     ids, mask = _batch(seed=9)
     np.testing.assert_allclose(model.thinker_logits(ids, mask), jax_model("gqa").thinker_logits(ids, mask),
