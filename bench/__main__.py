@@ -57,7 +57,10 @@ def random_model(preset: str, dtype: str):
     else:
         cfg = omni_jax.preset(preset)
     dt = _dtype(dtype)
-    graphdef, state = nnx.split(ThinkerLM(cfg.thinker, dtype=dt, rngs=nnx.Rngs(0)))
+    from omni_jax.decoder import to_per_layer
+
+    # per-layer buffers (as load() keeps them), freeing the stacked arrays as they are sliced
+    graphdef, state = to_per_layer(*nnx.split(ThinkerLM(cfg.thinker, dtype=dt, rngs=nnx.Rngs(0))), free=True)
     return OmniModel(cfg, graphdef, state, processor=None, dtype=dt, mesh=None, attention=default_impl(),
                      generation_config={"eos_token_id": [], "pad_token_id": 0})
 

@@ -130,7 +130,7 @@ def build_checkpoint(cfg: dict, directory: str):
 def measure_bandwidth():
     a = np.ones(1 << 25, np.float32)  # 128 MB
     b = np.empty_like(a)
-    t = _timeit(lambda: np.copyto(b, a), 5)
+    t = _timeit(lambda: np.copyto(b, a), 10)
     return 2 * a.nbytes / t
 
 
@@ -139,11 +139,11 @@ def measure_matmul():
     import jax
 
     a = np.random.rand(1024, 1024).astype(np.float32)
-    t_np = _timeit(lambda: a @ a, 5)
+    t_np = _timeit(lambda: a @ a, 20)
     x = jax.numpy.asarray(a)
     f = jax.jit(lambda m: m @ m)
     f(x).block_until_ready()
-    t_jx = _timeit(lambda: f(x).block_until_ready(), 5)
+    t_jx = _timeit(lambda: f(x).block_until_ready(), 20)
     return 2 * 1024 ** 3 / min(t_np, t_jx)
 
 
@@ -592,6 +592,11 @@ def run(cfg: dict, cfg_path: str | None = None, memory: bool = True) -> dict:
                      "RSS after loading; omni-jax also: bytes of live jax arrays after the turn (jax's CPU "
                      "device reports no memory stats)",
                 **measure_memory(cfg_path, d))
+    # the limits again at the end: on a shared machine the speed drifts during a run; fractions use the
+    # start's figures, and a drift beyond 15% is flagged (ratios, measured back to back, are robust to it)
+    bw_end, mm_end = measure_bandwidth(), measure_matmul()
+    res["limits_at_end"] = dict(copy_bandwidth_GBs=round(bw_end / 1e9, 2), matmul_GFLOPs=round(mm_end / 1e9, 1))
+    res["limits_drift"] = bool(max(mm_end / mm, mm / mm_end, bw_end / bw, bw / bw_end) > 1.15)
     import shutil
 
     shutil.rmtree(d, ignore_errors=True)
@@ -609,6 +614,10 @@ def _met(x) -> str:
 def print_table(res: dict) -> None:
     print(f"{res['machine']}, jax {res['jax']} vs torch {res['torch']} ({res['threads']} threads), "
           f"{res['precision']}; copy {res['copy_bandwidth_GBs']} GB/s, matmul {res['matmul_GFLOPs']} GFLOP/s")
+    if res.get("limits_drift"):
+        end = res["limits_at_end"]
+        print(f"  the machine's speed drifted during the run: at the end copy {end['copy_bandwidth_GBs']} GB/s, "
+              f"matmul {end['matmul_GFLOPs']} GFLOP/s (fractions of the limits are unreliable; ratios hold)")
     print("thinker batch | prefill tok/s jax / torch (x) [of peak] | decode tok/s jax / torch (x) [of roofline] "
           "| compile s")
     for r in res["rows"]:

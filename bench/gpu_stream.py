@@ -23,6 +23,7 @@ def random_full_model(preset: str):
     import omni_jax
     from omni_jax.api import OmniModel
     from omni_jax.attention import default_impl
+    from omni_jax.decoder import to_per_layer
     from omni_jax.talker import Talker
     from omni_jax.thinker import ThinkerLM
     from omni_jax.token2wav import Token2Wav
@@ -50,6 +51,8 @@ def random_full_model(preset: str):
     rs = np.random.RandomState(0)
     voices = {"Chelsie": Voice("Chelsie", min(151872, cfg.thinker.text.vocab_size - 1), rs.randn(d.enc_emb_dim).astype(np.float32),
                                rs.randn(300, d.mel_dim).astype(np.float32))}
+    gdef, state = to_per_layer(gdef, state, free=True)  # as load() keeps them, without two copies
+    talker = to_per_layer(*talker, free=True)
     return OmniModel(cfg, gdef, state, processor=None, dtype=dt, mesh=None, attention=default_impl(),
                      generation_config={"eos_token_id": [], "pad_token_id": 0}, talker=talker, voices=voices,
                      token2wav=t2w)

@@ -15,7 +15,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 
 def run(model_dir=None, max_new_tokens=64, talker_max_new_tokens=250) -> dict:
