@@ -256,8 +256,12 @@ class OmniModel:
     @params.setter
     def params(self, state):
         stacked_def = nnx.split(nnx.eval_shape(lambda: th.ThinkerLM(self.config.thinker, rngs=nnx.Rngs(0))))[0]
-        gdef, state = to_per_layer(stacked_def, state)
-        if jax.tree.structure(state) != jax.tree.structure(self._params):
+        try:
+            state = to_per_layer(stacked_def, state)[1]
+            same = jax.tree.structure(state) == jax.tree.structure(self._params)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            same = False
+        if not same:
             raise InputError("params: the state does not have this model's thinker structure")
         self._params = state
 
@@ -917,7 +921,12 @@ class OmniModel:
         if training.count_targets(lab) == 0:
             raise InputError("labels: no target token (every label after the first position is -100)")
         batch = training.make_batch(self.config, ids, mask, lab, processor_outputs)
-        params = {k: p for k, p in training.model_params(self).items() if k != "talker"}
+        # the model's own per-layer parameters (no stacked copy); train_loss takes either layout
+        params = {"thinker": self._params}
+        if self.audio is not None:
+            params["audio"] = nnx.split(self.audio)[1]
+        if self.vision is not None:
+            params["vision"] = nnx.split(self.vision)[1]
         if not hasattr(self, "_loss_jit"):
             cfg, impl = self.config, self.attention
             self._loss_jit = jax.jit(lambda p, b: training.train_loss(p, b, cfg, impl=impl)[0])

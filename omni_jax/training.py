@@ -33,7 +33,9 @@ from flax import nnx
 
 from . import thinker as th
 from .config import OmniConfig
+from .decoder import is_per_layer
 from .errors import InputError
+from .layers import unstack_layers
 
 IGNORE = -100
 # talker sequence entry kinds (see talker_layout)
@@ -45,18 +47,34 @@ PAD, HIDDEN, TEXT = 0, 1, 2
 
 
 @functools.lru_cache(maxsize=16)
-def graphdefs(config: OmniConfig) -> dict:
-    """The ``nnx`` graph definitions of each component (structure only; no weights allocated)."""
+def graphdefs(config: OmniConfig, per_layer: bool = False) -> dict:
+    """The ``nnx`` graph definitions of each component (structure only; no weights allocated).
+    ``per_layer``: the thinker's and talker's decoder layers as per-layer modules, the layout of a
+    loaded model's parameters (see :func:`omni_jax.decoder.to_per_layer`)."""
     from .audio import AudioEncoder
     from .talker import Talker
     from .vision import VisionEncoder
 
-    out = {"thinker": nnx.split(nnx.eval_shape(lambda: th.ThinkerLM(config.thinker, rngs=nnx.Rngs(0))))[0]}
+    def shaped(build):
+        def make():
+            m = build()
+            if per_layer:
+                m.layers = nnx.List(unstack_layers(m.layers))
+            return m
+
+        return nnx.split(nnx.eval_shape(make))[0]
+
+    out = {"thinker": shaped(lambda: th.ThinkerLM(config.thinker, rngs=nnx.Rngs(0)))}
     out["audio"] = nnx.split(nnx.eval_shape(lambda: AudioEncoder(config.thinker.audio, rngs=nnx.Rngs(0))))[0]
     out["vision"] = nnx.split(nnx.eval_shape(lambda: VisionEncoder(config.thinker.vision, rngs=nnx.Rngs(0))))[0]
     if config.talker is not None:
-        out["talker"] = nnx.split(nnx.eval_shape(lambda: Talker(config.talker, rngs=nnx.Rngs(0))))[0]
+        out["talker"] = shaped(lambda: Talker(config.talker, rngs=nnx.Rngs(0)))
     return out
+
+
+def _decoder_graphdef(config: OmniConfig, name: str, state):
+    """The graphdef of ``state`` (the thinker's or talker's), stacked or per-layer."""
+    return graphdefs(config, per_layer=is_per_layer(state))[name]
 
 
 def model_params(model) -> dict:
@@ -307,7 +325,7 @@ def thinker_forward(params, batch, config: OmniConfig, *, impl="xla", remat=Fals
     """Post-norm hidden states ``[B, T, E]`` of the thinker over the batch, and its input embeddings
     with media positions zeroed (the talker's embedding term)."""
     gdefs = graphdefs(config)
-    model = nnx.merge(gdefs["thinker"], params["thinker"])
+    model = nnx.merge(_decoder_graphdef(config, "thinker", params["thinker"]), params["thinker"])
     ids = batch["input_ids"]
     b, t = ids.shape
     emb = th.embed(model, ids)
@@ -330,8 +348,7 @@ def _head(model):
 
 def talker_inputs(params, batch, config: OmniConfig, h, plain, thinker_model):
     """The teacher-forced talker input embeddings ``[B, Tt, E_thinker]`` (see :func:`talker_layout`)."""
-    gdefs = graphdefs(config)
-    talker = nnx.merge(gdefs["talker"], params["talker"])
+    talker = nnx.merge(_decoder_graphdef(config, "talker", params["talker"]), params["talker"])
     b, t, e = h.shape
     kind = batch["talker_kind"]
     summed = (h + plain).reshape(b * t, e)

@@ -221,3 +221,57 @@ def test_load_onto_a_mesh(hf_models, jax_model):
     ids, mask = _batch(seed=9)
     np.testing.assert_allclose(model.thinker_logits(ids, mask), jax_model("gqa").thinker_logits(ids, mask),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_per_layer_buffers_round_trip_and_equal_the_stacked_scan(jax_model):
+    """A loaded model keeps per-layer decoder buffers; the stacked (checkpoint) layout comes back
+    bit for bit, runs through the scan to the same logits, and is accepted by the params setter."""
+    import copy
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omni_jax import thinker as th
+    from omni_jax.decoder import is_per_layer, stacked_state, to_per_layer
+    from omni_jax.errors import InputError
+    from omni_jax.sharding import param_axes
+
+    model = jax_model("gqa")
+    n_layers = model.config.thinker.text.num_hidden_layers
+    assert is_per_layer(model.params) and sorted(model.params["layers"].keys()) == list(range(n_layers))
+    stacked = model.stacked_params()["thinker"]
+    assert not is_per_layer(stacked)
+    q = stacked["layers"]["self_attn"]["q_proj"]["kernel"][...]
+    assert q.shape[0] == n_layers
+    for i in range(n_layers):
+        np.testing.assert_array_equal(q[i], model.params["layers"][i]["self_attn"]["q_proj"]["kernel"][...])
+    gdef = nnx.split(nnx.eval_shape(lambda: th.ThinkerLM(model.config.thinker, rngs=nnx.Rngs(0))))[0]
+    g2, s2 = to_per_layer(gdef, stacked)
+    assert jax.tree.structure(s2) == jax.tree.structure(model.params)
+    back = stacked_state(g2, s2)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(a, b)
+
+    # the stacked layout through lax.scan gives the per-layer loop's hidden states
+    ids, mask = _batch(seed=4)
+    pos = np.broadcast_to(np.cumsum(mask, 1)[None] - 1, (3, *ids.shape)).clip(0)
+    tcfg = model.config.thinker.text
+
+    def hidden(g, s):
+        m = nnx.merge(g, s)
+        return th.hidden_states(m, tcfg, th.embed(m, jnp.asarray(ids)), jnp.asarray(pos),
+                                kv_valid=jnp.asarray(mask, bool))[0]
+
+    np.testing.assert_allclose(np.asarray(hidden(gdef, stacked)), np.asarray(hidden(model._graphdef, model.params)),
+                               rtol=1e-5, atol=1e-5)
+
+    # assigning the stacked layout converts it; a foreign structure is refused
+    other = copy.copy(model)
+    other.params = stacked
+    assert is_per_layer(other.params)
+    np.testing.assert_array_equal(other.thinker_logits(ids, mask), model.thinker_logits(ids, mask))
+    with pytest.raises(InputError, match="thinker structure"):
+        other.params = {"layers": {0: {}}}
+    # per-layer parameter paths shard like their stacked rule without the layer axis
+    assert param_axes("layers/3/mlp/down_proj/kernel", 2) == param_axes("layers/mlp/down_proj/kernel", 3)[1:]
