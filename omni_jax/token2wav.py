@@ -675,6 +675,31 @@ def downsample2(x, kernel_size=12, ratio=2):
     return acc
 
 
+# sin^2 for SnakeBeta. XLA:CPU's float32 sin is scalar code (~4.5 ns per element per core): at the
+# published widths BigVGAN evaluates it on ~160 M upsampled samples per second of audio, about a third of
+# the vocoder's time on CPU. sin^2 has period pi, so the sign of the reduction does not matter: reduce by
+# pi in four float32 parts (Cody-Waite; the first three have 8 significant bits, so k * part is exact for
+# |x| < 2^16 * pi) and evaluate the odd Taylor polynomial to x^13 on [-pi/2, pi/2] (truncation error
+# < 7e-10). Plain multiply-adds that vectorise: 24x faster on this CPU, max abs error 2.5e-7 against
+# float64 (jnp.sin: 9e-8).
+_PI_PARTS = (np.float32(3.140625), np.float32(0.00096893310546875), np.float32(-1.2814998626708984e-06),
+             np.float32(1.984187258941006e-09))
+_SIN_COEFFS = tuple(np.float32(c) for c in (-1 / 6, 1 / 120, -1 / 5040, 1 / 362880, -1 / 39916800,
+                                            1 / 6227020800))
+
+
+def sin_squared(x):
+    """``sin(x) ** 2`` in float32 by range reduction and a polynomial (see the notes above)."""
+    k = jnp.round(x * np.float32(1 / np.pi))
+    r = (((x - k * _PI_PARTS[0]) - k * _PI_PARTS[1]) - k * _PI_PARTS[2]) - k * _PI_PARTS[3]
+    r2 = r * r
+    p = _SIN_COEFFS[-1]
+    for c in reversed(_SIN_COEFFS[:-1]):
+        p = p * r2 + c
+    s = r + r * r2 * p
+    return s * s
+
+
 class SnakeBeta(nnx.Module):
     """``x + 1 / (exp(beta) + 1e-9) * sin(x * exp(alpha)) ** 2`` (log-scale alpha, beta per channel)."""
 
@@ -685,8 +710,7 @@ class SnakeBeta(nnx.Module):
     def __call__(self, x):
         alpha = jnp.exp(self.alpha[...])
         beta = jnp.exp(self.beta[...])
-        s = jnp.sin(x * alpha)
-        return x + (1.0 / (beta + 1e-9)) * (s * s)
+        return x + (1.0 / (beta + 1e-9)) * sin_squared(x * alpha)
 
 
 class AntiAliasedActivation1d(nnx.Module):

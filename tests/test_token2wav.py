@@ -317,3 +317,16 @@ def test_spk_dict_rejects_arbitrary_globals(tmp_path):
         f.write(b"not a zip")
     with pytest.raises(CheckpointError, match=r"junk\.pt"):
         load_voices(os.path.join(tmp_path, "junk.pt"))
+
+
+def test_sin_squared_matches_float64():
+    """SnakeBeta's polynomial sin^2 stays within a few float32 ulps of the exact value, including
+    large arguments (range reduction) and the points where sin^2 is 0 or 1."""
+    rs = np.random.RandomState(0)
+    x = np.concatenate([rs.randn(200_000) * s for s in (0.01, 1.0, 10.0, 300.0, 3e4)]
+                       + [np.arange(-200, 200) * np.pi / 2]).astype(np.float32)
+    got = np.asarray(t2w.sin_squared(x)).astype(np.float64)
+    want = np.sin(x.astype(np.float64)) ** 2
+    assert got.dtype == np.float64 and got.shape == x.shape
+    assert np.abs(got - want).max() <= 5e-7
+    assert got.min() >= 0.0 and got.max() <= 1.0 + 1e-6
