@@ -386,7 +386,10 @@ def train_loss(params, batch, config: OmniConfig, *, impl: str = "xla", remat: b
     divided by the batch's ``num_targets`` / ``talker_num_targets`` (counts over the whole
     accumulation step, so micro-batch losses add up to the mean). The talker sees the thinker's
     states through ``stop_gradient`` unless ``talker_trains_thinker``.
-    ``aux``: ``thinker_loss_sum``, ``thinker_tokens``, and ``talker_loss_sum``/``talker_tokens``."""
+    ``aux``: ``thinker_loss_sum``, ``thinker_tokens``, and ``talker_loss_sum``/``talker_tokens``.
+    ``params["thinker"]``/``params["talker"]`` may hold their decoder layers stacked (the checkpoint and
+    training layout, one ``lax.scan``; :func:`model_params`) or per layer (a loaded model's own
+    ``model.params``, a Python loop over the layers)."""
     h, plain, model = thinker_forward(params, batch, config, impl=impl, remat=remat)
     b, t, e = h.shape
     labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full((b, 1), IGNORE, jnp.int32)], axis=1)
