@@ -12,10 +12,12 @@ per-row key-validity mask.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .attention import MaskSpec, attention
@@ -120,14 +122,20 @@ def is_per_layer(state) -> bool:
     return isinstance(state["layers"], nnx.State) and all(isinstance(k, int) for k in state["layers"].keys())
 
 
+@functools.lru_cache(maxsize=64)
+def _layer_slicer(out_sharding):
+    """One jitted ``(stacked, i) -> stacked[i]`` per output sharding (``i`` traced: one compile per
+    shape, not per layer)."""
+    return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), out_shardings=out_sharding)
+
+
 def _take(a, i: int):
     """Layer ``i`` of a stacked array, keeping the other axes' sharding."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     s = getattr(a, "sharding", None)
     if isinstance(s, NamedSharding) and len(s.spec) > 0:
-        out = NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
-        return jax.jit(lambda x, j: jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False), out_shardings=out)(a, i)
+        return _layer_slicer(NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:])))(a, np.int32(i))
     return a[i]
 
 
