@@ -273,5 +273,11 @@ def test_per_layer_buffers_round_trip_and_equal_the_stacked_scan(jax_model):
     np.testing.assert_array_equal(other.thinker_logits(ids, mask), model.thinker_logits(ids, mask))
     with pytest.raises(InputError, match="thinker structure"):
         other.params = {"layers": {0: {}}}
+    # load() converts with free=True: each stacked array is deleted once sliced (never two copies held)
+    _, fresh = to_per_layer(gdef, stacked, free=True)
+    assert all(a.is_deleted() for a in jax.tree.leaves(stacked["layers"]))
+    assert not any(a.is_deleted() for a in jax.tree.leaves(fresh))
+    np.testing.assert_array_equal(fresh["layers"][1]["mlp"]["up_proj"]["kernel"][...],
+                                  model.params["layers"][1]["mlp"]["up_proj"]["kernel"][...])
     # per-layer parameter paths shard like their stacked rule without the layer axis
     assert param_axes("layers/3/mlp/down_proj/kernel", 2) == param_axes("layers/mlp/down_proj/kernel", 3)[1:]
