@@ -255,9 +255,10 @@ class OmniModel:
 
     @params.setter
     def params(self, state):
-        stacked_def = nnx.split(nnx.eval_shape(lambda: th.ThinkerLM(self.config.thinker, rngs=nnx.Rngs(0))))[0]
+        from .training import graphdefs
+
         try:
-            state = to_per_layer(stacked_def, state)[1]
+            state = to_per_layer(graphdefs(self.config)["thinker"], state)[1]
             same = jax.tree.structure(state) == jax.tree.structure(self._params)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             same = False

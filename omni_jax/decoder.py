@@ -12,16 +12,14 @@ per-row key-validity mask.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from .attention import MaskSpec, attention
-from .layers import Linear, RMSNorm, SwiGLU, scan_layers
+from .layers import Linear, RMSNorm, SwiGLU, scan_layers, unstack_layers
 from .rope import apply_rope
 from .sharding import constrain
 
@@ -122,23 +120,6 @@ def is_per_layer(state) -> bool:
     return isinstance(state["layers"], nnx.State) and all(isinstance(k, int) for k in state["layers"].keys())
 
 
-@functools.lru_cache(maxsize=64)
-def _layer_slicer(out_sharding):
-    """One jitted ``(stacked, i) -> stacked[i]`` per output sharding (``i`` traced: one compile per
-    shape, not per layer)."""
-    return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), out_shardings=out_sharding)
-
-
-def _take(a, i: int):
-    """Layer ``i`` of a stacked array, keeping the other axes' sharding."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    s = getattr(a, "sharding", None)
-    if isinstance(s, NamedSharding) and len(s.spec) > 0:
-        return _layer_slicer(NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:])))(a, np.int32(i))
-    return a[i]
-
-
 def to_per_layer(graphdef, state, *, free: bool = False):
     """``(graphdef, state)`` of a ThinkerLM/Talker with stacked layers -> the same model with
     ``layers`` an ``nnx.List`` of per-layer modules. ``free``: delete each stacked array once it
@@ -147,16 +128,7 @@ def to_per_layer(graphdef, state, *, free: bool = False):
     if is_per_layer(state):
         return graphdef, state
     model = nnx.merge(graphdef, state)
-    lgdef, lstate = nnx.split(model.layers)
-    leaves, treedef = jax.tree.flatten(lstate)
-    n = leaves[0].shape[0]
-    per = [[None] * len(leaves) for _ in range(n)]
-    for j, a in enumerate(leaves):
-        for i in range(n):
-            per[i][j] = _take(a, i)
-        if free and isinstance(a, jax.Array):
-            a.delete()
-    model.layers = nnx.List([nnx.merge(lgdef, jax.tree.unflatten(treedef, p)) for p in per])
+    model.layers = nnx.List(unstack_layers(model.layers, free=free))
     return nnx.split(model)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ACTIVATIONS = {
@@ -100,10 +101,10 @@ def scan_layers(stacked, body, carry, xs=None, *, remat: bool = False):
     buffers avoid it at the price of compiling L layers instead of one. ``y`` is not stacked then
     (a list)."""
     if isinstance(stacked, Sequence):  # includes nnx.List
+        run = jax.checkpoint(body) if remat else body
         ys = []
         for i, layer in enumerate(stacked):
-            x = None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs)
-            carry, y = (jax.checkpoint(body) if remat else body)(layer, carry, x)
+            carry, y = run(layer, carry, None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs))
             ys.append(y)
         return carry, ys
     graphdef, state = nnx.split(stacked)
@@ -118,9 +119,35 @@ def scan_layers(stacked, body, carry, xs=None, *, remat: bool = False):
     return jax.lax.scan(step, carry, (state, xs))
 
 
-def unstack_layers(stacked: nnx.Module) -> list:
-    """Per-layer modules (parameters without the layer axis, each its own array: a copy) of a
-    module whose parameters are stacked on a leading layer axis."""
+@functools.lru_cache(maxsize=64)
+def _layer_slicer(out_sharding):
+    """One jitted ``(stacked, i) -> stacked[i]`` per output sharding (``i`` traced: one compile per
+    shape, not per layer)."""
+    return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), out_shardings=out_sharding)
+
+
+def _take_layer(a, i: int):
+    """Layer ``i`` of a stacked array, keeping the other axes' sharding."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    s = getattr(a, "sharding", None)
+    if isinstance(s, NamedSharding) and len(s.spec) > 0:
+        return _layer_slicer(NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:])))(a, np.int32(i))
+    return a[i]
+
+
+def unstack_layers(stacked: nnx.Module, *, free: bool = False) -> list:
+    """Per-layer modules (parameters without the layer axis, each its own array: a copy, sharded
+    as the stacked array's other axes) of a module whose parameters are stacked on a leading
+    layer axis. ``free``: delete each stacked array once it is sliced (for a caller that owns them:
+    peak memory grows by one array, not by the whole stack)."""
     graphdef, state = nnx.split(stacked)
-    n = jax.tree.leaves(state)[0].shape[0]
-    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
+    leaves, treedef = jax.tree.flatten(state)
+    n = leaves[0].shape[0]
+    per = [[None] * len(leaves) for _ in range(n)]
+    for j, a in enumerate(leaves):
+        for i in range(n):
+            per[i][j] = _take_layer(a, i)
+        if free and isinstance(a, jax.Array):
+            a.delete()
+    return [nnx.merge(graphdef, jax.tree.unflatten(treedef, p)) for p in per]
