@@ -1,16 +1,21 @@
-"""Decode-step cost of the decoder stack: weights stacked on a layer axis (one ``lax.scan``, what
-omni-jax runs today) against per-layer weight buffers (a Python loop over
-:func:`omni_jax.layers.unstack_layers`), same weights, same KV cache, same token loop.
+"""Decode-step cost of the decoder stack in three layouts, same weights, same token loop:
+
+* ``stacked_scan``: weights and KV cache stacked on a layer axis, one ``lax.scan`` (the checkpoint
+  and training layout);
+* ``per_layer_stacked_cache``: per-layer weight buffers (a Python loop over
+  :func:`omni_jax.layers.unstack_layers`), the KV cache still stacked ``[L, B, S, KVH, D]``;
+* ``per_layer``: per-layer weights and per-layer KV cache buffers (what a loaded model runs).
 
     python -m bench.decode_layers                      # the CPU small config's talker and thinker stacks
+    python -m bench.decode_layers --slots 4096         # a long cache: the cache layout's share
     python -m bench.decode_layers --layers 36 --json out.json
 
 Why: a scan slices layer ``l``'s weights out of the stacked arrays with a dynamic slice; on
 XLA:CPU that slice is a copy, so every decode step reads each weight, writes it, and reads it
 again. A decode step is memory-bound, so this shows up as a fraction of the copy-bandwidth
 roofline. Per-layer buffers need no slice; the price is compile time (L layers compiled instead
-of one), reported beside the step time. The figures answer whether omni-jax should keep
-per-layer buffers for inference (see the benchmarks issue's note).
+of one), reported beside the step time. A stacked KV cache has the same problem: each layer's
+cache slice is copied per step (its share grows with the cache length).
 """
 
 from __future__ import annotations
@@ -50,9 +55,13 @@ def measure(spec: dict, *, steps: int, slots: int, bw: float) -> dict:
     cos, sin = jnp.ones((1, 1, hd), jnp.float32), jnp.zeros((1, 1, hd), jnp.float32)
     kv_valid = jnp.ones((1, slots), bool)
     h0 = jnp.full((1, 1, spec["hidden"]), 0.1, jnp.float32)
-    out: dict = dict(spec, weight_MB=round(wbytes / 2 ** 20, 1), steps=steps, cache_slots=slots)
+    kvbytes = 2 * spec["layers"] * slots * spec["kv_heads"] * hd * 4  # every step attends over all slots
+    out: dict = dict(spec, weight_MB=round(wbytes / 2 ** 20, 1), steps=steps, cache_slots=slots,
+                     cache_MB=round(kvbytes / 2 ** 20, 1))
     results = {}
-    for kind, layers in (("stacked_scan", stacked), ("per_layer", per_layer)):
+    for kind, layers, per_layer_cache in (("stacked_scan", stacked, False),
+                                          ("per_layer_stacked_cache", per_layer, False),
+                                          ("per_layer", per_layer, True)):
         graphdef, state = nnx.split(layers)
 
         @jax.jit
@@ -64,7 +73,8 @@ def measure(spec: dict, *, steps: int, slots: int, bw: float) -> dict:
                 y, cache = run_layers(lay, shape, h, cos, sin, cache=cache, start=i, kv_valid=kv_valid)
                 return y * 0.5, cache
 
-            return jax.lax.fori_loop(0, steps, body, (h, init_cache(shape, 1, slots, jnp.float32)))
+            cache = init_cache(shape, 1, slots, jnp.float32, per_layer=per_layer_cache)
+            return jax.lax.fori_loop(0, steps, body, (h, cache))
 
         t = time.perf_counter()
         compiled = run.lower(state, h0).compile()
@@ -78,9 +88,11 @@ def measure(spec: dict, *, steps: int, slots: int, bw: float) -> dict:
         step = best / steps
         results[kind] = np.asarray(res[0])
         out[kind] = dict(ms_per_step=round(1e3 * step, 3), weight_GBs=round(wbytes / step / 1e9, 2),
-                         frac_of_bandwidth_roofline=round(wbytes / bw / step, 3), compile_s=round(compile_s, 2))
+                         frac_of_bandwidth_roofline=round((wbytes + kvbytes) / bw / step, 3), compile_s=round(compile_s, 2))
     out["speedup"] = round(out["stacked_scan"]["ms_per_step"] / out["per_layer"]["ms_per_step"], 2)
-    out["same_output"] = bool(np.allclose(results["stacked_scan"], results["per_layer"], rtol=1e-5, atol=1e-6))
+    out["cache_speedup"] = round(out["per_layer_stacked_cache"]["ms_per_step"] / out["per_layer"]["ms_per_step"], 2)
+    out["same_output"] = all(bool(np.allclose(results["stacked_scan"], r, rtol=1e-5, atol=1e-6))
+                             for r in results.values())
     return out
 
 
@@ -102,12 +114,14 @@ def main(argv=None):
         row = measure(_stack(name if name == "talker" else "thinker", cfg[name], args.layers), steps=args.steps,
                       slots=args.slots, bw=bw)
         res["rows"].append(row)
-        print(f"{row['name']:8s} {row['layers']} layers x {row['hidden']} wide ({row['weight_MB']} MB): "
+        print(f"{row['name']:8s} {row['layers']} layers x {row['hidden']} wide ({row['weight_MB']} MB, cache {row['cache_MB']} MB): "
               f"stacked scan {row['stacked_scan']['ms_per_step']} ms/step "
               f"({row['stacked_scan']['frac_of_bandwidth_roofline']:.0%} of roofline, compile "
               f"{row['stacked_scan']['compile_s']} s) | per-layer {row['per_layer']['ms_per_step']} ms/step "
               f"({row['per_layer']['frac_of_bandwidth_roofline']:.0%}, compile {row['per_layer']['compile_s']} s) "
-              f"| {row['speedup']}x, same output: {row['same_output']}", flush=True)
+              f"| {row['speedup']}x; per-layer weights with a stacked cache "
+              f"{row['per_layer_stacked_cache']['ms_per_step']} ms/step (per-layer cache {row['cache_speedup']}x), "
+              f"same output: {row['same_output']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

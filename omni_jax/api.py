@@ -17,13 +17,12 @@ from flax import nnx
 from . import thinker as th
 from .attention import default_impl
 from .config import OmniConfig, load_config
-from .decoder import stacked_state, to_per_layer
+from .decoder import cache_for, stacked_state, to_per_layer
 from .errors import CheckpointError, InputError
 from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations, left_pad
-from .sharding import MeshJit, constrain, to_host, use_mesh
+from .sharding import MeshJit, to_host, use_mesh
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", None)  # KV cache: sharded over batch and heads
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
 MULTIMODAL_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw",
@@ -305,10 +304,7 @@ class OmniModel:
             its input embeddings with media positions zeroed, and a per-token hidden buffer."""
             model = nnx.merge(gdef, params)
             b, t = ids.shape
-            shape = th.decoder_shape(tcfg)
-            z = jnp.zeros((shape.num_layers, b, t + n_bucket, shape.kv_heads, shape.head_dim), self.dtype)
-            z = constrain(z, CACHE_AXES)
-            cache = {"k": z, "v": z}
+            cache = cache_for(model.layers, th.decoder_shape(tcfg), b, t + n_bucket, self.dtype)
             kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
             h, cache = th.hidden_states(model, tcfg, embed_fn(model, ids, mm_embeds, mm_idx), pos, cache=cache,
                                         start=0, kv_valid=kv_valid, impl=impl)
@@ -353,11 +349,9 @@ class OmniModel:
             b, t, _ = embeds.shape
             codec = model.embed_tokens(jnp.asarray([cfg.tts_codec_pad_token_id, cfg.tts_codec_start_token_id]))
             embeds = embeds.at[:, -2].add(codec[0]).at[:, -1].add(codec[1])
-            shape = tk.decoder_shape(cfg)
-            z = constrain(jnp.zeros((shape.num_layers, b, t + n_bucket, shape.kv_heads, shape.head_dim), self.dtype),
-                          CACHE_AXES)
+            cache = cache_for(model.layers, tk.decoder_shape(cfg), b, t + n_bucket, self.dtype)
             kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
-            logits, cache = tk.logits(model, cfg, embeds, pos, cache={"k": z, "v": z}, start=0, kv_valid=kv_valid,
+            logits, cache = tk.logits(model, cfg, embeds, pos, cache=cache, start=0, kv_valid=kv_valid,
                                       impl=impl)
             return initial_state(logits[:, -1], cache, kv_valid, seen, pos[:, :, -1] + 1, t, sp, rng, max_new, eos,
                                  pad, n_bucket, do_sample, min_new=min_new, suppress=suppress)

@@ -4,7 +4,8 @@ Layers are one NNX module whose parameters carry a leading layer axis (the check
 training layout; the forward pass is one ``lax.scan`` over it, one compiled layer whatever the
 depth), or, in a loaded :class:`omni_jax.OmniModel`, a list of per-layer modules run as a
 Python loop (see "inference layout" below: the scan's weight slices are copies on CPU). The KV cache is an
-explicit pytree ``{"k", "v"}: [L, B, S, KVH, D]`` in the load dtype, updated in place with
+explicit pytree ``{"k", "v"}`` in the load dtype: ``[L, B, S, KVH, D]`` with stacked layers, a list
+of ``L`` per-layer ``[B, S, KVH, D]`` buffers with per-layer ones; it is updated in place with
 ``dynamic_update_slice``; every call writes the new tokens' keys/values at cache slots
 ``[start, start + T)`` and attends over the whole cache with a causal slot mask and the
 per-row key-validity mask.
@@ -12,6 +13,7 @@ per-row key-validity mask.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -50,9 +52,23 @@ class DecoderShape(NamedTuple):
     head_dim: int
 
 
-def init_cache(shape: DecoderShape, batch: int, slots: int, dtype) -> dict:
-    z = jnp.zeros((shape.num_layers, batch, slots, shape.kv_heads, shape.head_dim), dtype)
+CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", None)  # stacked KV cache: over batch and KV heads
+
+
+def init_cache(shape: DecoderShape, batch: int, slots: int, dtype, *, per_layer: bool = False) -> dict:
+    """An empty KV cache: ``{"k", "v"}`` each ``[L, B, S, KVH, D]`` (stacked layers), or with
+    ``per_layer`` each a list of ``L`` arrays ``[B, S, KVH, D]`` (per-layer layers: see
+    "inference layout" below). Both carry the sharding constraints of :data:`CACHE_AXES`."""
+    if per_layer:
+        z = constrain(jnp.zeros((batch, slots, shape.kv_heads, shape.head_dim), dtype), CACHE_AXES[1:])
+        return {"k": [z] * shape.num_layers, "v": [z] * shape.num_layers}
+    z = constrain(jnp.zeros((shape.num_layers, batch, slots, shape.kv_heads, shape.head_dim), dtype), CACHE_AXES)
     return {"k": z, "v": z}
+
+
+def cache_for(layers, shape: DecoderShape, batch: int, slots: int, dtype) -> dict:
+    """The empty KV cache whose layout matches ``layers`` (per-layer for a sequence of layers)."""
+    return init_cache(shape, batch, slots, dtype, per_layer=isinstance(layers, Sequence))
 
 
 def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache=None, start=0,
@@ -63,7 +79,8 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
     the T tokens with key padding ``kv_valid [B, T]``. With a cache: write at slots
     ``[start, start+T)`` and attend over all ``S`` slots (``kv_valid [B, S]``). ``start`` may be a
     ``[B]`` array of per-row slots (continuous batching: rows at different lengths share one batch);
-    writes past the cache's end are dropped.
+    writes past the cache's end are dropped. The cache is either layout of :func:`init_cache`; a
+    per-layer cache needs per-layer ``layers``.
     Returns ``(h, cache)``.
     """
     b, t, _ = h.shape
@@ -72,29 +89,42 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
     q_slots = start[:, None] + jnp.arange(t)[None, :] if per_row else start + jnp.arange(t)
     mask = MaskSpec(causal=True, q_slots=q_slots, kv_valid=kv_valid)
 
-    def body(layer: DecoderLayers, carry, i):
-        x, kc, vc = carry
+    def write(c, new, i):
+        """``c`` with the new keys (values) ``new [B, T, KVH, D]`` at the query slots; ``c`` is one
+        layer's cache (``i`` None) or the stacked cache (layer ``i``)."""
+        lead = () if i is None else (i,)
+        new = new.astype(c.dtype)
+        if per_row:
+            return c.at[(*lead, jnp.arange(b)[:, None], q_slots)].set(new, mode="drop")
+        return jax.lax.dynamic_update_slice(c, new if i is None else new[None], (*lead, 0, start, 0, 0))
+
+    def layer_fn(layer: DecoderLayers, x, kc, vc, i):
         y = layer.input_layernorm(x)
         att = layer.self_attn
         q = apply_rope(att.q_proj(y).reshape(b, t, nh, hd), cos, sin)
         k = apply_rope(att.k_proj(y).reshape(b, t, kvh, hd), cos, sin)
         v = att.v_proj(y).reshape(b, t, kvh, hd)
         q = constrain(q, ("batch", "seq", "act_heads", None))
-        if kc is not None and per_row:
-            rows = jnp.arange(b)[:, None]
-            kc = kc.at[i, rows, q_slots].set(k.astype(kc.dtype), mode="drop")
-            vc = vc.at[i, rows, q_slots].set(v.astype(vc.dtype), mode="drop")
-        elif kc is not None:
-            kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, 0, start, 0, 0))
-            vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, 0, start, 0, 0))
         if kc is not None:
-            k = jax.lax.dynamic_index_in_dim(kc, i, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(vc, i, 0, keepdims=False)
+            kc, vc = write(kc, k, i), write(vc, v, i)
+            k, v = (kc, vc) if i is None else (jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False) for c in (kc, vc))
         o = attention(q, k, v, mask, impl=impl)
         x = x + att.o_proj(o.reshape(b, t, nh * hd))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = constrain(x, ("batch", "seq", "act_embed"))
-        return (x, kc, vc), None
+        return constrain(x, ("batch", "seq", "act_embed")), kc, vc
+
+    if cache is not None and isinstance(cache["k"], (list, tuple)):
+        # per-layer cache: each layer updates its own buffers (no slice of a stacked cache, which
+        # XLA copies per layer per step: see "inference layout" below)
+        if not isinstance(layers, Sequence) or len(cache["k"]) != len(layers):
+            raise ValueError("a per-layer KV cache needs per-layer decoder layers (decoder.to_per_layer), one per cache entry")
+        ks, vs = list(cache["k"]), list(cache["v"])
+        for i, layer in enumerate(layers):
+            h, ks[i], vs[i] = layer_fn(layer, h, ks[i], vs[i], None)
+        return h, {"k": ks, "v": vs}
+
+    def body(layer: DecoderLayers, carry, i):
+        return layer_fn(layer, *carry, i), None
 
     kc = vc = None
     if cache is not None:
@@ -112,7 +142,10 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
 # on XLA:CPU the scan's per-layer dynamic slice of the stacked weights is a copy, so a
 # memory-bound decode step read every weight three times (read, write, read); per-layer
 # buffers read it once (``python -m bench.decode_layers``: 3x faster decode at the talker's
-# widths). The price is compile time: L layers are compiled instead of one.
+# widths). The price is compile time: L layers are compiled instead of one. The KV cache follows
+# (:func:`cache_for`): a stacked cache's layer slice is copied the same way, a per-layer cache is
+# read and written in place (at 4k cache slots, the CPU small config's 8 thinker layers decode a
+# step ~25-35% faster with per-layer caches; ``python -m bench.decode_layers --slots 4096``).
 
 
 def is_per_layer(state) -> bool:

@@ -172,7 +172,8 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
 # logical axes of the arrays that cross the jitted entry points, by pytree path (first match wins):
 # a DecodeState's fields, the talker inputs and the batch-shaped arguments
 IO_AXES: list[tuple[str, tuple[str | None, ...]]] = [
-    (r"\.cache\['[kv]'\]$", ("layers", "batch", "cache_seq", "act_kv_heads", None)),
+    (r"\.cache\['[kv]'\]$", ("layers", "batch", "cache_seq", "act_kv_heads", None)),  # stacked layers
+    (r"\.cache\['[kv]'\]\[\d+\]$", ("batch", "cache_seq", "act_kv_heads", None)),  # per-layer buffers
     (r"\.(kv_valid|tokens|seen)$", ("batch", None)),
     (r"\.(last|done|rng)$", ("batch",)),
     (r"\.next_pos$", (None, "batch")),

@@ -65,16 +65,22 @@ def run(variant: str) -> dict:
             norm = lambda s: tuple(s) + (None,) * (leaf.ndim - len(tuple(s)))  # noqa: E731
             if norm(got) != norm(want):
                 bad.append(f"{p}: {got} != {want}")
-        # the jitted entry points declare their output shardings: the KV cache over batch and KV heads
+        # the jitted entry points declare their output shardings: the KV cache (one buffer per
+        # layer, like the weights) over batch and KV heads
         gen = m.prefill(ids, mask, max_new_tokens=4)
-        kc = gen.state.cache["k"]
-        want = logical_to_spec(("layers", "batch", "cache_seq", "act_kv_heads", None), kc.shape, mesh)
-        if tuple(kc.sharding.spec) + (None,) * (kc.ndim - len(kc.sharding.spec)) != \
-                tuple(want) + (None,) * (kc.ndim - len(want)):
-            bad.append(f"KV cache: {kc.sharding.spec} != {want}")
+        kcs = gen.state.cache["k"]
+        if not isinstance(kcs, list) or len(kcs) != len(m.params["layers"]):
+            bad.append(f"KV cache: not one buffer per layer ({type(kcs).__name__})")
+            kcs = []
+        for i, kc in enumerate(kcs):
+            want = logical_to_spec(("batch", "cache_seq", "act_kv_heads", None), kc.shape, mesh)
+            if tuple(kc.sharding.spec) + (None,) * (kc.ndim - len(kc.sharding.spec)) != \
+                    tuple(want) + (None,) * (kc.ndim - len(want)):
+                bad.append(f"KV cache layer {i}: {kc.sharding.spec} != {want}")
         m.decode_steps(gen, 2)
-        if gen.state.cache["k"].sharding != kc.sharding:
-            bad.append(f"KV cache after decode: {gen.state.cache['k'].sharding.spec} != {kc.sharding.spec}")
+        for i, (kc, after) in enumerate(zip(kcs, gen.state.cache["k"])):
+            if after.sharding != kc.sharding:
+                bad.append(f"KV cache layer {i} after decode: {after.sharding.spec} != {kc.sharding.spec}")
         res["sharding_mismatches"] = bad
         q = m.params["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
         res["q_proj_spec"] = str(q.sharding.spec)

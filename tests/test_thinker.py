@@ -281,3 +281,58 @@ def test_per_layer_buffers_round_trip_and_equal_the_stacked_scan(jax_model):
                                   model.params["layers"][1]["mlp"]["up_proj"]["kernel"][...])
     # per-layer parameter paths shard like their stacked rule without the layer axis
     assert param_axes("layers/3/mlp/down_proj/kernel", 2) == param_axes("layers/mlp/down_proj/kernel", 3)[1:]
+
+
+def test_per_layer_kv_cache_equals_the_stacked_cache():
+    """Prefill then per-row decode writes through ``run_layers``: per-layer weights with a
+    per-layer cache give the stacked scan's hidden states and exactly its cache contents, for
+    one shared start slot and for per-row slots (serving); a per-layer cache with stacked
+    layers is refused; the IO sharding rules name both layouts."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omni_jax.decoder import DecoderLayers, DecoderShape, init_cache, run_layers
+    from omni_jax.layers import unstack_layers
+    from omni_jax.sharding import io_axes
+
+    shape = DecoderShape(num_layers=3, heads=4, kv_heads=2, head_dim=8)
+    stacked = DecoderLayers(num_layers=3, hidden=32, intermediate=48, heads=4, kv_heads=2, head_dim=8, eps=1e-6,
+                            dtype=jnp.float32, rngs=nnx.Rngs(3))
+    per_layer = unstack_layers(stacked)
+    rng = np.random.default_rng(5)
+    b, slots = 2, 12
+
+    def rope(t):
+        ang = rng.standard_normal((b, t, 8)).astype(np.float32)
+        return jnp.cos(ang), jnp.sin(ang)
+
+    valid = jnp.asarray(np.arange(slots)[None, :] >= np.array([[0], [2]]))  # row 1 left-padded by 2
+    h0 = jnp.asarray(rng.standard_normal((b, 5, 32)), jnp.float32)
+    steps = [(h0, *rope(5), 0)]  # prefill 5 tokens at slots 0..4
+    steps.append((jnp.asarray(rng.standard_normal((b, 1, 32)), jnp.float32), *rope(1), 5))  # shared slot
+    steps.append((jnp.asarray(rng.standard_normal((b, 1, 32)), jnp.float32), *rope(1),
+                  jnp.asarray([6, 9], jnp.int32)))  # per-row slots
+    caches = {"stacked": init_cache(shape, b, slots, jnp.float32),
+              "per_layer": init_cache(shape, b, slots, jnp.float32, per_layer=True)}
+    assert caches["stacked"]["k"].shape == (3, b, slots, 2, 8)
+    assert len(caches["per_layer"]["k"]) == 3 and caches["per_layer"]["k"][0].shape == (b, slots, 2, 8)
+    for h, cos, sin, start in steps:
+        out = {}
+        for kind, layers in (("stacked", stacked), ("per_layer", per_layer)):
+            out[kind], caches[kind] = run_layers(layers, shape, h, cos, sin, cache=caches[kind], start=start,
+                                                 kv_valid=valid)
+        np.testing.assert_allclose(np.asarray(out["per_layer"]), np.asarray(out["stacked"]), rtol=1e-5, atol=1e-5)
+        for n in ("k", "v"):
+            np.testing.assert_allclose(np.stack([np.asarray(c) for c in caches["per_layer"][n]]),
+                                       np.asarray(caches["stacked"][n]), rtol=1e-5, atol=1e-6)
+    # the per-row step wrote only slots 6 (row 0) and 9 (row 1) beyond the prefill and slot 5
+    written = np.abs(np.asarray(caches["per_layer"]["k"][0])).sum(axis=(2, 3)) > 0
+    np.testing.assert_array_equal(written, np.array([[s < 7 for s in range(slots)],
+                                                     [s < 6 or s == 9 for s in range(slots)]]))
+    with pytest.raises(ValueError, match="per-layer KV cache needs per-layer decoder layers"):
+        run_layers(stacked, shape, h0, *rope(5), cache=init_cache(shape, b, slots, jnp.float32, per_layer=True),
+                   start=0, kv_valid=valid)
+    assert io_axes(".cache['k']", 5) == ("layers", "batch", "cache_seq", "act_kv_heads", None)
+    assert io_axes(".cache['v'][7]", 4) == ("batch", "cache_seq", "act_kv_heads", None)
+    assert jax.tree.structure(caches["per_layer"]) != jax.tree.structure(caches["stacked"])

@@ -36,11 +36,11 @@ INT_BIG = np.int32(2 ** 30)
 
 
 def empty_state(b: int, cache_shape, cache_dtype, n_tokens: int, vocab: int, hidden_dim: int, hidden_dtype):
-    """``b`` free rows (all done)."""
+    """``b`` free rows (all done). The KV cache is per layer (``L`` buffers ``[b, S, KVH, D]``), the
+    layout of a loaded model's decoder (:func:`omni_jax.decoder.init_cache`)."""
     layers, slots, kvh, hd = cache_shape
-    z = jnp.zeros((layers, b, slots, kvh, hd), cache_dtype)
     return RowState(
-        cache={"k": z, "v": jnp.zeros_like(z)}, kv_valid=jnp.zeros((b, slots), bool),
+        cache={n: [jnp.zeros((b, slots, kvh, hd), cache_dtype) for _ in range(layers)] for n in ("k", "v")}, kv_valid=jnp.zeros((b, slots), bool),
         tokens=jnp.zeros((b, n_tokens), jnp.int32), n=jnp.zeros((b,), jnp.int32), max_new=jnp.zeros((b,), jnp.int32),
         min_new=jnp.zeros((b,), jnp.int32), last=jnp.zeros((b,), jnp.int32), next_pos=jnp.zeros((3, b), jnp.int32),
         slot=jnp.zeros((b,), jnp.int32), done=jnp.ones((b,), bool), eos_on=jnp.ones((b,), bool),
@@ -65,7 +65,8 @@ def _insert(big: RowState, small: DecodeState, r, max_new, min_new, eos_on, sp_r
         pad[1] = (0, width - src.shape[1])
         return jnp.pad(src, pad)
 
-    cache = {k: put(big.cache[k], small.cache[k], axis=1) for k in ("k", "v")}
+    # a per-layer cache's rows are its axis 0, a stacked one's axis 1
+    cache = jax.tree.map(lambda d, c: put(d, c, axis=d.ndim - 4), big.cache, small.cache)
     kv_valid = put(big.kv_valid, row_pad(small.kv_valid, big.kv_valid.shape[1]))
     tokens = put(big.tokens, row_pad(small.tokens, big.tokens.shape[1]))
     hidden = big.hidden
