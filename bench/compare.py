@@ -148,14 +148,19 @@ def measure_matmul():
 
 
 def dit_flops(d: dict, frames: int, steps: int, use_cfg: bool = True) -> dict:
-    """Matmul FLOPs of one ODE solve: per DiT evaluation (linear layers, attention over all
-    ``frames`` keys as both sides compute it, masked to the block band) x 4 evaluations per RK4
-    interval x (steps - 1) intervals, with the CFG half doubling the rows. The speaker encoder
-    (once per call, on the reference mel) and elementwise work are not counted."""
+    """Matmul FLOPs of one ODE solve: per DiT evaluation (linear layers; attention over the keys
+    of each layer's block band, ``(look_back + 1 + look_ahead) x block_size`` per query, the work
+    the mask leaves: transformers computes all ``frames`` keys and masks them, omni-jax computes
+    the band) x 4 evaluations per RK4 interval x (steps - 1) intervals, with the CFG half doubling
+    the rows. The speaker encoder (once per call, on the reference mel) and elementwise work are
+    not counted."""
     h, inner, ff = d["hidden_size"], d["num_attention_heads"] * d["head_dim"], d["hidden_size"] * d["ff_mult"]
-    per_layer = 4 * h * inner + 2 * h * ff + 2 * frames * inner  # MACs per frame
+    layers = d["num_hidden_layers"]
+    band_keys = [min(frames, d["block_size"] * (1 + (i in d["look_backward_layers"]) + (i in d["look_ahead_layers"])))
+                 for i in range(layers)]
+    linear = 4 * h * inner + 2 * h * ff  # MACs per frame and layer
     io = (d["mel_dim"] + d["enc_dim"] + d["enc_emb_dim"] + d["emb_dim"]) * h + h * d["mel_dim"]
-    per_eval_row = 2 * frames * (d["num_hidden_layers"] * per_layer + io)
+    per_eval_row = 2 * frames * (layers * linear + sum(2 * k * inner for k in band_keys) + io)
     rows = 2 if use_cfg else 1
     evals = 4 * (steps - 1)
     return dict(per_eval=per_eval_row * rows, evals=evals, rows=rows, total=per_eval_row * rows * evals)

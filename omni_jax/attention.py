@@ -76,7 +76,64 @@ def build_mask(mask: MaskSpec, b: int, tq: int, tk: int) -> jax.Array | None:
     return m
 
 
+def _band_only(mask: MaskSpec, tq: int, tk: int) -> bool:
+    """Whether ``mask`` is a block band over default slots (plus key padding) only: the DiT's mask,
+    computed block by block by :func:`xla_band_attention`."""
+    return (mask.block_band is not None and not mask.causal and tq == tk and mask.q_slots is None
+            and mask.kv_slots is None and mask.q_segment_ids is None and mask.kv_segment_ids is None)
+
+
+def xla_band_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
+    """Block-band attention computed per query block against the ``look_back + 1 + look_ahead``
+    key blocks it can see: ``O(T * band)`` scores instead of the dense ``O(T^2)`` (the DiT's
+    sequences are whole replies: 30 s of speech is 3,000 frames; at 24-frame blocks and a 3-block
+    band, dense attention would compute 40x the needed scores and softmax). Same result as the dense
+    path, including a query whose band holds no valid key (a padding frame): it gets the dense path's
+    uniform average of all ``T`` values, as the Pallas kernels do."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    bs, back, ahead = mask.block_band
+    scale = d ** -0.5 if scale is None else scale
+    nb = -(-t // bs)
+    pad = nb * bs - t
+    valid = (jnp.ones((b, t), bool) if mask.kv_valid is None
+             else jnp.broadcast_to(_bt(mask.kv_valid, b).astype(bool), (b, t)))
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    w = back + 1 + ahead
+
+    def windows(x):  # [B, nb*bs, ...] -> [B, nb, w*bs, ...]: block i's keys are blocks i-back..i+ahead
+        xb = x.reshape(b, nb, bs, *x.shape[2:])
+        xb = jnp.pad(xb, ((0, 0), (back, ahead)) + ((0, 0),) * (xb.ndim - 2))  # missing blocks: invalid
+        return jnp.concatenate([xb[:, j:j + nb] for j in range(w)], axis=2)
+
+    kw, vw, mw = windows(k), windows(v), windows(valid)
+    qb = q.reshape(b, nb, bs, kvh, g, d)
+    s = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qb, kw, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mw[:, :, None, None, None, :], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bnhgqk,bnkhd->bnqhgd", p, vw, preferred_element_type=jnp.float32)  # [B, nb, bs, KVH, G, D]
+    if mask.kv_valid is not None:  # blocks whose band holds no valid key: the average of all T values
+        empty = ~jnp.any(mw, axis=2)  # [B, nb]
+        w_all = jnp.asarray(1.0 / t, jnp.float32).astype(v.dtype).astype(jnp.float32)
+        mean_v = jnp.sum(v[:, :t].astype(jnp.float32), axis=1) * w_all  # [B, KVH, D]
+        o = jnp.where(empty[:, :, None, None, None, None], mean_v[:, None, None, :, None, :], o)
+    return o.reshape(b, nb * bs, h, d)[:, :t].astype(q.dtype)
+
+
 def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
+    """The XLA implementation: :func:`xla_band_attention` for a block band longer than its band,
+    else :func:`dense_attention`."""
+    tq = q.shape[1]
+    if _band_only(mask, tq, k.shape[1]) and tq > (sum(mask.block_band[1:]) + 1) * mask.block_band[0]:
+        return xla_band_attention(q, k, v, mask, scale)
+    return dense_attention(q, k, v, mask, scale)
+
+
+def dense_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
+    """All ``Tq x Tk`` scores with the materialised mask (the reference formulation)."""
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
