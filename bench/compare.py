@@ -23,6 +23,15 @@ same thread count. Measured, each with its hardware limit beside it:
 Compile time is reported apart from steady-state time (omni-jax: first call minus a later
 call). Every figure is float32 (the CPU precision of both; token2wav is float32 on both sides
 whatever the load dtype). ``--memory-child`` is the internal entry point of the memory runs.
+
+GPU mode (issue 9 point 3, transformers on the same GPU and workload in the same call):
+
+    python -m bench.compare --device gpu --config bench/configs/gpu_3b_thinker.json --json out.json
+
+runs the thinker rows only (the config has no talker: token2wav has ``bench.gpu_token2wav
+--torch``), both sides in ``--dtype`` (default bfloat16) on the GPU, omni-jax with its default
+attention; the limits are jax's measured copy bandwidth and bf16 matmul throughput on the device
+(``bench/__main__``), and torch is synchronised inside every timed call.
 """
 
 from __future__ import annotations
@@ -40,6 +49,25 @@ import time
 import numpy as np
 
 PRECISION = "float32"
+
+
+class _Torch:
+    """Where and in what dtype the transformers side runs: CPU float32, or the GPU (``cuda``)."""
+
+    device = "cpu"
+
+    @classmethod
+    def tensor(cls, x, **kw):
+        import torch
+
+        return torch.as_tensor(np.asarray(x), **kw).to(cls.device)
+
+    @classmethod
+    def sync(cls):
+        if cls.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize()
 
 
 def _timeit(fn, reps=3):
@@ -200,7 +228,7 @@ def thinker_rows(cfg, model, tm, bw, mm) -> tuple[list, dict]:
     import torch
 
     pbytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    n_params = pbytes // 4
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
     # per generated token: every weight but the input embedding table is read once (only B rows of
     # the table are gathered); matmul FLOPs per prompt token likewise exclude the embedding and the
     # LM head (applied to the last position only)
@@ -208,7 +236,7 @@ def thinker_rows(cfg, model, tm, bw, mm) -> tuple[list, dict]:
     emb_bytes = int(np.prod(emb.shape)) * emb.dtype.itemsize
     head_params = 0 if model.params.get("lm_head") is None else int(np.prod(emb.shape))
     step_bytes = pbytes - emb_bytes if head_params else pbytes
-    flop_params = n_params - emb_bytes // 4 - head_params
+    flop_params = n_params - int(np.prod(emb.shape)) - head_params
     v = cfg["text"]["vocab_size"]
     rows = []
     prompt, new = cfg["prompt"], cfg["new_tokens"]
@@ -236,12 +264,19 @@ def thinker_rows(cfg, model, tm, bw, mm) -> tuple[list, dict]:
             return time.perf_counter() - t1
 
         jx_dec = min(jx_decode() for _ in range(2))
-        ti = torch.tensor(ids)
+        ti = _Torch.tensor(ids)
+
+        def pt_prefill():
+            tm(input_ids=ti, logits_to_keep=1)
+            _Torch.sync()
+
         with torch.no_grad():
-            pt_pre = _timeit(lambda: tm(input_ids=ti, logits_to_keep=1), 2)
+            pt_prefill()  # warm-up (on a GPU: kernel selection, allocator)
+            pt_pre = _timeit(pt_prefill, 2)
             t = time.perf_counter()
             tm.generate(input_ids=ti, attention_mask=torch.ones_like(ti), max_new_tokens=new, min_new_tokens=new,
                         do_sample=False, pad_token_id=0)
+            _Torch.sync()
             pt_total = time.perf_counter() - t
         pt_dec = max(pt_total - pt_pre, 1e-9)
         steps = new - 1
@@ -551,7 +586,8 @@ def measure_memory(cfg_path: str, directory: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def run(cfg: dict, cfg_path: str | None = None, memory: bool = True) -> dict:
+def run(cfg: dict, cfg_path: str | None = None, memory: bool = True, device: str = "cpu",
+        dtype: str = PRECISION) -> dict:
     import jax
     import torch
 
@@ -559,18 +595,36 @@ def run(cfg: dict, cfg_path: str | None = None, memory: bool = True) -> dict:
 
     threads = cfg.get("threads") or os.cpu_count()
     torch.set_num_threads(threads)
+    gpu = device == "gpu"
+    if gpu:
+        if not torch.cuda.is_available() or jax.default_backend() != "gpu":
+            raise SystemExit(f"--device gpu needs a GPU for both torch (cuda available: {torch.cuda.is_available()}) "
+                             f"and jax (backend: {jax.default_backend()})")
+        if "talker" in cfg:
+            raise SystemExit("--device gpu runs the thinker rows only: use a config without a talker "
+                             "(bench/configs/gpu_3b_thinker.json)")
     d = tempfile.mkdtemp(prefix="omni-bench-")
     full = build_checkpoint(cfg, d)
     tm = full.thinker
+    if gpu:
+        _Torch.device = "cuda"
+        tm = tm.to("cuda", dtype=getattr(torch, dtype))
     t0 = time.perf_counter()
-    model = omni_jax.load(d, dtype=PRECISION, attention="xla")
+    model = omni_jax.load(d, dtype=dtype, attention=None if gpu else "xla")
     load_s = time.perf_counter() - t0
-    bw, mm = measure_bandwidth(), measure_matmul()
+    if gpu:
+        from .__main__ import measure_bandwidth as jax_bandwidth, measure_matmul as jax_matmul
+
+        bw, mm = jax_bandwidth(), jax_matmul()
+    else:
+        bw, mm = measure_bandwidth(), measure_matmul()
     _log(f"loaded; copy {bw / 1e9:.1f} GB/s, matmul {mm / 1e9:.1f} GFLOP/s; thinker rows")
     rows, info = thinker_rows(cfg, model, tm, bw, mm)
     _log(f"thinker rows: {rows}")
-    res = dict(machine=f"{os.cpu_count()} CPU cores", backend=jax.default_backend(), jax=jax.__version__,
-               torch=torch.__version__, threads=threads, precision=PRECISION, params=info["params"],
+    machine = (f"{jax.devices()[0].device_kind} ({torch.cuda.get_device_name()} for torch)" if gpu
+               else f"{os.cpu_count()} CPU cores")
+    res = dict(machine=machine, backend=jax.default_backend(), jax=jax.__version__,
+               torch=torch.__version__, threads=threads, precision=dtype, params=info["params"],
                param_bytes=info["param_bytes"], copy_bandwidth_GBs=round(bw / 1e9, 2),
                matmul_GFLOPs=round(mm / 1e9, 1), load_s=round(load_s, 2), date=time.strftime("%Y-%m-%d"),
                config=cfg, rows=rows)
@@ -599,7 +653,7 @@ def run(cfg: dict, cfg_path: str | None = None, memory: bool = True) -> dict:
                 **measure_memory(cfg_path, d))
     # the limits again at the end: on a shared machine the speed drifts during a run; fractions use the
     # start's figures, and a drift beyond 15% is flagged (ratios, measured back to back, are robust to it)
-    bw_end, mm_end = measure_bandwidth(), measure_matmul()
+    bw_end, mm_end = (jax_bandwidth(), jax_matmul()) if gpu else (measure_bandwidth(), measure_matmul())
     res["limits_at_end"] = dict(copy_bandwidth_GBs=round(bw_end / 1e9, 2), matmul_GFLOPs=round(mm_end / 1e9, 1))
     res["limits_drift"] = bool(max(mm_end / mm, mm / mm_end, bw_end / bw, bw / bw_end) > 1.15)
     import shutil
@@ -665,6 +719,10 @@ def main(argv=None):
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "cpu_small.json"))
     p.add_argument("--json", default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the two peak-memory processes")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: both sides on the GPU, thinker rows only (see the module docstring)")
+    p.add_argument("--dtype", default=None, help="load dtype of both sides (default: float32 on cpu, "
+                                                 "bfloat16 on gpu)")
     p.add_argument("--memory-child", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -673,7 +731,10 @@ def main(argv=None):
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.dir, cfg)))
         return
-    res = run(cfg, args.config, memory=not args.no_memory)
+    dtype = args.dtype or ("bfloat16" if args.device == "gpu" else PRECISION)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        p.error(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    res = run(cfg, args.config, memory=not args.no_memory and args.device == "cpu", device=args.device, dtype=dtype)
     print_table(res)
     if args.json:
         with open(args.json, "w") as f:
