@@ -59,9 +59,11 @@ def init_cache(shape: DecoderShape, batch: int, slots: int, dtype, *, per_layer:
     """An empty KV cache: ``{"k", "v"}`` each ``[L, B, S, KVH, D]`` (stacked layers), or with
     ``per_layer`` each a list of ``L`` arrays ``[B, S, KVH, D]`` (per-layer layers: see
     "inference layout" below). Both carry the sharding constraints of :data:`CACHE_AXES`."""
-    if per_layer:
-        z = constrain(jnp.zeros((batch, slots, shape.kv_heads, shape.head_dim), dtype), CACHE_AXES[1:])
-        return {"k": [z] * shape.num_layers, "v": [z] * shape.num_layers}
+    if per_layer:  # distinct arrays (outside jit one shared buffer could not be donated twice)
+        def z():
+            return constrain(jnp.zeros((batch, slots, shape.kv_heads, shape.head_dim), dtype), CACHE_AXES[1:])
+
+        return {n: [z() for _ in range(shape.num_layers)] for n in ("k", "v")}
     z = constrain(jnp.zeros((shape.num_layers, batch, slots, shape.kv_heads, shape.head_dim), dtype), CACHE_AXES)
     return {"k": z, "v": z}
 
