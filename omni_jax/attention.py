@@ -132,8 +132,44 @@ def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
     return dense_attention(q, k, v, mask, scale)
 
 
+# float32 score elements one dense attention call materialises at once (256 MB): longer queries run
+# in chunks (a 25k-token prefill would otherwise need 16 x 25k x 25k x 4 B = 40 GB of scores)
+SCORE_BUDGET = 1 << 26
+
+
 def dense_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
-    """All ``Tq x Tk`` scores with the materialised mask (the reference formulation)."""
+    """All ``Tq x Tk`` scores with the materialised mask (the reference formulation), in query
+    chunks of at most :data:`SCORE_BUDGET` score elements each (``lax.map``; the same numbers, as
+    every query's scores and softmax are computed whole either way)."""
+    b, tq, h, _ = q.shape
+    tk = k.shape[1]
+    chunk = SCORE_BUDGET // (b * h * tk)
+    if tq <= max(chunk, 1):
+        return _dense(q, k, v, mask, scale)
+    chunk = 1 << max(chunk, 1).bit_length() - 1  # a power of two
+    n = -(-tq // chunk)
+    pad = n * chunk - tq
+    qs = jnp.arange(tq)[None, :] if mask.q_slots is None else _bt(mask.q_slots, b)
+    qseg = None if mask.q_segment_ids is None else _bt(mask.q_segment_ids, b)
+    if pad:  # padding queries: their rows are dropped
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        qs = jnp.pad(qs, ((0, 0), (0, pad)), mode="edge")
+        qseg = None if qseg is None else jnp.pad(qseg, ((0, 0), (0, pad)), mode="edge")
+
+    def split(x):  # [B', n * chunk, ...] -> [n, B', chunk, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+
+    def one(xs):
+        qc, qsc, qsegc = xs
+        m = MaskSpec(causal=mask.causal, q_slots=qsc, kv_slots=mask.kv_slots, q_segment_ids=qsegc,
+                     kv_segment_ids=mask.kv_segment_ids, kv_valid=mask.kv_valid, block_band=mask.block_band)
+        return _dense(qc, k, v, m, scale)
+
+    o = jax.lax.map(one, (split(q), split(qs), None if qseg is None else split(qseg)))  # [n, B, chunk, H, D]
+    return jnp.moveaxis(o, 0, 1).reshape(b, n * chunk, h, -1)[:, :tq]
+
+
+def _dense(q, k, v, mask: MaskSpec, scale: float | None = None):
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh

@@ -252,3 +252,30 @@ def test_xla_band_attention_equals_dense(band):
     qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
     mask = MaskSpec(block_band=(bs, *band), kv_valid=valid)
     assert rel(xla_band_attention(qb, kb, vb, mask), dense_attention(qb, kb, vb, mask)) <= 1e-2
+
+
+@pytest.mark.parametrize("name", ["causal_gqa", "cache_left_pad", "segments_d80", "band_valid_d64", "cross_nomask"])
+def test_dense_attention_in_query_chunks(name, monkeypatch):
+    """Past ``SCORE_BUDGET`` score elements the dense path runs in query chunks (a long prefill on
+    CPU would otherwise materialise all T x T scores at once): same outputs and gradients as one
+    whole call, with a chunk that does not divide the query count."""
+    from omni_jax import attention as A
+
+    (b, tq, tk, h, kvh, d), mk_mask, _ = _case(name)
+    q, k, v = qkv(3, b, tq, tk, h, kvh, d)
+    mask = mk_mask()
+
+    def run(q, k, v):
+        return A.dense_attention(q, k, v, mask)
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(run(q, k, v)))
+
+    whole, gw = run(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    monkeypatch.setattr(A, "SCORE_BUDGET", b * h * tk * 4)  # 4-query chunks
+    jaxpr = str(jax.make_jaxpr(run)(q, k, v))
+    assert "scan" in jaxpr or "while" in jaxpr  # it did chunk
+    chunked, gc = jax.jit(run)(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    for a, c in zip(gc, gw):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
