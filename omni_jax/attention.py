@@ -77,10 +77,11 @@ def build_mask(mask: MaskSpec, b: int, tq: int, tk: int) -> jax.Array | None:
 
 
 def _band_only(mask: MaskSpec, tq: int, tk: int) -> bool:
-    """Whether ``mask`` is a block band over default slots (plus key padding) only: the DiT's mask,
-    computed block by block by :func:`xla_band_attention`."""
+    """Whether ``mask`` is a block band over default slots (plus key padding and segment ids): the
+    DiT's mask, or vision windows bounded by a band; computed block by block by
+    :func:`xla_band_attention`."""
     return (mask.block_band is not None and not mask.causal and tq == tk and mask.q_slots is None
-            and mask.kv_slots is None and mask.q_segment_ids is None and mask.kv_segment_ids is None)
+            and mask.kv_slots is None and (mask.q_segment_ids is None) == (mask.kv_segment_ids is None))
 
 
 def xla_band_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
@@ -112,14 +113,23 @@ def xla_band_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
     kw, vw, mw = windows(k), windows(v), windows(valid)
     qb = q.reshape(b, nb, bs, kvh, g, d)
     s = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qb, kw, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mw[:, :, None, None, None, :], s, _NEG)
+    m = mw[:, :, None, :]  # [B, nb, 1 | bs, w*bs]
+    if mask.q_segment_ids is not None:  # segment ids: padding queries/keys get ids nothing else has
+        qseg = jnp.broadcast_to(_bt(mask.q_segment_ids, b), (b, t))
+        kseg = jnp.broadcast_to(_bt(mask.kv_segment_ids, b), (b, t))
+        if pad:
+            qseg = jnp.pad(qseg, ((0, 0), (0, pad)))
+            kseg = jnp.pad(kseg, ((0, 0), (0, pad)))
+        m = m & (qseg.reshape(b, nb, bs)[:, :, :, None] == windows(kseg)[:, :, None, :])
+    s = jnp.where(m[:, :, None, None], s, _NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     o = jnp.einsum("bnhgqk,bnkhd->bnqhgd", p, vw, preferred_element_type=jnp.float32)  # [B, nb, bs, KVH, G, D]
-    if mask.kv_valid is not None:  # blocks whose band holds no valid key: the average of all T values
-        empty = ~jnp.any(mw, axis=2)  # [B, nb]
+    if mask.kv_valid is not None or mask.q_segment_ids is not None:
+        # queries whose band holds no visible key: the average of all T values
+        empty = ~jnp.any(jnp.broadcast_to(m, (b, nb, bs, w * bs)), axis=-1)  # [B, nb, bs]
         w_all = jnp.asarray(1.0 / t, jnp.float32).astype(v.dtype).astype(jnp.float32)
         mean_v = jnp.sum(v[:, :t].astype(jnp.float32), axis=1) * w_all  # [B, KVH, D]
-        o = jnp.where(empty[:, :, None, None, None, None], mean_v[:, None, None, :, None, :], o)
+        o = jnp.where(empty[:, :, :, None, None, None], mean_v[:, None, None, :, None, :], o)
     return o.reshape(b, nb * bs, h, d)[:, :t].astype(q.dtype)
 
 

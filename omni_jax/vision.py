@@ -13,8 +13,9 @@ Static shapes and masks. As in the reference, the patches are put in *window ord
 units of each window consecutive, windows in order, frames in order) for the whole stack,
 so every window and every frame is a contiguous run of the sequence; the merged tokens are
 put back in the processor's order at the end. Attention masks are segment ids, never
-per-window Python loops: the window id of each patch in window layers, the frame id in
-full-attention layers (chosen per layer inside one ``lax.scan``). Padding patches (up to a
+per-window Python loops: the window id of each patch in window layers (with a block band of
+one window's length either side, which bounds the work without changing the mask), the frame
+id in full-attention layers (chosen per layer inside one ``lax.scan``). Padding patches (up to a
 bucketed patch count, :func:`patch_bucket`) get segment id ``-1`` and are never seen by
 real patches. All index arithmetic (window order, positions, segment ids) is done on the
 host with numpy from ``grid_thw``; the jitted part sees only arrays of bucketed shapes.
@@ -256,15 +257,21 @@ def vision_forward(model: VisionEncoder, cfg: VisionConfig, pixel_values, order,
     win_seg, frame_seg = window_ids[None], frame_ids[None]
     x = constrain(x, ("batch", "seq", "act_embed"))
 
+    # A window is a contiguous run of at most `win` patches, so every key a window query sees lies in
+    # its own block of `win` slots or the ones either side: the band bounds the work (O(T * 3 win),
+    # not O(T^2), on the XLA path) without changing the mask.
+    ws = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+    win_mask = MaskSpec(q_segment_ids=win_seg, kv_segment_ids=win_seg, block_band=(ws * ws * unit, 1, 1))
+    full_mask = MaskSpec(q_segment_ids=frame_seg, kv_segment_ids=frame_seg)
+
     def body(blk: VisionBlocks, h, is_full):
-        seg = jnp.where(is_full, frame_seg, win_seg)
-        mask = MaskSpec(q_segment_ids=seg, kv_segment_ids=seg)
         y = blk.norm1(h)
         att = blk.attn
         q = apply_rope(att.q(y).reshape(1, tb, nh, hd), cos, sin)
         k = apply_rope(att.k(y).reshape(1, tb, nh, hd), cos, sin)
         v = att.v(y).reshape(1, tb, nh, hd)
-        o = attention(q, k, v, mask, impl=impl)
+        o = jax.lax.cond(is_full, lambda: attention(q, k, v, full_mask, impl=impl),
+                         lambda: attention(q, k, v, win_mask, impl=impl))
         h = h + att.proj(o.reshape(1, tb, e))
         y = blk.norm2(h)
         h = h + blk.mlp.down_proj(act(blk.mlp.gate_proj(y)) * blk.mlp.up_proj(y))

@@ -23,6 +23,9 @@ from omni_jax.sharding import logical_to_spec, param_axes  # noqa: E402
 from test_multimodal import _inputs  # noqa: E402
 
 MESHES = ["tensor=2,data=4", "fsdp=8", "tensor=8"]
+# the "odd" variant (head and MLP widths that divide no mesh axis) is checked on tensor=8 only:
+# replication of the dimensions that do not divide is its point, the other meshes repeat "gqa"
+VARIANT_MESHES = {"odd": ["tensor=8"]}
 
 
 def run(variant: str) -> dict:
@@ -42,7 +45,7 @@ def run(variant: str) -> dict:
     r_gen = ref.generate(ids, mask, **gen_kw)
     r_gen_mm = ref.generate(mm_ids, mm_mask, **gen_kw, **mm)
     out = {}
-    for spec in MESHES:
+    for spec in VARIANT_MESHES.get(variant, MESHES):
         mesh = omni_jax.make_mesh(spec)
         m = omni_jax.load(d, dtype="float32", mesh=mesh)
         m.token2wav_params = None

@@ -257,8 +257,8 @@ def test_xla_band_attention_equals_dense(band):
 @pytest.mark.parametrize("name", ["causal_gqa", "cache_left_pad", "segments_d80", "band_valid_d64", "cross_nomask"])
 def test_dense_attention_in_query_chunks(name, monkeypatch):
     """Past ``SCORE_BUDGET`` score elements the dense path runs in query chunks (a long prefill on
-    CPU would otherwise materialise all T x T scores at once): same outputs and gradients as one
-    whole call, with a chunk that does not divide the query count."""
+    CPU would otherwise materialise all T x T scores at once): same outputs as one whole call (and
+    gradients, for two of the masks), with a chunk that does not divide the query count."""
     from omni_jax import attention as A
 
     (b, tq, tk, h, kvh, d), mk_mask, _ = _case(name)
@@ -271,11 +271,36 @@ def test_dense_attention_in_query_chunks(name, monkeypatch):
     def loss(q, k, v):
         return jnp.sum(jnp.sin(run(q, k, v)))
 
-    whole, gw = run(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    grads = name in ("causal_gqa", "segments_d80")  # gradients on two masks (compiles are the cost)
+    whole = run(q, k, v)
+    gw = jax.grad(loss, argnums=(0, 1, 2))(q, k, v) if grads else ()
     monkeypatch.setattr(A, "SCORE_BUDGET", b * h * tk * 4)  # 4-query chunks
     jaxpr = str(jax.make_jaxpr(run)(q, k, v))
     assert "scan" in jaxpr or "while" in jaxpr  # it did chunk
-    chunked, gc = jax.jit(run)(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    chunked = jax.jit(run)(q, k, v)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    gc = jax.grad(loss, argnums=(0, 1, 2))(q, k, v) if grads else ()
     for a, c in zip(gc, gw):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+
+
+def test_xla_band_attention_with_segments_equals_windows():
+    """Vision windows: contiguous segments of at most ``bs`` tokens, attended with segment ids and a
+    (1, 1) block band of ``bs`` (which contains every window). The block-by-block path equals the dense
+    formulation of the same mask everywhere, and the plain segment mask (no band) on every real token
+    (padding tokens, segment -1 in a run longer than a block, may differ in their own rows only)."""
+    from omni_jax.attention import dense_attention, xla_band_attention
+
+    bs = 8
+    lens = [8, 3, 5, 8, 1, 7, 6, 2, 8]  # uneven windows, as at an image's right and bottom edges
+    seg = np.concatenate([np.full(n, i) for i, n in enumerate(lens)] + [np.full(13, -1)])  # + padding
+    t = len(seg)
+    q, k, v = qkv(11, 1, t, t, 4, 2, 16)
+    segj = jnp.asarray(seg)[None]
+    banded = MaskSpec(q_segment_ids=segj, kv_segment_ids=segj, block_band=(bs, 1, 1))
+    got = jax.jit(lambda q, k, v: xla_attention(q, k, v, banded))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xla_band_attention(q, k, v, banded)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dense_attention(q, k, v, banded)), rtol=1e-5, atol=1e-6)
+    plain = dense_attention(q, k, v, MaskSpec(q_segment_ids=segj, kv_segment_ids=segj))
+    real = seg >= 0
+    np.testing.assert_allclose(np.asarray(got)[:, real], np.asarray(plain)[:, real], rtol=1e-5, atol=1e-6)
