@@ -114,7 +114,7 @@ def xla_band_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
     qb = q.reshape(b, nb, bs, kvh, g, d)
     s = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qb, kw, preferred_element_type=jnp.float32) * scale
     m = mw[:, :, None, :]  # [B, nb, 1 | bs, w*bs]
-    if mask.q_segment_ids is not None:  # segment ids: padding queries/keys get ids nothing else has
+    if mask.q_segment_ids is not None:  # padded and missing key blocks are already invalid in `m`
         qseg = jnp.broadcast_to(_bt(mask.q_segment_ids, b), (b, t))
         kseg = jnp.broadcast_to(_bt(mask.kv_segment_ids, b), (b, t))
         if pad:
