@@ -51,25 +51,6 @@ import numpy as np
 PRECISION = "float32"
 
 
-class _Torch:
-    """Where and in what dtype the transformers side runs: CPU float32, or the GPU (``cuda``)."""
-
-    device = "cpu"
-
-    @classmethod
-    def tensor(cls, x, **kw):
-        import torch
-
-        return torch.as_tensor(np.asarray(x), **kw).to(cls.device)
-
-    @classmethod
-    def sync(cls):
-        if cls.device != "cpu":
-            import torch
-
-            torch.cuda.synchronize()
-
-
 def _timeit(fn, reps=3):
     best = float("inf")
     for _ in range(reps):
@@ -223,9 +204,14 @@ def _rel(a, b) -> float:
 # the thinker
 
 
-def thinker_rows(cfg, model, tm, bw, mm) -> tuple[list, dict]:
+def thinker_rows(cfg, model, tm, bw, mm, device: str = "cpu") -> tuple[list, dict]:
+    """``device``: where ``tm`` runs, ``"cpu"`` or ``"cuda"`` (then synchronised in every timed call)."""
     import jax
     import torch
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     pbytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
@@ -264,11 +250,11 @@ def thinker_rows(cfg, model, tm, bw, mm) -> tuple[list, dict]:
             return time.perf_counter() - t1
 
         jx_dec = min(jx_decode() for _ in range(2))
-        ti = _Torch.tensor(ids)
+        ti = torch.tensor(ids, device=device)
 
         def pt_prefill():
             tm(input_ids=ti, logits_to_keep=1)
-            _Torch.sync()
+            sync()
 
         with torch.no_grad():
             pt_prefill()  # warm-up (on a GPU: kernel selection, allocator)
@@ -276,7 +262,7 @@ def thinker_rows(cfg, model, tm, bw, mm) -> tuple[list, dict]:
             t = time.perf_counter()
             tm.generate(input_ids=ti, attention_mask=torch.ones_like(ti), max_new_tokens=new, min_new_tokens=new,
                         do_sample=False, pad_token_id=0)
-            _Torch.sync()
+            sync()
             pt_total = time.perf_counter() - t
         pt_dec = max(pt_total - pt_pre, 1e-9)
         steps = new - 1
@@ -607,7 +593,6 @@ def run(cfg: dict, cfg_path: str | None = None, memory: bool = True, device: str
     full = build_checkpoint(cfg, d)
     tm = full.thinker
     if gpu:
-        _Torch.device = "cuda"
         tm = tm.to("cuda", dtype=getattr(torch, dtype))
     t0 = time.perf_counter()
     model = omni_jax.load(d, dtype=dtype, attention=None if gpu else "xla")
@@ -619,7 +604,7 @@ def run(cfg: dict, cfg_path: str | None = None, memory: bool = True, device: str
     else:
         bw, mm = measure_bandwidth(), measure_matmul()
     _log(f"loaded; copy {bw / 1e9:.1f} GB/s, matmul {mm / 1e9:.1f} GFLOP/s; thinker rows")
-    rows, info = thinker_rows(cfg, model, tm, bw, mm)
+    rows, info = thinker_rows(cfg, model, tm, bw, mm, device="cuda" if gpu else "cpu")
     _log(f"thinker rows: {rows}")
     machine = (f"{jax.devices()[0].device_kind} ({torch.cuda.get_device_name()} for torch)" if gpu
                else f"{os.cpu_count()} CPU cores")

@@ -35,6 +35,7 @@ from omni_jax.decoder import DecoderLayers, DecoderShape, init_cache, run_layers
 from omni_jax.layers import unstack_layers
 
 from .compare import measure_bandwidth
+from .util import write_json
 
 
 def _stack(name: str, c: dict, layers: int | None) -> dict:
@@ -122,9 +123,7 @@ def main(argv=None):
               f"| {row['speedup']}x; per-layer weights with a stacked cache "
               f"{row['per_layer_stacked_cache']['ms_per_step']} ms/step (per-layer cache {row['cache_speedup']}x), "
               f"same output: {row['same_output']}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return res
 
 

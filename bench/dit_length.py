@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from .compare import _PatchedRandn, _rel, _timeit
+from .util import band_attention, write_json
 
 
 def build(dit_cfg: dict, seed: int = 0):
@@ -68,7 +69,6 @@ def build(dit_cfg: dict, seed: int = 0):
 def measure(model, cfg, jmodel, n_codes: int, steps: int, dense: bool, seed: int = 0) -> dict:
     import torch
 
-    from omni_jax import attention
     from omni_jax import token2wav as t2w
 
     d = cfg.dit
@@ -86,26 +86,16 @@ def measure(model, cfg, jmodel, n_codes: int, steps: int, dense: bool, seed: int
         return np.asarray(jax.block_until_ready(t2w.dit_sample(jmodel.code2wav_dit_model, d, codes, cond, ref_mel,
                                                                noise[None], steps=steps)))
 
-    kinds = [("band", None)]
-    if dense:
-        kinds.append(("dense", lambda mask, tq, tk: False))
     mels = {}
-    for kind, patch in kinds:
-        orig = attention._band_only
-        if patch is not None:
-            attention._band_only = patch
-        jax.clear_caches()  # a new trace with this attention
-        try:
+    for kind in ("band", "dense") if dense else ("band",):
+        with band_attention(kind == "band"):
             t = time.perf_counter()
             jx()
             first = time.perf_counter() - t
             s = _timeit(jx, 2)
             mels[kind] = jx()
-        finally:
-            attention._band_only = orig
         out[f"jax_{kind}"] = dict(solve_s=round(s, 3), ms_per_eval=round(1e3 * s / evals, 1),
                                   s_per_audio_s_per_eval=round(s / evals / audio_s, 4), compile_s=round(first - s, 2))
-    jax.clear_caches()
     pt_mel = None
 
     def pt():
@@ -157,9 +147,7 @@ def main(argv=None):
         if args.dense:
             line += f" (dense attention: {row['jax_dense']['ms_per_eval']} ms, {row['jax_dense']['ratio_vs_torch']}x)"
         print(line + f"; mel rel err {row['jax_band']['mel_rel_err']:.1e}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return res
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -25,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .util import band_attention, write_json
+
 
 def main(argv=None):
-    from omni_jax import attention
     from omni_jax import preset
     from omni_jax.vision import VisionEncoder, encode_vision
 
@@ -56,12 +56,8 @@ def main(argv=None):
         pv = np.random.default_rng(0).standard_normal((n, width)).astype(np.float32)
         row: dict = dict(size=size, patches=n)
         outs = {}
-        for kind, patch in (("band", None), ("dense", lambda mask, tq, tk: False)):
-            orig = attention._band_only
-            if patch is not None:
-                attention._band_only = patch
-            jax.clear_caches()
-            try:
+        for kind in ("band", "dense"):
+            with band_attention(kind == "band"):
                 t = time.perf_counter()
                 outs[kind] = np.asarray(encode_vision(model, cfg, pv, grid, "xla"))
                 first = time.perf_counter() - t
@@ -70,18 +66,13 @@ def main(argv=None):
                     t = time.perf_counter()
                     jax.block_until_ready(encode_vision(model, cfg, pv, grid, "xla"))
                     best = min(best, time.perf_counter() - t)
-            finally:
-                attention._band_only = orig
             row[kind] = dict(s=round(best, 3), compile_s=round(first - best, 2))
         row["speedup"] = round(row["dense"]["s"] / row["band"]["s"], 2)
         row["max_abs_diff"] = float(np.abs(outs["band"] - outs["dense"]).max())
         res["rows"].append(row)
         print(f"{size} ({n} patches, {args.depth} blocks): band {row['band']['s']} s, dense {row['dense']['s']} s "
               f"-> {row['speedup']}x; max abs diff {row['max_abs_diff']:.1e}", flush=True)
-    jax.clear_caches()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return res
 
 

@@ -39,8 +39,9 @@ def empty_state(b: int, cache_shape, cache_dtype, n_tokens: int, vocab: int, hid
     """``b`` free rows (all done). The KV cache is per layer (``L`` buffers ``[b, S, KVH, D]``), the
     layout of a loaded model's decoder (:func:`omni_jax.decoder.init_cache`)."""
     layers, slots, kvh, hd = cache_shape
+    cache = {n: [jnp.zeros((b, slots, kvh, hd), cache_dtype) for _ in range(layers)] for n in ("k", "v")}
     return RowState(
-        cache={n: [jnp.zeros((b, slots, kvh, hd), cache_dtype) for _ in range(layers)] for n in ("k", "v")}, kv_valid=jnp.zeros((b, slots), bool),
+        cache=cache, kv_valid=jnp.zeros((b, slots), bool),
         tokens=jnp.zeros((b, n_tokens), jnp.int32), n=jnp.zeros((b,), jnp.int32), max_new=jnp.zeros((b,), jnp.int32),
         min_new=jnp.zeros((b,), jnp.int32), last=jnp.zeros((b,), jnp.int32), next_pos=jnp.zeros((3, b), jnp.int32),
         slot=jnp.zeros((b,), jnp.int32), done=jnp.ones((b,), bool), eos_on=jnp.ones((b,), bool),
