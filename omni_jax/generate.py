@@ -76,11 +76,23 @@ def process_logits(logits, seen, sp: Sampling, do_sample: bool):
     return jnp.where(remove, -jnp.inf, logits)
 
 
+def argmax_first(x):
+    """``jnp.argmax(x, axis=-1)`` as int32 (the first maximum; the first NaN if any), in two plain
+    reductions. XLA:CPU compiles argmax's (value, index) reduction to scalar code, and fuses the
+    logits processing before it into that loop: ~8 ns per vocabulary entry, 1.1 ms of a batch-1
+    decode step at a 151,936 vocabulary against 0.27 ms for a max and a min of indices, which
+    vectorise."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == m) | jnp.isnan(x)  # a NaN anywhere makes m NaN: argmax's answer is then the first NaN
+    v = x.shape[-1]
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def choose(logits, seen, sp: Sampling, keys, do_sample: bool):
     """Next token per row ``[B]`` from float32 ``logits [B, V]``."""
     processed = process_logits(logits, seen, sp, do_sample)
     if not do_sample:
-        return jnp.argmax(processed, axis=-1).astype(jnp.int32)
+        return argmax_first(processed)
     return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, processed).astype(jnp.int32)
 
 
@@ -198,7 +210,7 @@ def choose_rows(logits, seen, sp: RowSampling, keys):
     pen = sp.repetition_penalty[:, None]
     penalised = jnp.where(logits < 0, logits * pen, logits / pen)
     logits = jnp.where(seen, penalised, logits)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax_first(logits)
 
     def sample(_):
         b, v = logits.shape

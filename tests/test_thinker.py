@@ -193,6 +193,30 @@ def test_logits_processing_matches_transformers():
         np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-6)
 
 
+def test_argmax_first_equals_torch_argmax():
+    """Greedy's two-reduction argmax picks what torch.argmax picks: the first maximum, ties,
+    -inf rows, +inf, and NaN (the first NaN) included."""
+    import jax.numpy as jnp
+
+    from omni_jax.generate import argmax_first
+
+    rs = np.random.RandomState(3)
+    x = rs.randn(9, 1000).astype(np.float32)
+    x[1, [5, 700]] = 9.0  # tie: the first
+    x[2] = -np.inf  # everything banned
+    x[3, [10, 20]] = np.inf
+    x[4, [40, 30]] = np.nan  # the first NaN wins, as in torch and jnp.argmax
+    x[5, 0] = np.nan
+    x[6] = np.round(x[6])  # many ties
+    x[7, -1] = 50.0  # the last entry
+    x[8] = -1.0
+    x[8, [3, 4]] = [-0.0, 0.0]  # -0.0 == 0.0: the first
+    got = np.asarray(argmax_first(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, torch.argmax(torch.tensor(x), dim=-1).numpy())
+    assert got[1] == 5 and got[2] == 0 and got[4] == 30 and got[5] == 0 and got[7] == 999 and got[8] == 3
+    assert got.dtype == np.int32
+
+
 def test_decode_steps_in_pieces_equals_one_call(jax_model):
     model = jax_model("gqa")
     ids, mask = _batch(seed=8)
