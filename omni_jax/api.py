@@ -242,7 +242,13 @@ class OmniModel:
         self.vision = vision  # VisionEncoder or None
         self.talker = None if talker is None else to_per_layer(*talker)  # (graphdef, params) of the Talker
         self.voices: dict = voices or {}  # speaker name -> omni_jax.voices.Voice (from spk_dict.pt)
-        self.token2wav_params = token2wav  # the Token2Wav module (float32), or None
+        # the Token2Wav module (float32), or None; its DiT blocks per layer (token2wav.dit_per_layer:
+        # an ODE solve then reads each layer's weights in place instead of slicing the stacked ones)
+        self.token2wav_params = token2wav
+        if token2wav is not None:
+            from .token2wav import dit_per_layer
+
+            dit_per_layer(token2wav.code2wav_dit_model)
         self._build()
 
     @property

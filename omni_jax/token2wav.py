@@ -14,6 +14,8 @@ with ``kernel`` = ``weight`` transposed and ``embedding`` = ``weight``)::
         input_embed/proj/{kernel,bias}
         input_embed/spk_encoder/...                 ECAPA-TDNN, convs in torch layout [out, in, k]
         transformer_blocks/...                      stacked over a leading layer axis [L, ...]
+                                                    (a loaded model: a list of per-layer modules,
+                                                    see :func:`dit_per_layer`)
         norm_out/linear/{kernel,bias}, proj_out/{kernel,bias}
     code2wav_bigvgan_model/
         conv_pre/{weight,bias}, ups/i/0/{weight,bias} (torch ConvTranspose1d layout [in, out, k]),
@@ -53,6 +55,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +65,7 @@ from flax import nnx
 from .attention import MaskSpec, attention, default_impl
 from .config import BigVGANConfig, DiTConfig, Token2WavConfig
 from .errors import CheckpointError, InputError
-from .layers import Embed, Linear
+from .layers import Embed, Linear, unstack_layers
 from .rope import inv_freq, rotate_half
 from .sharding import constrain
 
@@ -358,6 +361,20 @@ def _affine(x, w, b=None):
     return y if b is None else y + b
 
 
+def dit_per_layer(dit: DiT, *, free: bool = False) -> DiT:
+    """``dit`` with its transformer blocks as a list of per-layer modules (in place; returned).
+
+    On XLA:CPU a static slice of a stacked parameter is a copy at ~2.5 GB/s, and a product whose
+    operand is such a slice runs no faster: every ODE solve sliced all the layers' weights (and
+    transposed the stacked AdaLN matrix for one batched product), ~150 ms per solve at 4 layers,
+    more at the published 22. Per-layer buffers are read in place. ``free``: delete each stacked
+    array once sliced (the caller owns them). :func:`load_token2wav` returns this layout; a DiT
+    built in the stacked layout (training-style init, tests) runs the same computation."""
+    if not isinstance(dit.transformer_blocks, Sequence):
+        dit.transformer_blocks = nnx.List(unstack_layers(dit.transformer_blocks, free=free))
+    return dit
+
+
 def dit_plan(dit: DiT, cfg: DiTConfig, cond_feats, times) -> dict:
     """Everything of a DiT evaluation that does not depend on the noised mel, computed once
     per ODE solve (outside its loops) for the evaluation times ``times [E]``.
@@ -367,23 +384,26 @@ def dit_plan(dit: DiT, cfg: DiTConfig, cond_feats, times) -> dict:
     * the time modulations (AdaLN shifts, scales and gates) of every layer for every
       evaluation: one ``[E, H] x [H, 6H]`` product per layer instead of a matrix-vector product
       per layer per evaluation, which on CPU reads the 25 MB modulation matrix every time;
-    * per-layer weights as static slices of the stacked parameters, q/k/v fused into one
-      ``[H, 3 inner]`` product. (A ``lax.scan`` over the stacked layers would dynamic-slice,
-      i.e. copy on CPU, every weight matrix at every layer of every evaluation.)
+    * per-layer weights: the per-layer modules' own arrays (:func:`dit_per_layer`), or static
+      slices of the stacked parameters. (A ``lax.scan`` over the stacked layers would
+      dynamic-slice, i.e. copy on CPU, every weight matrix at every layer of every evaluation.)
     """
     md = cfg.mel_dim
     k_in, b_in = dit.input_embed.proj.kernel[...], dit.input_embed.proj.bias[...]
     stemb = jax.nn.silu(dit.time_embed(jnp.reshape(times, (-1,)).astype(_F32)))  # [E, H]
     blk = dit.transformer_blocks
-    mods = jnp.einsum("eh,lho->leo", stemb, blk.attn_norm.linear.kernel[...],
-                      preferred_element_type=_F32) + blk.attn_norm.linear.bias[...][:, None, :]  # [L, E, 6H]
-    att = blk.attn
-    qkv_w = jnp.concatenate([att.to_q.kernel[...], att.to_k.kernel[...], att.to_v.kernel[...]], axis=-1)
-    qkv_b = jnp.concatenate([att.to_q.bias[...], att.to_k.bias[...], att.to_v.bias[...]], axis=-1)
-    stacked = dict(qkv_w=qkv_w, qkv_b=qkv_b, o_w=att.to_out[0].kernel[...], o_b=att.to_out[0].bias[...],
-                   ff0_w=blk.ff.ff["0"].kernel[...], ff0_b=blk.ff.ff["0"].bias[...],
-                   ff3_w=blk.ff.ff["3"].kernel[...], ff3_b=blk.ff.ff["3"].bias[...], mod=mods)
-    layers = [{k: v[i] for k, v in stacked.items()} for i in range(cfg.num_hidden_layers)]
+    blocks = blk if isinstance(blk, Sequence) else [blk] * cfg.num_hidden_layers
+    pick = (lambda i, x: x) if isinstance(blk, Sequence) else (lambda i, x: x[i])
+    layers = []
+    for i, b in enumerate(blocks):
+        att, ff = b.attn, b.ff.ff
+        w = dict(q_w=att.to_q.kernel, q_b=att.to_q.bias, k_w=att.to_k.kernel, k_b=att.to_k.bias,
+                 v_w=att.to_v.kernel, v_b=att.to_v.bias, o_w=att.to_out[0].kernel, o_b=att.to_out[0].bias,
+                 ff0_w=ff["0"].kernel, ff0_b=ff["0"].bias, ff3_w=ff["3"].kernel, ff3_b=ff["3"].bias,
+                 ada_w=b.attn_norm.linear.kernel, ada_b=b.attn_norm.linear.bias)
+        w = {k: pick(i, v[...]) for k, v in w.items()}
+        w["mod"] = _affine(stemb, w.pop("ada_w"), w.pop("ada_b"))  # [E, 6H]
+        layers.append(w)
     return dict(
         x_w=k_in[:md], h_cond=_affine(cond_feats, k_in[md:], b_in), layers=layers,
         out_mod=_affine(stemb, dit.norm_out.linear.kernel[...], dit.norm_out.linear.bias[...]),  # [E, 2H]
@@ -404,8 +424,7 @@ def dit_eval(plan: dict, cfg: DiTConfig, x, e, *, kv_valid=None, rope=None, impl
         mod = jax.lax.dynamic_index_in_dim(w["mod"], e, keepdims=True)  # [1, 6H]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 6, axis=-1)
         y = _layer_norm(h) * (1 + scale_msa) + shift_msa
-        qkv = _affine(y, w["qkv_w"], w["qkv_b"])
-        q, k, v = (qkv[..., i * inner:(i + 1) * inner].reshape(n, tlen, nh, hd) for i in range(3))
+        q, k, v = (_affine(y, w[f"{c}_w"], w[f"{c}_b"]).reshape(n, tlen, nh, hd) for c in "qkv")
         q = _rope_first_head(q, cos, sin)
         k = _rope_first_head(k, cos, sin)
         mask = MaskSpec(block_band=(cfg.block_size, band[0], band[1]), kv_valid=kv_valid)
@@ -889,7 +908,9 @@ def load_token2wav(ckpt, cfg: Token2WavConfig, consumed: set | None = None) -> T
         set_path(pure, path, jax.device_put(host))
     _check_buffers(ckpt, cfg, consumed)
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    dit_per_layer(model.code2wav_dit_model, free=True)
+    return model
 
 
 # Buffers that are not parameters here (rebuilt from the config) but that checkpoints written

@@ -80,7 +80,7 @@ def converted(src, tmp_path_factory):
 def test_convert_restores_exactly_what_hf_load_gives(src, converted, jax_model, hf_models):
     from convert.safetensors_io import Checkpoint as Ckpt
     from omni_jax.config import load_config
-    from omni_jax.token2wav import load_token2wav
+    from omni_jax.token2wav import dit_per_layer, load_token2wav
 
     out, man = converted
     assert oio.is_converted(out) and not oio.is_converted(src)
@@ -109,6 +109,8 @@ def test_convert_restores_exactly_what_hf_load_gives(src, converted, jax_model, 
     _assert_states_equal(nnx.state(parts["audio"]), nnx.state(model.audio), "audio")
     _assert_states_equal(nnx.state(parts["vision"]), nnx.state(model.vision), "vision")
     _assert_states_equal(parts["talker"][1], stacked["talker"], "talker")
+    # load_token2wav holds the DiT blocks per layer (dit_per_layer); the restored module is stacked
+    dit_per_layer(parts["token2wav"].code2wav_dit_model)
     _assert_states_equal(nnx.state(parts["token2wav"]), nnx.state(load_token2wav(Ckpt(src), cfg.token2wav)),
                          "token2wav")
 
