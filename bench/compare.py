@@ -41,6 +41,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -585,8 +586,6 @@ def run(cfg: dict, cfg_path: str | None = None, memory: bool = True, device: str
     import jax
     import torch
 
-    import omni_jax
-
     threads = cfg.get("threads") or os.cpu_count()
     torch.set_num_threads(threads)
     gpu = device == "gpu"
@@ -598,6 +597,18 @@ def run(cfg: dict, cfg_path: str | None = None, memory: bool = True, device: str
             raise SystemExit("--device gpu runs the thinker rows only: use a config without a talker "
                              "(bench/configs/gpu_3b_thinker.json)")
     d = tempfile.mkdtemp(prefix="omni-bench-")
+    try:  # the checkpoint directory goes whether the run finishes or fails
+        return _run(cfg, cfg_path, d, memory=memory, gpu=gpu, dtype=dtype, threads=threads)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(cfg: dict, cfg_path: str | None, d: str, *, memory: bool, gpu: bool, dtype: str, threads: int) -> dict:
+    import jax
+    import torch
+
+    import omni_jax
+
     full = build_checkpoint(cfg, d)
     tm = full.thinker
     if gpu:
@@ -649,9 +660,6 @@ def run(cfg: dict, cfg_path: str | None = None, memory: bool = True, device: str
     bw_end, mm_end = (jax_bandwidth(), jax_matmul()) if gpu else (measure_bandwidth(), measure_matmul())
     res["limits_at_end"] = dict(copy_bandwidth_GBs=round(bw_end / 1e9, 2), matmul_GFLOPs=round(mm_end / 1e9, 1))
     res["limits_drift"] = bool(max(mm_end / mm, mm / mm_end, bw_end / bw, bw / bw_end) > 1.15)
-    import shutil
-
-    shutil.rmtree(d, ignore_errors=True)
     return res
 
 

@@ -1,0 +1,83 @@
+"""The side-by-side benchmark (bench.compare) end to end on a tiny random model: its command line,
+its JSON, and the correctness figures it reports beside the timings (same text, mel and waveform
+as transformers). Timings themselves are not asserted (they belong to bench/, not to tests)."""
+
+import json
+
+import pytest
+
+TINY = {
+    "text": {"vocab_size": 152064, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "mrope_section": [2, 3, 3],
+             "max_position_embeddings": 4096},
+    "prompt": 16, "new_tokens": 6, "batches": [1, 2], "threads": None,
+    "talker": {"vocab_size": 8448, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "mrope_section": [2, 3, 3]},
+    "token2wav": {
+        "dit": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16, "ff_mult": 2,
+                "emb_dim": 32, "mel_dim": 80, "enc_emb_dim": 192, "enc_dim": 32, "num_embeds": 8193, "repeats": 2,
+                "block_size": 24, "look_backward_layers": [0], "look_ahead_layers": [1],
+                "enc_channels": [32, 32, 32, 32, 96]},
+        "bigvgan": {"mel_dim": 80, "upsample_initial_channel": 128, "resblock_kernel_sizes": [3],
+                    "resblock_dilation_sizes": [[1, 3, 5]], "upsample_rates": [5, 3, 2, 2, 2, 2],
+                    "upsample_kernel_sizes": [11, 7, 4, 4, 4, 4]}},
+    "speech": {"codes": 8, "ode_steps": 3, "ref_mel_frames": 30, "voice_bos": 151870},
+}
+
+
+def test_compare_runs_and_reports_matching_outputs(tmp_path, capsys):
+    from bench import compare
+
+    cfg_path, out = tmp_path / "tiny.json", tmp_path / "out.json"
+    cfg_path.write_text(json.dumps(TINY))
+    compare.main(["--config", str(cfg_path), "--no-memory", "--json", str(out)])
+    table = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["precision"] == "float32" and res["config"] == TINY
+    assert [r["batch"] for r in res["rows"]] == [1, 2]
+    for r in res["rows"]:
+        for fig in (r["prefill_tok_s"], r["decode_tok_s"]):
+            assert fig["jax"] > 0 and fig["torch"] > 0
+            assert fig["ratio"] == pytest.approx(fig["jax"] / fig["torch"], rel=0.02)
+    assert res["rows"][0]["decode_tok_s"]["target"].startswith(">= 3x transformers")
+    s = res["speech"]
+    assert s["codes"] == 8 and s["mel_frames"] == 16
+    # the same random weights on both sides: the reported errors are float32 agreement
+    assert s["dit"]["mel_rel_err"] <= 1e-5
+    assert s["bigvgan"]["wav_rel_err"] <= 1e-5
+    assert s["e2e"]["text_equal"] is True
+    assert s["dit"]["evals"] == 4 * (TINY["speech"]["ode_steps"] - 1) and s["dit"]["rows_per_eval"] == 2
+    assert "thinker batch" in table and "DiT s per audio s" in table and "end-to-end turn s" in table
+
+
+def test_compare_gpu_mode_refuses_without_a_gpu(tmp_path):
+    from bench import compare
+
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(json.dumps(TINY))
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        compare.main(["--config", str(cfg_path), "--device", "gpu"])
+    with pytest.raises(SystemExit):
+        compare.main(["--config", str(cfg_path), "--dtype", "int8"])
+
+
+def test_compare_removes_its_checkpoint_when_a_run_fails(tmp_path, monkeypatch):
+    import os
+
+    from bench import compare
+
+    made = tmp_path / "omni-bench-x"
+
+    def mkdtemp(prefix=""):
+        made.mkdir()
+        return str(made)
+
+    def broken(cfg, directory):
+        (made / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(compare.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(compare, "build_checkpoint", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        compare.run(TINY, None, memory=False)
+    assert not os.path.exists(made)
