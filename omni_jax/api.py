@@ -111,6 +111,18 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
+def half_octave_bucket(n: int, minimum: int = 32) -> int:
+    """The next of ``m * 2^k`` and ``1.5 * m * 2^k`` >= n (``m = minimum``, a power of two >= 2): padding
+    below a third of the bucket, at twice as many shapes (compiles) as :func:`bucket`. For the DiT,
+    whose cost grows with the padded length (a 65-code reply ran as 128 codes)."""
+    b = minimum
+    while True:
+        for c in (b, b + b // 2):
+            if c >= n:
+                return c
+        b *= 2
+
+
 def _dtype(name) -> Any:
     if isinstance(name, str) and name.lower() in DTYPES:
         return DTYPES[name.lower()]
@@ -761,7 +773,7 @@ class OmniModel:
         live = [r for r in range(len(rows)) if lens[r] > 0]
         if not live:
             return out
-        n = bucket(int(lens.max()), 32)
+        n = half_octave_bucket(int(lens.max()), 32)
         codes = np.zeros((len(live), n), np.int32)
         noise = np.zeros((len(live), n * dcfg.repeats, dcfg.mel_dim), np.float32)
         for i, r in enumerate(live):

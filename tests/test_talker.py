@@ -170,3 +170,13 @@ def test_talker_logits_match_transformers(variant, hf_models, jax_model):
     talker = nnx.merge(*model.talker)
     got, _ = tk.logits(talker, cfg, jnp.asarray(embeds), jnp.asarray(pos))
     assert rel_err(np.asarray(got), ref) <= 1e-4
+
+
+def test_dit_bucket_keeps_padding_below_a_third():
+    from omni_jax.api import half_octave_bucket
+
+    assert [half_octave_bucket(n) for n in (1, 32, 33, 48, 49, 65, 97, 128, 129, 300, 385)] == \
+        [32, 32, 48, 48, 64, 96, 128, 128, 192, 384, 512]
+    for n in range(1, 3000):
+        b = half_octave_bucket(n)
+        assert b >= n and (b <= 32 or (b - n) / b < 1 / 3), n
