@@ -791,9 +791,13 @@ class OmniModel:
         t2w = self.token2wav_params
         mel = dit_sample(t2w.code2wav_dit_model, dcfg, codes, voice.cond, voice.ref_mel, noise,
                          code_lengths=lens[live], impl=self.attention)
+        # the vocoder at the DiT's bucketed length with each row's valid frames: one compiled program
+        # per bucket, and each row's samples equal the vocoder on that row alone (token2wav.bigvgan_fn)
+        frames = lens[live] * dcfg.repeats
+        wav = np.asarray(bigvgan(t2w.code2wav_bigvgan_model, vcfg, mel, lengths=frames), np.float32)
+        hop = wav.shape[1] // mel.shape[1]
         for i, r in enumerate(live):
-            wav = bigvgan(t2w.code2wav_bigvgan_model, vcfg, mel[i:i + 1, :lens[r] * dcfg.repeats])
-            out[r] = np.asarray(wav[0], np.float32)
+            out[r] = wav[i, :frames[i] * hop].copy()
         return out
 
     def _check_speech(self, speaker, talker_max_new_tokens=4096):

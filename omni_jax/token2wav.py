@@ -732,12 +732,26 @@ class SnakeBeta(nnx.Module):
         return x + (1.0 / (beta + 1e-9)) * sin_squared(x * alpha)
 
 
+def _hold(x, valid, mode: str):
+    """``x [B, T, C]`` past each row's ``valid [B]`` frames replaced by what the reference's padding
+    of an exact-length input would read there: zeros (``"zero"``: zero-padded convolutions) or the
+    last valid frame (``"edge"``: the replicate-padded anti-aliasing filters). ``valid`` None: as is."""
+    if valid is None:
+        return x
+    inside = jnp.arange(x.shape[1])[None, :, None] < valid[:, None, None]
+    if mode == "zero":
+        return jnp.where(inside, x, 0.0)
+    last = jnp.take_along_axis(x, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)  # [B, 1, C]
+    return jnp.where(inside, x, last)
+
+
 class AntiAliasedActivation1d(nnx.Module):
     def __init__(self, channels):
         self.act = SnakeBeta(channels)
 
-    def __call__(self, x):
-        return downsample2(self.act(upsample2(x)))
+    def __call__(self, x, valid=None):
+        u = self.act(upsample2(_hold(x, valid, "edge")))
+        return downsample2(_hold(u, None if valid is None else 2 * valid, "edge"))
 
 
 class AMPBlock(nnx.Module):
@@ -749,11 +763,11 @@ class AMPBlock(nnx.Module):
                                 for _ in dilations])
         self.activations = nnx.List([AntiAliasedActivation1d(channels) for _ in range(2 * len(dilations))])
 
-    def __call__(self, x):
+    def __call__(self, x, valid=None):
         for i in range(len(self.convs1)):
             r = x
-            x = self.convs1[i](self.activations[2 * i](x))
-            x = self.convs2[i](self.activations[2 * i + 1](x))
+            x = self.convs1[i](_hold(self.activations[2 * i](x, valid), valid, "zero"))
+            x = self.convs2[i](_hold(self.activations[2 * i + 1](x, valid), valid, "zero"))
             x = r + x
         return x
 
@@ -788,35 +802,53 @@ def process_mel(mel):
     return jnp.clip((2 * 1.0) * ((db - min_db) / (-min_db)) - 1.0, -1.0, 1.0)
 
 
-def bigvgan_fn(voc: BigVGAN, cfg: BigVGANConfig, mel):
-    """Traceable body of :func:`bigvgan`: ``mel [B, T, mel_dim]`` -> ``[B, T * prod(upsample_rates)]``."""
-    x = voc.conv_pre(process_mel(jnp.asarray(mel, _F32)))
+def bigvgan_fn(voc: BigVGAN, cfg: BigVGANConfig, mel, lengths=None):
+    """Traceable body of :func:`bigvgan`: ``mel [B, T, mel_dim]`` -> ``[B, T * prod(upsample_rates)]``.
+
+    ``lengths [B]`` (int): row ``b``'s mel is its first ``lengths[b]`` frames, the rest padding. Before
+    every operation that looks along time, what lies past a row's valid length is replaced by what
+    that operation's padding would read at the end of an exact-length input (:func:`_hold`: zeros
+    before the convolutions, the last valid frame before the anti-aliasing filters; a transposed
+    convolution's output at valid positions only reads valid or zero inputs), so the first
+    ``lengths[b] * prod(upsample_rates)`` samples equal the vocoder run on that row alone: one
+    compiled program serves every length up to ``T``."""
+    valid = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    x = voc.conv_pre(_hold(process_mel(jnp.asarray(mel, _F32)), valid, "zero"))
     nr = len(cfg.resblock_kernel_sizes)
-    for i in range(len(cfg.upsample_rates)):
-        x = voc.ups[i][0](x)
+    for i, rate in enumerate(cfg.upsample_rates):
+        x = voc.ups[i][0](_hold(x, valid, "zero"))
+        valid = None if valid is None else valid * rate
         acc = 0
         for j in range(nr):
-            acc = acc + voc.resblocks[i * nr + j](x)
+            acc = acc + voc.resblocks[i * nr + j](x, valid)
         x = constrain(acc / nr, ("batch", "seq", None))
-    x = voc.conv_post(voc.activation_post(x))
+    x = voc.conv_post(_hold(voc.activation_post(x, valid), valid, "zero"))
     return jnp.clip(x, -1.0, 1.0)[..., 0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _bigvgan_jit(graphdef, state, mel, *, cfg):
-    return bigvgan_fn(nnx.merge(graphdef, state), cfg, mel)
+def _bigvgan_jit(graphdef, state, mel, lengths, *, cfg):
+    return bigvgan_fn(nnx.merge(graphdef, state), cfg, mel, lengths)
 
 
-def bigvgan(voc: BigVGAN, cfg: BigVGANConfig, mel):
-    """Mel ``[B, T, mel_dim]`` (or ``[T, mel_dim]``) -> waveform ``[B, samples]`` in [-1, 1], 24 kHz."""
+def bigvgan(voc: BigVGAN, cfg: BigVGANConfig, mel, lengths=None):
+    """Mel ``[B, T, mel_dim]`` (or ``[T, mel_dim]``) -> waveform ``[B, samples]`` in [-1, 1], 24 kHz.
+
+    ``lengths``: each row's valid mel frames (rows padded to a common, bucketed ``T``); row ``b``'s
+    first ``lengths[b] * prod(upsample_rates)`` samples are its waveform (see :func:`bigvgan_fn`)."""
     mel = jnp.asarray(mel, _F32)
     if mel.ndim == 2:
         mel = mel[None]
     if mel.ndim != 3 or mel.shape[-1] != cfg.mel_dim:
         raise InputError(f"bigvgan: mel must be [batch, frames, {cfg.mel_dim}], got {list(mel.shape)}")
+    if lengths is not None:
+        lengths = np.asarray(lengths, np.int32).reshape(-1)
+        if lengths.shape[0] != mel.shape[0] or lengths.min() < 1 or lengths.max() > mel.shape[1]:
+            raise InputError(f"bigvgan: lengths must give 1..{mel.shape[1]} frames for each of the {mel.shape[0]} "
+                             f"rows, got {lengths.tolist()}")
     graphdef, state = nnx.split(voc)
     with jax.default_matmul_precision(MATMUL_PRECISION):
-        return _bigvgan_jit(graphdef, state, mel, cfg=cfg)
+        return _bigvgan_jit(graphdef, state, mel, lengths, cfg=cfg)
 
 
 # --------------------------------------------------------------------------------------

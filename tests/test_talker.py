@@ -180,3 +180,17 @@ def test_dit_bucket_keeps_padding_below_a_third():
     for n in range(1, 3000):
         b = half_octave_bucket(n)
         assert b >= n and (b <= 32 or (b - n) / b < 1 / 3), n
+
+
+def test_vocoder_compiles_once_per_bucket(jax_model):
+    """Replies of different lengths in one DiT bucket share the DiT's and the vocoder's programs."""
+    from omni_jax import token2wav as t2w
+
+    model = jax_model("gqa")
+    model.token2wav(np.array([1, 2, 3, 4, 5], np.int32))  # compile (bucket of 32 codes)
+    dit, voc = t2w._dit_sample_jit._cache_size(), t2w._bigvgan_jit._cache_size()
+    wavs = [model.token2wav(np.arange(1, n + 1, dtype=np.int32) % 7 + 1) for n in (9, 17, 30)]
+    assert t2w._dit_sample_jit._cache_size() == dit and t2w._bigvgan_jit._cache_size() == voc
+    hop = model.config.token2wav.dit.repeats * int(np.prod(model.config.token2wav.bigvgan.upsample_rates))
+    assert [w.shape[0] for w in wavs] == [9 * hop, 17 * hop, 30 * hop]
+    assert all(np.isfinite(w).all() and np.abs(w).max() > 0 for w in wavs)
