@@ -732,17 +732,34 @@ class SnakeBeta(nnx.Module):
         return x + (1.0 / (beta + 1e-9)) * sin_squared(x * alpha)
 
 
-def _hold(x, valid, mode: str):
-    """``x [B, T, C]`` past each row's ``valid [B]`` frames replaced by what the reference's padding
-    of an exact-length input would read there: zeros (``"zero"``: zero-padded convolutions) or the
-    last valid frame (``"edge"``: the replicate-padded anti-aliasing filters). ``valid`` None: as is."""
-    if valid is None:
+def _hold(x, valid, mode: str, reach: int):
+    """``x [B, T, C]`` with the ``reach`` frames after each row's ``valid [B]`` frames replaced by what
+    the reference's padding of an exact-length input would read there: zeros (``"zero"``: zero-padded
+    convolutions) or the last valid frame (``"edge"``: the replicate-padded anti-aliasing filters).
+    An operation that looks at most ``reach`` frames ahead then computes every valid position exactly;
+    what it computes past them is replaced again before the next one. Only a ``reach``-frame window is
+    rewritten (in place), not the whole tensor. ``valid`` None: ``x`` as is."""
+    if valid is None or reach <= 0:
         return x
-    inside = jnp.arange(x.shape[1])[None, :, None] < valid[:, None, None]
-    if mode == "zero":
-        return jnp.where(inside, x, 0.0)
-    last = jnp.take_along_axis(x, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)  # [B, 1, C]
-    return jnp.where(inside, x, last)
+    w = min(int(reach), x.shape[1])
+
+    def row(xr, n):  # xr [T, C]
+        start = jnp.clip(n, 0, xr.shape[0] - w)  # a window that fits (clamped at the end)
+        win = jax.lax.dynamic_slice_in_dim(xr, start, w, axis=0)
+        past = (start + jnp.arange(w))[:, None] >= n
+        fill = 0.0 if mode == "zero" else xr[jnp.maximum(n - 1, 0)][None, :]
+        return jax.lax.dynamic_update_slice_in_dim(xr, jnp.where(past, fill, win), start, axis=0)
+
+    return jax.vmap(row)(x, valid)
+
+
+def _reach(conv) -> int:
+    """How many frames past a position a :class:`Conv1d` reads (its right padding)."""
+    k = conv.weight.shape[-1]
+    return conv.dilation * (k - 1) - conv.dilation * (k - 1) // 2 if conv.padding == "same" else int(conv.padding)
+
+
+_FILTER_REACH = 8  # the anti-aliasing filters' replicate padding (12 taps: 5 frames up, 6 down) and a margin
 
 
 class AntiAliasedActivation1d(nnx.Module):
@@ -750,8 +767,8 @@ class AntiAliasedActivation1d(nnx.Module):
         self.act = SnakeBeta(channels)
 
     def __call__(self, x, valid=None):
-        u = self.act(upsample2(_hold(x, valid, "edge")))
-        return downsample2(_hold(u, None if valid is None else 2 * valid, "edge"))
+        u = self.act(upsample2(_hold(x, valid, "edge", _FILTER_REACH)))
+        return downsample2(_hold(u, None if valid is None else 2 * valid, "edge", _FILTER_REACH))
 
 
 class AMPBlock(nnx.Module):
@@ -766,8 +783,9 @@ class AMPBlock(nnx.Module):
     def __call__(self, x, valid=None):
         for i in range(len(self.convs1)):
             r = x
-            x = self.convs1[i](_hold(self.activations[2 * i](x, valid), valid, "zero"))
-            x = self.convs2[i](_hold(self.activations[2 * i + 1](x, valid), valid, "zero"))
+            c1, c2 = self.convs1[i], self.convs2[i]
+            x = c1(_hold(self.activations[2 * i](x, valid), valid, "zero", _reach(c1)))
+            x = c2(_hold(self.activations[2 * i + 1](x, valid), valid, "zero", _reach(c2)))
             x = r + x
         return x
 
@@ -809,20 +827,22 @@ def bigvgan_fn(voc: BigVGAN, cfg: BigVGANConfig, mel, lengths=None):
     every operation that looks along time, what lies past a row's valid length is replaced by what
     that operation's padding would read at the end of an exact-length input (:func:`_hold`: zeros
     before the convolutions, the last valid frame before the anti-aliasing filters; a transposed
-    convolution's output at valid positions only reads valid or zero inputs), so the first
+    convolution's output at valid positions only reads valid or zero inputs; only as many frames as
+    the operation reads past a position are rewritten), so the first
     ``lengths[b] * prod(upsample_rates)`` samples equal the vocoder run on that row alone: one
     compiled program serves every length up to ``T``."""
     valid = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-    x = voc.conv_pre(_hold(process_mel(jnp.asarray(mel, _F32)), valid, "zero"))
+    x = voc.conv_pre(_hold(process_mel(jnp.asarray(mel, _F32)), valid, "zero", _reach(voc.conv_pre)))
     nr = len(cfg.resblock_kernel_sizes)
     for i, rate in enumerate(cfg.upsample_rates):
-        x = voc.ups[i][0](_hold(x, valid, "zero"))
+        up = voc.ups[i][0]
+        x = up(_hold(x, valid, "zero", -(-up.weight.shape[-1] // up.stride)))  # its taps per phase
         valid = None if valid is None else valid * rate
         acc = 0
         for j in range(nr):
             acc = acc + voc.resblocks[i * nr + j](x, valid)
         x = constrain(acc / nr, ("batch", "seq", None))
-    x = voc.conv_post(_hold(voc.activation_post(x, valid), valid, "zero"))
+    x = voc.conv_post(_hold(voc.activation_post(x, valid), valid, "zero", _reach(voc.conv_post)))
     return jnp.clip(x, -1.0, 1.0)[..., 0]
 
 
