@@ -791,13 +791,13 @@ class OmniModel:
         t2w = self.token2wav_params
         mel = dit_sample(t2w.code2wav_dit_model, dcfg, codes, voice.cond, voice.ref_mel, noise,
                          code_lengths=lens[live], impl=self.attention)
-        # the vocoder at the DiT's bucketed length with each row's valid frames: one compiled program
-        # per bucket, and each row's samples equal the vocoder on that row alone (token2wav.bigvgan_fn)
-        frames = lens[live] * dcfg.repeats
-        wav = np.asarray(bigvgan(t2w.code2wav_bigvgan_model, vcfg, mel, lengths=frames), np.float32)
-        hop = wav.shape[1] // mel.shape[1]
+        # the vocoder at the DiT's bucketed length with the row's valid frames: one compiled program per
+        # bucket, and the row's samples equal the vocoder on it alone (token2wav.bigvgan_fn); a row at a
+        # time, as the vocoder's activations are large (hundreds of MB per row for a long reply)
         for i, r in enumerate(live):
-            out[r] = wav[i, :frames[i] * hop].copy()
+            frames = int(lens[r]) * dcfg.repeats
+            wav = np.asarray(bigvgan(t2w.code2wav_bigvgan_model, vcfg, mel[i:i + 1], lengths=[frames])[0], np.float32)
+            out[r] = wav[:frames * (wav.shape[0] // mel.shape[1])].copy()
         return out
 
     def _check_speech(self, speaker, talker_max_new_tokens=4096):
