@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import layers
 from . import thinker as th
 from .attention import default_impl
 from .config import OmniConfig, load_config
@@ -112,15 +113,9 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def half_octave_bucket(n: int, minimum: int = 32) -> int:
-    """The next of ``m * 2^k`` and ``1.5 * m * 2^k`` >= n (``m = minimum``, a power of two >= 2): padding
-    below a third of the bucket, at twice as many shapes (compiles) as :func:`bucket`. For the DiT,
-    whose cost grows with the padded length (a 65-code reply ran as 128 codes)."""
-    b = minimum
-    while True:
-        for c in (b, b + b // 2):
-            if c >= n:
-                return c
-        b *= 2
+    """The DiT's code bucket: :func:`omni_jax.layers.half_octave_bucket` from 32 (padding below a
+    third; a power-of-two bucket ran a 65-code reply as 128 codes)."""
+    return layers.half_octave_bucket(n, minimum)
 
 
 def _dtype(name) -> Any:

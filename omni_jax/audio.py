@@ -42,7 +42,7 @@ from flax import nnx
 from .attention import MaskSpec, attention
 from .config import AudioConfig
 from .errors import CheckpointError, InputError
-from .layers import Embed, Linear, scan_layers
+from .layers import Embed, Linear, half_octave_bucket, scan_layers
 from .layers import activation as _activation
 from .sharding import constrain
 
@@ -141,12 +141,7 @@ def feat_extract_output_lengths(lengths):
 
 def chunk_bucket(n: int) -> int:
     """Default bucket for a chunk count: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (waste below 50%)."""
-    b = 1
-    while True:
-        for c in (b, b + b // 2):
-            if c >= n:
-                return c
-        b *= 2
+    return half_octave_bucket(n)
 
 
 class AudioBatch(NamedTuple):

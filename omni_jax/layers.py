@@ -42,6 +42,19 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
 
+def half_octave_bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
+    """Static-shape bucket with padding below a third: the first of ``m, 1.5 m, 2 m, 3 m, 4 m, ...``
+    (``m = minimum``, a power of two; each rounded up to ``multiple``) that is >= ``n``. Twice as many
+    shapes (compiles) as powers of two. Audio chunk counts, vision patch counts and the DiT's codes."""
+    b = minimum
+    while True:
+        for c in (b, b + b // 2):
+            c = -(-c // multiple) * multiple
+            if c >= n:
+                return c
+        b *= 2
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel + bias`` with ``kernel [in, out]``; products accumulate in float32."""
 

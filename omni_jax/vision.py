@@ -41,7 +41,7 @@ from flax import nnx
 from .attention import MaskSpec, attention
 from .config import VisionConfig
 from .errors import CheckpointError, InputError
-from .layers import Linear, RMSNorm, activation, scan_layers
+from .layers import Linear, RMSNorm, activation, half_octave_bucket, scan_layers
 from .rope import apply_rope, inv_freq
 from .sharding import constrain
 
@@ -145,13 +145,7 @@ class VisionEncoder(nnx.Module):
 
 def patch_bucket(n: int, multiple: int) -> int:
     """Default bucket for a patch count: 2^k or 1.5 * 2^k (rounded up to ``multiple``), at least 64."""
-    b = 64
-    while True:
-        for c in (b, b + b // 2):
-            c = -(-c // multiple) * multiple
-            if c >= n:
-                return c
-        b *= 2
+    return half_octave_bucket(n, 64, multiple)
 
 
 class VisionBatch(NamedTuple):
