@@ -392,16 +392,16 @@ def dit_plan(dit: DiT, cfg: DiTConfig, cond_feats, times) -> dict:
     k_in, b_in = dit.input_embed.proj.kernel[...], dit.input_embed.proj.bias[...]
     stemb = jax.nn.silu(dit.time_embed(jnp.reshape(times, (-1,)).astype(_F32)))  # [E, H]
     blk = dit.transformer_blocks
-    blocks = blk if isinstance(blk, Sequence) else [blk] * cfg.num_hidden_layers
-    pick = (lambda i, x: x) if isinstance(blk, Sequence) else (lambda i, x: x[i])
+    per_layer = isinstance(blk, Sequence)
     layers = []
-    for i, b in enumerate(blocks):
+    for i in range(cfg.num_hidden_layers):
+        b = blk[i] if per_layer else blk
         att, ff = b.attn, b.ff.ff
         w = dict(q_w=att.to_q.kernel, q_b=att.to_q.bias, k_w=att.to_k.kernel, k_b=att.to_k.bias,
                  v_w=att.to_v.kernel, v_b=att.to_v.bias, o_w=att.to_out[0].kernel, o_b=att.to_out[0].bias,
                  ff0_w=ff["0"].kernel, ff0_b=ff["0"].bias, ff3_w=ff["3"].kernel, ff3_b=ff["3"].bias,
                  ada_w=b.attn_norm.linear.kernel, ada_b=b.attn_norm.linear.bias)
-        w = {k: pick(i, v[...]) for k, v in w.items()}
+        w = {k: v[...] if per_layer else v[...][i] for k, v in w.items()}  # stacked: a static slice
         w["mod"] = _affine(stemb, w.pop("ada_w"), w.pop("ada_b"))  # [E, 6H]
         layers.append(w)
     return dict(
