@@ -452,13 +452,15 @@ class OmniModel:
                                                  bucket(talker_max_new_tokens), run.do_sample)
         return run
 
-    def _talker_advance(self, run: "TalkerRun", gen: "Generation", final: int | None):
+    def _talker_advance(self, run: "TalkerRun", gen: "Generation", final: int | None, limit: int | None = None):
         """Advance the talker while its next input is final: reply entries ``k < final`` (None: the
-        thinker has finished, run to the end)."""
+        thinker has finished, run to the end), at most ``limit`` steps."""
         if run.finished:
             return
         st = gen.state
         todo = run.max_new if final is None else final - (int(run.state.n) - 1)
+        if limit is not None:
+            todo = min(todo, limit)
         if todo <= 0:
             return
         n = int(st.n)
@@ -872,15 +874,16 @@ class OmniModel:
                 if len(a):
                     yield StreamEvent("audio", audio=np.asarray(a, np.float32), t=time.perf_counter() - t0)
 
-        def talk(final):
-            """Advance the talker over final inputs; push its new codec ids to the vocoder."""
+        def talk(final, limit=None):
+            """Advance the talker over final inputs (at most ``limit`` steps); push its new codec ids
+            to the vocoder."""
             nonlocal run
             if run is None:
                 run = self._talker_start(gen, speaker_bos=self.voices[speaker].bos_token, mm=gen.mm, seed=seed,
                                          **talker_kw)
                 if run is None:
                     return []
-            self._talker_advance(run, gen, final)
+            self._talker_advance(run, gen, final, limit)
             codes = run.codes()[0]
             new = codes[run.taken:]
             run.taken = len(codes)
@@ -905,7 +908,12 @@ class OmniModel:
             yield StreamEvent("text", text=tail, t=time.perf_counter() - t0)
         codec_ids = None
         if speech:
-            yield from audio_events(talk(None))
+            # the thinker is done; the talker goes on alone, one steady chunk's codec ids per call, so
+            # each chunk's audio is out as soon as its ids exist (not once the whole reply's are)
+            while True:
+                yield from audio_events(talk(None, vocoder.cf // vocoder.rep))
+                if run is None or run.finished:
+                    break
             yield from audio_events(vocoder.finish())
             codec_ids = run.codes()[0] if run is not None else np.zeros((0,), np.int32)
         yield StreamEvent("done", token_ids=all_ids, codec_ids=codec_ids, t=time.perf_counter() - t0)

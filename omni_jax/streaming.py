@@ -14,24 +14,28 @@ transformers' modules)
 use the same key therefore start from the same noise, frame for frame, and a chunk's window
 takes the slice ``frame_noise(key, window_start, window_frames)`` of it.
 
-**DiT chunks.** The mel frames are cut at DiT block boundaries: chunk 0 owns ``[0, C0 B)``
-(``first_chunk_blocks`` = ``C0``, default 1 block, for a short time to first audio), every later
-chunk ``C`` blocks (``chunk_blocks``, default 3: ``C B / rep`` = 36 codec ids); the last one is
-clipped to ``N``. Chunk ``k`` owning ``[s, e)`` solves its ODE (all ``steps - 1`` RK4 steps, 36
+**DiT chunks.** The mel frames are cut at DiT block boundaries: the first chunks follow the
+*ramp* ``first_chunk_blocks`` = ``(C0, C1, ...)`` (default ``(1, 1, 2)`` blocks: a short time to
+first audio, then chunks that grow while the audio already delivered plays; see "Default"
+below), every later chunk has ``C`` blocks (``chunk_blocks``, default 3: ``C B / rep`` = 36 codec
+ids); the last one is clipped to ``N``. Chunk ``k`` owning ``[s, e)`` solves its ODE (all ``steps - 1`` RK4 steps, 36
 DiT evaluations at 10 steps) on the window ``[max(0, s - L B), min(N, e + R B))`` with ``L`` =
 ``left_blocks`` (2) blocks of left and ``R`` = ``right_blocks`` (1) block of right context: the
 published receptive field of one DiT evaluation (two look-back layers chain to 2 blocks back,
 one look-ahead layer reaches 1 block ahead). Window starts are multiples of ``B``, so the
 window's block partition is the utterance's and every frame sees the same band mask as in the
 whole decode, except that nothing outside the window exists. Every window is padded at its end
-(code 0, noise of the following frames) to one fixed shape ``(L + C + R) B`` frames and run
-through :func:`omni_jax.token2wav.dit_sample` with ``code_lengths`` = its valid codes, which
-masks the padding out of attention: one compiled DiT for the whole stream. Only the chunk's own
+(code 0, noise of the following frames) to its nominal shape, ``(L + C + R) B`` frames, or half of it (rounded up to whole blocks) when the nominal window
+fits there: the first chunks, whose left context the utterance's start cuts (with the defaults
+the ramp's 2- and 3-block windows run at 3 blocks, then 6), and run through
+:func:`omni_jax.token2wav.dit_sample` with ``code_lengths`` = its valid codes, which masks the
+padding out of attention: two compiled DiT shapes for the whole stream, and the first chunks
+(whose latency counts most) do not compute a full window of padding. Only the chunk's own
 frames ``[s, e)`` are kept (final); the window's right-context frames ``[e, e + R B)`` are a
 *provisional* mel used only as vocoder look-ahead. Chunk ``k`` is decoded in ``push`` as soon as
 the codes of ``[0, e + R B)`` exist, else in ``finish`` with the right context that exists. The
 latency from a codec id to its audio is therefore one chunk plus the right context: the first
-audio needs ``(C0 + R) B / rep`` = 24 ids (0.48 s of speech at 50 ids/s), later chunks ``(C + R)
+audio needs ``(C0 + R) B / rep`` = 24 ids (0.48 s of speech at 50 ids/s), steady chunks ``(C + R)
 B / rep`` = 48 ids after their first id; plus compute.
 
 Since the ODE chains 36 DiT evaluations, the whole decode's receptive field is unbounded and a
@@ -50,8 +54,10 @@ runs the remaining chunks' DiT, then one vocoder window that ends exactly at ``N
 W_v), N)``, ``W_v = VL + C B + R B``: the utterance's own end, so the last samples see the same
 boundary as the whole decode) emits the pending cross-fade and everything up to ``N``. The
 streamed samples add up to exactly ``N * hop``, the whole decode's length. Vocoder shapes
-depend on the configuration only (``min(s, VL) + (e - s) + R B`` for the first chunks, then
-``W_v``), except for utterances shorter than ``W_v`` frames, whose tail is vocoded at its own
+depend on the configuration only (``min(s, VL) + (e - s) + R B`` for the ramp's chunks, then
+``W_v``: with the defaults 48, 72, 96 and 120 frames, one vocoder compile each; padding them to
+fewer shapes with BigVGAN's exact valid-length mode compiled slower than the four exact shapes
+on this project's CPU: 23 s against 10 s per shape for the embedded model's vocoder), except for utterances shorter than ``W_v`` frames, whose tail is vocoded at its own
 length (as the whole decode is). With ``right_blocks = 0`` the vocoder's look-ahead at an
 emitted chunk end is only the ``F`` held-back frames: keep ``R >= 1``.
 
@@ -88,14 +94,21 @@ vocoder) is 2e-8 - 7e-8 relative for every row with ``R = 1``. The largest sampl
 step within 2 samples of a seam (DiT seams and fade edges) is 0.78-0.81 of the 99.9th percentile
 elsewhere, the same as the whole decode's at those positions: no clicks.
 
-Default: ``chunk_blocks = 3`` (36 ids, 0.72 s), ``first_chunk_blocks = 1``, ``left_blocks = 2``,
-``right_blocks = 1``. Closeness hardly depends on the chunk size (about 2x from C = 4 to C = 1):
+Default: ``chunk_blocks = 3`` (36 ids, 0.72 s), ``first_chunk_blocks = (1, 1, 2)``,
+``left_blocks = 2``, ``right_blocks = 1``. Closeness hardly depends on the chunk size (about 2x from C = 4 to C = 1):
 the context sets the error (one block less on the left: x12; no context: x700), so 2 back / 1
 ahead, the published receptive field, is kept and the chunk size is chosen by cost and latency:
 C = 3 runs the DiT on 2x the frames of the whole decode (C = 1: 4x, which matters on CPU where
 the stream must outpace playback), and the 1-block first chunk gets the first audio after 24
-ids (0.48 s of speech) rather than 48, for one extra small DiT call. This matches Qwen's own
-streaming (chunks of 3 blocks of 24 frames, 2 blocks back, 1 ahead).
+ids (0.48 s of speech) rather than 48. This matches Qwen's own streaming (chunks of 3 blocks of
+24 frames, 2 blocks back, 1 ahead). The ramp after the first chunk is for playback: while the
+thinker still writes the reply, the talker makes one codec id per text token, so codes arrive at
+the thinker's pace. Chunk 0 emits ``C0 B - F`` frames (0.2 s); with a 3-block chunk next, that
+chunk needed 36 more ids before its audio (the embedded model on this project's 2-core CPU: it
+arrived 35 ms after the first chunk had played out); a 1-block chunk needs 12 more ids, the
+2-block one after it 24 more while 0.24 s plays, and from there each chunk brings more audio
+than the next one waits for. The ramp costs two more DiT calls per utterance (each DiT call
+runs the fixed ``(L + C + R) B`` window) and two more vocoder shapes.
 
 These numbers come from random models; a trained DiT's attention may couple frames more
 strongly, so they are a guide, not a guarantee (measure again with real weights). The test
@@ -116,7 +129,7 @@ from .errors import InputError
 from .token2wav import Token2Wav, bigvgan, dit_sample
 
 DEFAULT_CHUNK_BLOCKS = 3
-DEFAULT_FIRST_CHUNK_BLOCKS = 1
+DEFAULT_FIRST_CHUNK_BLOCKS = (1, 1, 2)  # the ramp: chunk sizes before the steady chunk_blocks
 DEFAULT_LEFT_BLOCKS = 2
 DEFAULT_RIGHT_BLOCKS = 1
 DEFAULT_VOCODER_LEFT_FRAMES = 24
@@ -161,16 +174,17 @@ class StreamingToken2Wav:
     ``model``/``cfg``: a loaded :class:`~omni_jax.token2wav.Token2Wav` and its config;
     ``cond [enc_emb_dim]``, ``ref_mel [T_ref, mel_dim]``: the voice; ``key``: the utterance's
     noise key (:func:`frame_noise`), or ``noise_fn(start_frame, n_frames) -> [n, mel_dim]``.
-    ``noise_fn`` must return exactly ``n_frames`` rows. Chunk sizes and contexts are in DiT blocks
-    (``first_chunk_blocks=None``: same as ``chunk_blocks``), vocoder context and fade in mel
-    frames; ``steps``/``guidance_scale``/``sway``/``impl`` as in :func:`~omni_jax.token2wav.dit_sample`.
+    ``noise_fn`` must return exactly ``n_frames`` rows. Chunk sizes and contexts are in DiT blocks,
+    vocoder context and fade in mel frames; ``first_chunk_blocks`` is the ramp: the sizes of the
+    first chunks (a sequence, or an int for chunk 0 alone; each at most ``chunk_blocks``; None: no
+    ramp), every later chunk has ``chunk_blocks``; ``steps``/``guidance_scale``/``sway``/``impl`` as in :func:`~omni_jax.token2wav.dit_sample`.
     ``push(codes)`` returns the audio chunks that became ready (float32, 24 kHz), ``finish()``
     the rest; concatenated they have ``repeats * n_codes * hop`` samples, the whole decode's.
     """
 
     def __init__(self, model: Token2Wav, cfg: Token2WavConfig, cond, ref_mel, *, key=None, noise_fn=None,
                  chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
-                 first_chunk_blocks: int | None = DEFAULT_FIRST_CHUNK_BLOCKS,
+                 first_chunk_blocks: int | tuple[int, ...] | None = DEFAULT_FIRST_CHUNK_BLOCKS,
                  left_blocks: int = DEFAULT_LEFT_BLOCKS, right_blocks: int = DEFAULT_RIGHT_BLOCKS,
                  vocoder_left_frames: int = DEFAULT_VOCODER_LEFT_FRAMES,
                  crossfade_frames: int = DEFAULT_CROSSFADE_FRAMES,
@@ -184,11 +198,13 @@ class StreamingToken2Wav:
         if (key is None) == (noise_fn is None):
             raise InputError("StreamingToken2Wav: give exactly one of key= and noise_fn=")
         self.noise_fn = noise_fn or (lambda start, n: frame_noise(key, start, n, d.mel_dim))
-        first_chunk_blocks = chunk_blocks if first_chunk_blocks is None else first_chunk_blocks
-        if not 1 <= first_chunk_blocks <= chunk_blocks:
-            raise InputError(f"StreamingToken2Wav: first_chunk_blocks={first_chunk_blocks} must be in [1, "
-                             f"chunk_blocks={chunk_blocks}]")
-        for name, v, lo in (("chunk_blocks", chunk_blocks, 1), ("first_chunk_blocks", first_chunk_blocks, 1),
+        ramp = () if first_chunk_blocks is None else first_chunk_blocks
+        ramp = (ramp,) if isinstance(ramp, (int, np.integer)) else tuple(ramp)
+        for v in ramp:
+            if not (isinstance(v, (int, np.integer)) and 1 <= v <= chunk_blocks):
+                raise InputError(f"StreamingToken2Wav: first_chunk_blocks={first_chunk_blocks}: each must be an "
+                                 f"integer in [1, chunk_blocks={chunk_blocks}]")
+        for name, v, lo in (("chunk_blocks", chunk_blocks, 1), *(("first_chunk_blocks", r, 1) for r in ramp),
                             ("left_blocks", left_blocks, 0),
                             ("right_blocks", right_blocks, 0)):
             if int(v) != v or v < lo:
@@ -196,17 +212,19 @@ class StreamingToken2Wav:
             if (v * d.block_size) % d.repeats:
                 raise InputError(f"StreamingToken2Wav: {name}={v} blocks of {d.block_size} frames are not a whole "
                                  f"number of codec ids ({d.repeats} frames each)")
-        self.rep = d.repeats
+        self.rep, self.block = d.repeats, d.block_size
         self.cf = chunk_blocks * d.block_size  # chunk frames
-        self.f0 = first_chunk_blocks * d.block_size  # chunk 0's frames
+        self.ramp = [int(v) * d.block_size for v in ramp]  # the first chunks' frames
+        self.ramp_starts = [int(x) for x in np.cumsum([0] + self.ramp)]  # chunk k < len(ramp) owns [k, k + 1)
+        self.f0 = (self.ramp or [self.cf])[0]  # chunk 0's frames
         self.lf = left_blocks * d.block_size
         self.rf = right_blocks * d.block_size
         self.window_frames = self.lf + self.cf + self.rf
         self.vl = int(vocoder_left_frames)
         self.fade = int(crossfade_frames)
-        if not (0 < self.fade <= min(self.f0, self.vl)):
-            raise InputError(f"StreamingToken2Wav: crossfade_frames={crossfade_frames} must be in [1, min(first chunk "
-                             f"frames {self.f0}, vocoder_left_frames {self.vl})]")
+        if not (0 < self.fade <= min(self.ramp + [self.cf, self.vl])):
+            raise InputError(f"StreamingToken2Wav: crossfade_frames={crossfade_frames} must be in [1, min(smallest "
+                             f"chunk's frames {min(self.ramp + [self.cf])}, vocoder_left_frames {self.vl})]")
         self.hop = int(np.prod(cfg.bigvgan.upsample_rates))
         self.vocoder_window = self.vl + self.cf + self.rf
         self.dit_kw = dict(steps=steps, guidance_scale=guidance_scale, sway=sway, impl=impl)
@@ -226,8 +244,26 @@ class StreamingToken2Wav:
 
     def chunk_bounds(self, k: int) -> tuple[int, int]:
         """Nominal mel frames ``[s, e)`` of chunk ``k`` (before clipping to the utterance)."""
-        s = 0 if k == 0 else self.f0 + (k - 1) * self.cf
-        return s, (self.f0 if k == 0 else s + self.cf)
+        r = len(self.ramp)
+        if k < r:
+            return self.ramp_starts[k], self.ramp_starts[k + 1]
+        s = self.ramp_starts[r] + (k - r) * self.cf
+        return s, s + self.cf
+
+    def window_frames_of(self, k: int) -> int:
+        """The DiT window shape of chunk ``k``: ``(L + C + R) B`` frames, less for the first chunks
+        whose left context is cut by the utterance's start (their nominal window; a function of
+        ``k`` only, so the shapes compiled are fixed by the configuration)."""
+        s, e = self.chunk_bounds(k)
+        return self._bucket(min(self.window_frames, e + self.rf - max(0, s - self.lf)), self.window_frames)
+
+    def _bucket(self, frames: int, full: int) -> int:
+        """Two DiT window shapes: ``full`` frames, or half of it (rounded up to whole blocks) for the
+        windows that fit (the first chunks': with the defaults 72 frames for their 2-3-block
+        windows)."""
+        b = self.block
+        half = b * -(-full // (2 * b))
+        return half if frames <= half < full else full
 
     @property
     def n_codes(self) -> int:
@@ -241,11 +277,11 @@ class StreamingToken2Wav:
         s, e = self.chunk_bounds(k)
         e = min(e, n)
         ws, we = max(0, s - self.lf), min(n, e + self.rf)
-        wcodes = self.window_frames // self.rep
-        codes = np.zeros((1, wcodes), np.int32)
+        frames = self.window_frames_of(k)
+        codes = np.zeros((1, frames // self.rep), np.int32)
         valid = (we - ws) // self.rep
         codes[0, :valid] = self._codes[ws // self.rep:we // self.rep]
-        noise = self.noise_fn(ws, self.window_frames)[None]
+        noise = self.noise_fn(ws, frames)[None]
         mel = np.asarray(dit_sample(self.model.code2wav_dit_model, self.cfg.dit, codes, self.cond, self.ref_mel,
                                     noise, code_lengths=[valid], **self.dit_kw))[0]
         return mel[s - ws:e - ws], mel[e - ws:we - ws]

@@ -49,6 +49,31 @@ def test_stream_speaks_while_thinking(model):
     assert wav.shape == full.audio[0].shape  # same length as the whole decode
 
 
+def test_talker_after_the_text_runs_chunk_by_chunk(model, monkeypatch):
+    """Once the thinker is done the talker goes on alone: in steps of one steady chunk's codec ids,
+    each chunk's audio yielded before the next step (not every remaining id first, then all the
+    audio at once: the stream fell behind playback that way)."""
+    log = []  # ("advance", codes after the call) and ("audio", samples), in the order they happened
+    real = model._talker_advance
+
+    def advance(run, gen, final, limit=None):
+        real(run, gen, final, limit)
+        log.append(("advance", int(run.state.n), final is None))
+
+    monkeypatch.setattr(model, "_talker_advance", advance)
+    for e in model.stream(messages=CONV, **KW):
+        if e.kind == "audio":
+            log.append(("audio", len(e.audio), None))
+    after = log[next(i for i, x in enumerate(log) if x[0] == "advance" and x[2]):]  # the thinker is done
+    counts = [n for kind, n, _ in after if kind == "advance"]
+    first_after = max(n for kind, n, done in log if kind == "advance" and not done)
+    steps = np.diff([first_after] + counts)
+    assert len(counts) >= 3 and steps.max() <= 36, counts  # KW: ~100 ids, 48 of them while thinking
+    # between the talker's steps, the audio their ids completed
+    kinds = [kind for kind, _, _ in after]
+    assert kinds.index("audio") < len(kinds) - 1 - kinds[::-1].index("advance"), kinds
+
+
 def test_stream_stops_midway_and_model_stays_usable(model):
     it = model.stream(messages=CONV, **KW)
     for e in it:

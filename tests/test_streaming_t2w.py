@@ -42,9 +42,9 @@ BIGVGAN = dict(mel_dim=MEL, upsample_initial_channel=16, resblock_kernel_sizes=[
                resblock_dilation_sizes=[[1, 3, 5], [1, 2, 3]], upsample_rates=[3, 2], upsample_kernel_sizes=[7, 4])
 HOP = 6
 N_CODES = 31  # 62 frames: 7 full chunks of 8 frames and a partial one
-# chunk 0: 1 block (2 codes), then chunks of 2 blocks (4 codes); 2 blocks back, 1 ahead; vocoder
-# left context 12 frames, fade 2 frames
-ALGO = dict(first_chunk_blocks=1, chunk_blocks=2, left_blocks=2, right_blocks=1, vocoder_left_frames=12,
+# a ramp of two 1-block chunks (2 codes each), then chunks of 2 blocks (4 codes); 2 blocks back, 1
+# ahead; vocoder left context 12 frames, fade 2 frames
+ALGO = dict(first_chunk_blocks=(1, 1), chunk_blocks=2, left_blocks=2, right_blocks=1, vocoder_left_frames=12,
             crossfade_frames=2)
 # streamed vs whole decode on this model with ALGO. Measured: mel 2.1e-6, waveform 6.1e-4, log-mel
 # 0.0052 dB (the waveform error is the vocoder's, from the 2-frame fade and 4 frames of provisional
@@ -137,8 +137,14 @@ def reference_stream(model, codes, cond, ref_mel, noise, *, block, rep, hop, fir
     n = len(codes) * rep
     cf, lf, rf = chunk_blocks * block, left_blocks * block, right_blocks * block
     vl, f = vocoder_left_frames, crossfade_frames
-    starts = [0] + list(range(first_chunk_blocks * block, n, cf))  # chunk k owns [starts[k], starts[k + 1])
-    ends = starts[1:] + [starts[-1] + (cf if len(starts) > 1 else first_chunk_blocks * block)]  # nominal; may pass n
+    ramp = [first_chunk_blocks] if isinstance(first_chunk_blocks, int) else list(first_chunk_blocks)
+    edges = [0]  # chunk k owns [edges[k], edges[k + 1]): the ramp's sizes, then cf each
+    for r in ramp:
+        edges.append(edges[-1] + r * block)
+    while edges[-1] < n:
+        edges.append(edges[-1] + cf)
+    count = max(1, sum(1 for x in edges[:-1] if x < n))
+    starts, ends = edges[:count], edges[1:count + 1]  # ends nominal; the last may pass n
     kept = np.zeros((n, noise.shape[1]), np.float32)
     prov = {}
     for k in range(len(starts)):
@@ -200,10 +206,11 @@ def test_length_chunks_and_no_clicks(setup, streamed):
     wav = np.concatenate(parts)
     assert wav.dtype == np.float32 and wav.shape == (N_CODES * 2 * HOP,)
     cf, f = ALGO["chunk_blocks"] * DIT["block_size"], ALGO["crossfade_frames"]
-    # chunk 0 (4 frames) and 6 chunks of 8 whose right context exists before the end (one piece
-    # each: chunk 0 holds its last f frames back, the others emit [s - f, e - f)), then the tail
-    assert [len(p) for p in parts] == [(4 - f) * HOP] + [cf * HOP] * 6 + [(62 - 52 + f) * HOP]
-    starts = [4 + cf * k for k in range(8)]  # DiT seams at 4, 12, ..., 60; fades start f frames earlier
+    # the ramp's chunks 0 and 1 (4 frames each), then 6 chunks of 8 whose right context exists
+    # before the end (one piece each: chunk 0 holds its last f frames back, the others emit
+    # [s - f, e - f)), then the tail [56 - f, 62)
+    assert [len(p) for p in parts] == [(4 - f) * HOP, 4 * HOP] + [cf * HOP] * 6 + [(62 - 56 + f) * HOP]
+    starts = [4, 8] + [8 + cf * k for k in range(1, 7)]  # DiT seams at 4, 8, 16, ..., 56; fades start f frames earlier
     seams = [x * HOP for x in starts] + [(x - f) * HOP for x in starts]
     ratio = st.seam_jump_ratio(wav, seams)
     print(f"seam jump / 99.9th percentile elsewhere: {ratio:.2f}")
@@ -228,6 +235,10 @@ def test_one_at_a_time_equals_all_at_once(setup, streamed):
     s2.finish()
     with pytest.raises(InputError, match="after finish"):
         s2.push([1])
+    for bad in ((1, 3), (0,), (1.5,)):  # the ramp's sizes: integers in [1, chunk_blocks]
+        with pytest.raises(InputError, match="first_chunk_blocks"):
+            st.StreamingToken2Wav(setup["params"], setup["cfg"], setup["cond"], setup["ref_mel"], key=setup["key"],
+                                  **dict(ALGO, first_chunk_blocks=bad))
 
 
 def test_close_to_whole_decode(setup, streamed):
