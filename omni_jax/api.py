@@ -112,12 +112,6 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-def half_octave_bucket(n: int, minimum: int = 32) -> int:
-    """The DiT's code bucket: :func:`omni_jax.layers.half_octave_bucket` from 32 (padding below a
-    third; a power-of-two bucket ran a 65-code reply as 128 codes)."""
-    return layers.half_octave_bucket(n, minimum)
-
-
 def _dtype(name) -> Any:
     if isinstance(name, str) and name.lower() in DTYPES:
         return DTYPES[name.lower()]
@@ -770,7 +764,8 @@ class OmniModel:
         live = [r for r in range(len(rows)) if lens[r] > 0]
         if not live:
             return out
-        n = half_octave_bucket(int(lens.max()), 32)
+        # the DiT's code bucket from 32: padding below a third (powers of two ran 65 codes as 128)
+        n = layers.half_octave_bucket(int(lens.max()), 32)
         codes = np.zeros((len(live), n), np.int32)
         noise = np.zeros((len(live), n * dcfg.repeats, dcfg.mel_dim), np.float32)
         for i, r in enumerate(live):

@@ -107,8 +107,8 @@ the thinker's pace. Chunk 0 emits ``C0 B - F`` frames (0.2 s); with a 3-block ch
 chunk needed 36 more ids before its audio (the embedded model on this project's 2-core CPU: it
 arrived 35 ms after the first chunk had played out); a 1-block chunk needs 12 more ids, the
 2-block one after it 24 more while 0.24 s plays, and from there each chunk brings more audio
-than the next one waits for. The ramp costs two more DiT calls per utterance (each DiT call
-runs the fixed ``(L + C + R) B`` window) and two more vocoder shapes.
+than the next one waits for. The ramp costs two more DiT calls per utterance (at the half-size
+window shape) and two more vocoder shapes.
 
 These numbers come from random models; a trained DiT's attention may couple frames more
 strongly, so they are a guide, not a guarantee (measure again with real weights). The test
@@ -200,10 +200,6 @@ class StreamingToken2Wav:
         self.noise_fn = noise_fn or (lambda start, n: frame_noise(key, start, n, d.mel_dim))
         ramp = () if first_chunk_blocks is None else first_chunk_blocks
         ramp = (ramp,) if isinstance(ramp, (int, np.integer)) else tuple(ramp)
-        for v in ramp:
-            if not (isinstance(v, (int, np.integer)) and 1 <= v <= chunk_blocks):
-                raise InputError(f"StreamingToken2Wav: first_chunk_blocks={first_chunk_blocks}: each must be an "
-                                 f"integer in [1, chunk_blocks={chunk_blocks}]")
         for name, v, lo in (("chunk_blocks", chunk_blocks, 1), *(("first_chunk_blocks", r, 1) for r in ramp),
                             ("left_blocks", left_blocks, 0),
                             ("right_blocks", right_blocks, 0)):
@@ -212,7 +208,10 @@ class StreamingToken2Wav:
             if (v * d.block_size) % d.repeats:
                 raise InputError(f"StreamingToken2Wav: {name}={v} blocks of {d.block_size} frames are not a whole "
                                  f"number of codec ids ({d.repeats} frames each)")
-        self.rep, self.block = d.repeats, d.block_size
+        if any(v > chunk_blocks for v in ramp):
+            raise InputError(f"StreamingToken2Wav: first_chunk_blocks={first_chunk_blocks}: each at most "
+                             f"chunk_blocks={chunk_blocks}")
+        self.rep = d.repeats
         self.cf = chunk_blocks * d.block_size  # chunk frames
         self.ramp = [int(v) * d.block_size for v in ramp]  # the first chunks' frames
         self.ramp_starts = [int(x) for x in np.cumsum([0] + self.ramp)]  # chunk k < len(ramp) owns [k, k + 1)
@@ -251,19 +250,14 @@ class StreamingToken2Wav:
         return s, s + self.cf
 
     def window_frames_of(self, k: int) -> int:
-        """The DiT window shape of chunk ``k``: ``(L + C + R) B`` frames, less for the first chunks
-        whose left context is cut by the utterance's start (their nominal window; a function of
-        ``k`` only, so the shapes compiled are fixed by the configuration)."""
+        """The DiT window shape of chunk ``k``, one of two: ``(L + C + R) B`` frames, or half of it
+        (rounded up to whole blocks) when chunk ``k``'s nominal window fits there (the first chunks,
+        whose left context the utterance's start cuts). A function of ``k`` only: the shapes
+        compiled are fixed by the configuration."""
         s, e = self.chunk_bounds(k)
-        return self._bucket(min(self.window_frames, e + self.rf - max(0, s - self.lf)), self.window_frames)
-
-    def _bucket(self, frames: int, full: int) -> int:
-        """Two DiT window shapes: ``full`` frames, or half of it (rounded up to whole blocks) for the
-        windows that fit (the first chunks': with the defaults 72 frames for their 2-3-block
-        windows)."""
-        b = self.block
+        b, full = self.cfg.dit.block_size, self.window_frames
         half = b * -(-full // (2 * b))
-        return half if frames <= half < full else full
+        return half if e + self.rf - max(0, s - self.lf) <= half < full else full
 
     @property
     def n_codes(self) -> int:
