@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh 1       # decode layouts + 3B thinker throughput vs roofline (~5 min)
 #   bash bench/gpu_session.sh 2       # 3B thinker side by side with transformers on the GPU (~8 min:
 #                                     # builds a ~12 GB float32 checkpoint first)
-#   bash bench/gpu_session.sh 3       # first audio of model.stream at 3B shape + token2wav vs torch
+#   bash bench/gpu_session.sh 3       # first audio of model.stream at 3B shape + token2wav vs torch,
+#                                     # float32 and TF32, against the measured matmul throughput
 #
 # Each step runs under its own time limit and prints its last lines and exit status, so one failing
 # step does not cost the others. Packages the machine lacks (check lists them) can travel as wheels:
@@ -64,7 +65,8 @@ EOF
     ;;
 3)
     step gpu_stream 300 "$PY" -m bench.gpu_stream --preset 3b --json "$OUT/gpu_stream_3b.json"
-    step token2wav 280 "$PY" -m bench.gpu_token2wav --torch --json "$OUT/gpu_token2wav.json"
+    # 250 codes (5 s of audio) at float32 and TF32, both sides; the JSON is rewritten after each row
+    step token2wav 280 "$PY" -m bench.gpu_token2wav --codes 250 --torch --json "$OUT/gpu_token2wav.json"
     ;;
 *)
     echo "usage: bash bench/gpu_session.sh check|1|2|3" >&2

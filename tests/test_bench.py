@@ -81,3 +81,45 @@ def test_compare_removes_its_checkpoint_when_a_run_fails(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         compare.run(TINY, None, memory=False)
     assert not os.path.exists(made)
+
+
+def test_token2wav_bench_reports_precisions_against_the_matmul_limit():
+    """bench.gpu_token2wav's rows on a tiny token2wav (both sides really run, at TF32, which a CPU
+    runs as float32): the FLOPs are the shapes' (bench.compare's counts), the throughput and its
+    share of the limit follow from them, the ratio pairs rows of the same precision and length, and
+    the model's and torch's matmul precisions are restored afterwards."""
+    import dataclasses
+
+    import torch
+
+    from bench import gpu_token2wav as G
+    from bench.compare import bigvgan_flops, dit_flops
+    from omni_jax import token2wav as T
+    from omni_jax.config import Token2WavConfig
+
+    t = TINY["token2wav"]
+    cfg = Token2WavConfig.from_dict({"dit_config": t["dit"], "bigvgan_config": t["bigvgan"]})
+    # the limit (FLOP/s) is given: measuring it is timing
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    rows = [G.timed_row(G.jax_timer(cfg, "xla", 1), cfg, 8, "tensorfloat32", 4e11),
+            G.timed_row(G.torch_timer(cfg, 1), cfg, 8, "tensorfloat32", 4e11)]
+    assert T.MATMUL_PRECISION == "highest" and torch.backends.cuda.matmul.allow_tf32 == tf32
+    assert [r["impl"].split()[0] for r in rows] == ["omni_jax", "transformers"]
+    assert "TF32 on" in rows[1]["impl"]
+    w = G.work(cfg, 8)
+    assert w["dit_flops"] == dit_flops(dataclasses.asdict(cfg.dit), 16, 10)["total"]
+    assert w["bigvgan_flops"] == bigvgan_flops(dataclasses.asdict(cfg.bigvgan), 16)
+    assert w["audio_s"] == pytest.approx(16 * 240 / 24000)
+    for r in rows:
+        assert r["precision"] == "tensorfloat32" and r["codes"] == 8 and r["dit_s"] > 0 and r["bigvgan_s"] > 0
+        assert r["rtf"] == pytest.approx((r["dit_s"] + r["bigvgan_s"]) / w["audio_s"], rel=2e-3)
+        assert r["dit_of_limit"] == pytest.approx(w["dit_flops"] / r["dit_s"] / 4e11, rel=1e-3)
+        assert r["bigvgan_tflops"] == pytest.approx(w["bigvgan_flops"] / r["bigvgan_s"] / 1e12, rel=1e-3)
+        assert r["rtf_at_limit"] == pytest.approx((w["dit_flops"] + w["bigvgan_flops"]) / 4e11 / w["audio_s"],
+                                                  rel=1e-3)
+    (ratio,) = G.ratios(rows)
+    assert ratio["precision"] == "tensorfloat32" and ratio["codes"] == 8
+    assert ratio["dit"] == pytest.approx(rows[1]["dit_s"] / rows[0]["dit_s"], rel=1e-2)
+    assert ratio["total"] == pytest.approx((rows[1]["dit_s"] + rows[1]["bigvgan_s"])
+                                           / (rows[0]["dit_s"] + rows[0]["bigvgan_s"]), rel=1e-2)
+    assert G.ratios(rows[:1]) == []  # no transformers row: no ratio
