@@ -55,22 +55,16 @@ def token2wav_config(preset: str):
     return omni_jax.preset(preset).token2wav
 
 
-def matmul_limit(precision: str, n: int | None = None, reps: int = 10) -> float:
+def matmul_limit(precision: str, n: int | None = None) -> float:
     """Measured float32 ``n x n`` matmul FLOP/s at ``precision`` (n: 8192 on an accelerator, 1024
     on a CPU)."""
     import jax
     import jax.numpy as jnp
 
-    n = n or (1024 if jax.default_backend() == "cpu" else 8192)
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    with jax.default_matmul_precision(precision):
-        f = jax.jit(lambda x: x @ x)
-        f(a).block_until_ready()
-        t = time.perf_counter()
-        for _ in range(reps):
-            y = f(a)
-        y.block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    from .__main__ import measure_matmul
+
+    with jax.default_matmul_precision(precision):  # the product is traced inside: it takes this precision
+        return measure_matmul(n or (1024 if jax.default_backend() == "cpu" else 8192), jnp.float32)
 
 
 def work(cfg, n_codes: int, steps: int = 10) -> dict:
