@@ -21,6 +21,7 @@ def random_full_model(preset: str):
     from flax import nnx
 
     import omni_jax
+    from bench.util import random_module
     from omni_jax.api import OmniModel
     from omni_jax.attention import default_impl
     from omni_jax.decoder import to_per_layer
@@ -36,8 +37,8 @@ def random_full_model(preset: str):
     else:
         cfg = omni_jax.preset(preset)
     dt = jnp.bfloat16
-    gdef, state = nnx.split(ThinkerLM(cfg.thinker, dtype=dt, rngs=nnx.Rngs(0)))
-    talker = nnx.split(Talker(cfg.talker, dtype=dt, rngs=nnx.Rngs(1)))
+    gdef, state = nnx.split(random_module(lambda: ThinkerLM(cfg.thinker, dtype=dt, rngs=nnx.Rngs(0))))
+    talker = nnx.split(random_module(lambda: Talker(cfg.talker, dtype=dt, rngs=nnx.Rngs(1)), seed=1))
     # random weights would also pick the talker's special ids, which are not codes: copy codec 0's head
     # column onto them (greedy argmax breaks the tie towards the lower, valid id; EOS ids stay as drawn)
     k = talker[1]["codec_head"]["kernel"]
@@ -46,7 +47,7 @@ def random_full_model(preset: str):
     bad = np.asarray([i for i in range(n, cfg.talker.vocab_size) if i not in keep])
     if len(bad):
         k.value = k.value.at[:, bad].set(k.value[:, :1])
-    t2w = Token2Wav(cfg.token2wav, rngs=nnx.Rngs(2))
+    t2w = random_module(lambda: Token2Wav(cfg.token2wav, rngs=nnx.Rngs(2)), seed=2)
     d = cfg.token2wav.dit
     rs = np.random.RandomState(0)
     voices = {"Chelsie": Voice("Chelsie", min(151872, cfg.thinker.text.vocab_size - 1), rs.randn(d.enc_emb_dim).astype(np.float32),
@@ -61,6 +62,8 @@ def random_full_model(preset: str):
 def main(argv=None) -> int:
     import jax
 
+    from .streaming import stream_figures
+
     p = argparse.ArgumentParser(prog="python -m bench.gpu_stream")
     p.add_argument("--preset", default="3b")
     p.add_argument("--json", default=None)
@@ -73,15 +76,9 @@ def main(argv=None) -> int:
     list(model.stream(ids, **kw))
     compile_s = time.perf_counter() - t0
     ev = list(model.stream(ids, **kw))
-    text = [e for e in ev if e.kind == "text"]
-    audio = [e for e in ev if e.kind == "audio"]
-    secs = sum(len(e.audio) for e in audio) / 24000
     res = dict(preset=args.preset, device=str(jax.devices()[0].device_kind), date=time.strftime("%Y-%m-%d"),
                precision="thinker/talker bfloat16, token2wav float32", first_run_s=round(compile_s, 2),
-               time_to_first_text_s=round(text[0].t, 4) if text else None,
-               time_to_first_audio_s=round(audio[0].t, 4) if audio else None, total_s=round(ev[-1].t, 3),
-               audio_s=round(secs, 3), rtf=round(ev[-1].t / secs, 3) if secs else None, chunks=len(audio),
-               command="python -m bench.gpu_stream --preset " + args.preset)
+               **stream_figures(ev), command="python -m bench.gpu_stream --preset " + args.preset)
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

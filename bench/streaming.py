@@ -17,6 +17,36 @@ import os
 import time
 
 
+def stream_figures(events, sr: int = 24000) -> dict:
+    """What one ``model.stream`` run measured, from its events (``t``: seconds since the call).
+
+    RTF = the stream's wall time / the seconds of audio it produced. Ahead of playback: playback
+    starts when the first chunk arrives and plays every chunk back to back; chunk ``i`` must
+    arrive before the audio before it has played out. Its slack is how long before that it came
+    (negative: late, a gap in the audio); ``min_slack_s`` is the smallest over the chunks after
+    the first, ``ahead_of_playback`` that none was late by more than a millisecond (None: no audio),
+    ``start_buffer_s`` how long a player would have to wait after the first chunk before starting
+    to play the stream without a gap (0 when it is ahead of playback).
+    """
+    text = [e for e in events if e.kind == "text"]
+    audio = [e for e in events if e.kind == "audio"]
+    total = events[-1].t
+    secs = sum(len(e.audio) for e in audio) / sr
+    start, played, slack = audio[0].t if audio else 0.0, 0.0, []
+    for i, e in enumerate(audio):
+        if i:
+            slack.append(start + played - e.t)
+        played += len(e.audio) / sr
+    return dict(time_to_first_text_s=round(text[0].t, 4) if text else None,
+                time_to_first_audio_s=round(audio[0].t, 4) if audio else None, total_s=round(total, 3),
+                audio_s=round(secs, 3), rtf=round(total / secs, 3) if secs else None,
+                audio_chunks=len(audio), ahead_of_playback=all(x >= -1e-3 for x in slack) if audio else None,
+                min_slack_s=round(min(slack), 4) if slack else None,
+                start_buffer_s=round(max(0.0, -min(slack)), 4) if slack else (0.0 if audio else None),
+                chunk_times_s=[round(e.t, 3) for e in audio],
+                chunk_seconds=[round(len(e.audio) / sr, 3) for e in audio],
+                text_tokens=sum(len(e.token_ids) for e in text))
+
 
 def run(model_dir=None, max_new_tokens=64, talker_max_new_tokens=250) -> dict:
     import jax
@@ -32,28 +62,9 @@ def run(model_dir=None, max_new_tokens=64, talker_max_new_tokens=250) -> dict:
     list(model.stream(messages=conv, **kw))
     compile_s = time.perf_counter() - t0
     events = list(model.stream(messages=conv, **kw))
-    text = [e for e in events if e.kind == "text"]
-    audio = [e for e in events if e.kind == "audio"]
-    total = events[-1].t
-    secs = sum(len(e.audio) for e in audio) / 24000
-    # ahead of playback: chunk i must arrive before the audio before it has played out; slack =
-    # how long before that it arrived (the smallest over the chunks after the first)
-    start, played, slack = audio[0].t if audio else 0.0, 0.0, []
-    for i, e in enumerate(audio):
-        if i:
-            slack.append(start + played - e.t)
-        played += len(e.audio) / 24000
-    ahead = all(x >= -1e-3 for x in slack)
     return dict(model=path, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                 date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()} CPU cores", precision="float32",
-                first_compile_run_s=round(compile_s, 2), time_to_first_text_s=round(text[0].t, 3),
-                time_to_first_audio_s=round(audio[0].t, 3) if audio else None, total_s=round(total, 3),
-                audio_s=round(secs, 3), rtf=round(total / secs, 3) if secs else None,
-                audio_chunks=len(audio), ahead_of_playback=ahead,
-                min_slack_s=round(min(slack), 3) if slack else None,
-                chunk_times_s=[round(e.t, 3) for e in audio],
-                chunk_seconds=[round(len(e.audio) / 24000, 3) for e in audio],
-                text_tokens=sum(len(e.token_ids) for e in text))
+                first_compile_run_s=round(compile_s, 2), **stream_figures(events))
 
 
 def main(argv=None):

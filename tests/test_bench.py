@@ -123,3 +123,30 @@ def test_token2wav_bench_reports_precisions_against_the_matmul_limit():
     assert ratio["total"] == pytest.approx((rows[1]["dit_s"] + rows[1]["bigvgan_s"])
                                            / (rows[0]["dit_s"] + rows[0]["bigvgan_s"]), rel=1e-2)
     assert G.ratios(rows[:1]) == []  # no transformers row: no ratio
+
+
+def test_stream_figures_from_events():
+    """bench.streaming's figures (used by bench.streaming and bench.gpu_stream) from a made-up
+    event sequence: first text / audio, RTF, and the playback check chunk by chunk."""
+    import numpy as np
+
+    from bench.streaming import stream_figures
+    from omni_jax.api import StreamEvent
+
+    def audio(t, seconds):
+        return StreamEvent("audio", audio=np.zeros(int(seconds * 24000), np.float32), t=t)
+
+    events = [StreamEvent("text", "Hi", [1, 2], t=0.05), audio(0.2, 0.24), StreamEvent("text", "!", [3], t=0.3),
+              audio(0.35, 0.24), audio(0.66, 0.5), StreamEvent("done", t=0.7)]
+    f = stream_figures(events)
+    assert f["time_to_first_text_s"] == 0.05 and f["time_to_first_audio_s"] == 0.2 and f["text_tokens"] == 3
+    assert f["audio_s"] == pytest.approx(0.98) and f["rtf"] == pytest.approx(0.7 / 0.98, abs=1e-3)
+    # playback from 0.2 s: chunk 2 is due at 0.44 s (0.09 s early), chunk 3 at 0.68 s (0.02 s early)
+    assert f["min_slack_s"] == pytest.approx(0.02) and f["ahead_of_playback"] is True and f["start_buffer_s"] == 0
+    assert f["chunk_times_s"] == [0.2, 0.35, 0.66] and f["chunk_seconds"] == [0.24, 0.24, 0.5]
+    late = stream_figures(events[:4] + [audio(0.71, 0.5), StreamEvent("done", t=0.75)])
+    assert late["min_slack_s"] == pytest.approx(-0.03) and late["ahead_of_playback"] is False
+    assert late["start_buffer_s"] == pytest.approx(0.03)  # playing from 0.23 s, chunk 3 is due at 0.71 s
+    silent = stream_figures([StreamEvent("text", "a", [1], t=0.1), StreamEvent("done", t=0.2)])
+    assert silent["time_to_first_audio_s"] is None and silent["rtf"] is None and silent["ahead_of_playback"] is None
+    assert silent["start_buffer_s"] is None
