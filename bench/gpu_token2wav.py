@@ -83,22 +83,16 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def with_limit(row: dict, w: dict, limit: float) -> dict:
-    """Add the achieved throughput, its share of ``limit`` (FLOP/s) and the RTF at the limit."""
-    dit_s, voc_s = row["dit_s"], row["bigvgan_s"]
-    row.update(dit_tflops=_sig(w["dit_flops"] / dit_s / 1e12),
-               dit_of_limit=_sig(w["dit_flops"] / dit_s / limit),
-               bigvgan_tflops=_sig(w["bigvgan_flops"] / voc_s / 1e12),
-               bigvgan_of_limit=_sig(w["bigvgan_flops"] / voc_s / limit),
-               rtf_at_limit=_sig((w["dit_flops"] + w["bigvgan_flops"]) / limit / w["audio_s"]))
-    return row
-
-
 def _row(impl, precision, n, w, dit_s, voc_s, limit, **extra):
-    row = dict(impl=impl, precision=precision, codes=n, audio_s=_sig(w["audio_s"]), dit_s=_sig(dit_s),
-               bigvgan_s=_sig(voc_s), rtf=_sig((dit_s + voc_s) / w["audio_s"]),
-               dit_rtf=_sig(dit_s / w["audio_s"]), bigvgan_rtf=_sig(voc_s / w["audio_s"]), **extra)
-    return with_limit(row, w, limit)
+    """One row: times, real-time factors, and against ``limit`` (FLOP/s at ``precision``) the
+    achieved throughput, its share of the limit and the RTF if every FLOP ran at the limit."""
+    a = w["audio_s"]
+    return dict(impl=impl, precision=precision, codes=n, audio_s=_sig(a), dit_s=_sig(dit_s), bigvgan_s=_sig(voc_s),
+                rtf=_sig((dit_s + voc_s) / a), dit_rtf=_sig(dit_s / a), bigvgan_rtf=_sig(voc_s / a),
+                dit_tflops=_sig(w["dit_flops"] / dit_s / 1e12), dit_of_limit=_sig(w["dit_flops"] / dit_s / limit),
+                bigvgan_tflops=_sig(w["bigvgan_flops"] / voc_s / 1e12),
+                bigvgan_of_limit=_sig(w["bigvgan_flops"] / voc_s / limit),
+                rtf_at_limit=_sig((w["dit_flops"] + w["bigvgan_flops"]) / limit / a), **extra)
 
 
 def _inputs(cfg, n):
