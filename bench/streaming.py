@@ -42,7 +42,7 @@ def stream_figures(events, sr: int = 24000) -> dict:
                 audio_s=round(secs, 3), rtf=round(total / secs, 3) if secs else None,
                 audio_chunks=len(audio), ahead_of_playback=all(x >= -1e-3 for x in slack) if audio else None,
                 min_slack_s=round(min(slack), 4) if slack else None,
-                start_buffer_s=round(max(0.0, -min(slack)), 4) if slack else (0.0 if audio else None),
+                start_buffer_s=round(max([0.0] + [-x for x in slack]), 4) if audio else None,
                 chunk_times_s=[round(e.t, 3) for e in audio],
                 chunk_seconds=[round(len(e.audio) / sr, 3) for e in audio],
                 text_tokens=sum(len(e.token_ids) for e in text))
