@@ -250,7 +250,23 @@ class OmniModel:
             from .token2wav import dit_per_layer
 
             dit_per_layer(token2wav.code2wav_dit_model)
+            self.token2wav_parts  # split now, not at the first reply's speech
         self._build()
+
+    @property
+    def token2wav_parts(self):
+        """``token2wav_params`` split once for calls (:func:`omni_jax.token2wav.presplit_token2wav`:
+        splitting the module per call costs ~40 ms of Python, per chunk in a stream), kept until
+        ``token2wav_params`` is replaced; None without token2wav weights."""
+        t2w = self.token2wav_params
+        if t2w is None:
+            return None
+        cached = getattr(self, "_t2w_parts", None)
+        if cached is None or cached[0] is not t2w:
+            from .token2wav import presplit_token2wav
+
+            cached = self._t2w_parts = (t2w, presplit_token2wav(t2w))
+        return cached[1]
 
     @property
     def params(self):
@@ -780,7 +796,7 @@ class OmniModel:
 
                 nz = frame_noise(_noise_key(seed, r), 0, int(lens[r]) * dcfg.repeats, dcfg.mel_dim)
             noise[i, :lens[r] * dcfg.repeats] = nz
-        t2w = self.token2wav_params
+        t2w = self.token2wav_parts
         mel = dit_sample(t2w.code2wav_dit_model, dcfg, codes, voice.cond, voice.ref_mel, noise,
                          code_lengths=lens[live], impl=self.attention)
         # the vocoder at the DiT's bucketed length with the row's valid frames: one compiled program per
@@ -860,7 +876,7 @@ class OmniModel:
             if dit_noise is not None:
                 full = np.asarray(dit_noise[0] if isinstance(dit_noise, (list, tuple)) else dit_noise, np.float32)
                 noise_fn = lambda start, n: full[start:start + n]  # noqa: E731
-            vocoder = StreamingToken2Wav(self.token2wav_params, self.config.token2wav, voice.cond, voice.ref_mel,
+            vocoder = StreamingToken2Wav(self.token2wav_parts, self.config.token2wav, voice.cond, voice.ref_mel,
                                          key=None if noise_fn else _noise_key(seed, 0), noise_fn=noise_fn,
                                          impl=self.attention)
 

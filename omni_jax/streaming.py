@@ -126,7 +126,7 @@ import numpy as np
 
 from .config import Token2WavConfig
 from .errors import InputError
-from .token2wav import Token2Wav, bigvgan, dit_sample
+from .token2wav import Token2Wav, Token2WavParts, bigvgan, dit_sample, presplit_token2wav
 
 DEFAULT_CHUNK_BLOCKS = 3
 DEFAULT_FIRST_CHUNK_BLOCKS = (1, 1, 2)  # the ramp: chunk sizes before the steady chunk_blocks
@@ -171,7 +171,8 @@ def crossfade_weights(n: int) -> np.ndarray:
 class StreamingToken2Wav:
     """Decode one utterance's codec ids to audio incrementally (see the module notes).
 
-    ``model``/``cfg``: a loaded :class:`~omni_jax.token2wav.Token2Wav` and its config;
+    ``model``/``cfg``: a loaded :class:`~omni_jax.token2wav.Token2Wav` (or its
+    :func:`~omni_jax.token2wav.presplit_token2wav` parts, which a model keeps) and its config;
     ``cond [enc_emb_dim]``, ``ref_mel [T_ref, mel_dim]``: the voice; ``key``: the utterance's
     noise key (:func:`frame_noise`), or ``noise_fn(start_frame, n_frames) -> [n, mel_dim]``.
     ``noise_fn`` must return exactly ``n_frames`` rows. Chunk sizes and contexts are in DiT blocks,
@@ -182,7 +183,7 @@ class StreamingToken2Wav:
     the rest; concatenated they have ``repeats * n_codes * hop`` samples, the whole decode's.
     """
 
-    def __init__(self, model: Token2Wav, cfg: Token2WavConfig, cond, ref_mel, *, key=None, noise_fn=None,
+    def __init__(self, model: Token2Wav | Token2WavParts, cfg: Token2WavConfig, cond, ref_mel, *, key=None, noise_fn=None,
                  chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
                  first_chunk_blocks: int | tuple[int, ...] | None = DEFAULT_FIRST_CHUNK_BLOCKS,
                  left_blocks: int = DEFAULT_LEFT_BLOCKS, right_blocks: int = DEFAULT_RIGHT_BLOCKS,
@@ -190,7 +191,7 @@ class StreamingToken2Wav:
                  crossfade_frames: int = DEFAULT_CROSSFADE_FRAMES,
                  steps: int = 10, guidance_scale: float = 0.5, sway: float | None = -1.0, impl: str | None = None):
         d = cfg.dit
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg = presplit_token2wav(model), cfg  # split once, not per chunk
         self.cond = np.asarray(cond, np.float32).reshape(-1)
         self.ref_mel = np.asarray(ref_mel, np.float32)
         if self.ref_mel.ndim == 3 and self.ref_mel.shape[0] == 1:

@@ -56,6 +56,7 @@ import functools
 import math
 import re
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -559,6 +560,35 @@ def dit_sample_fn(dit: DiT, cfg: DiTConfig, codes, cond, ref_mel, noise, *, step
     return y
 
 
+class Split(NamedTuple):
+    """A module taken apart once (``nnx.split``) for repeated calls. :func:`dit_sample` and
+    :func:`bigvgan` take one in place of the module: splitting walks the module's graph in Python on
+    every call otherwise (~35 ms for BigVGAN's 449 arrays on this project's CPU, whatever its width),
+    which a streamed reply would pay per chunk. The arrays are shared with the module, not copied;
+    split again after changing the module's parameters."""
+    graphdef: Any
+    state: Any
+
+
+def presplit(module) -> Split:
+    """``module`` as a :class:`Split` (itself when it already is one)."""
+    return module if isinstance(module, Split) else Split(*nnx.split(module))
+
+
+class Token2WavParts(NamedTuple):
+    """A :class:`Token2Wav`'s two halves, each a :class:`Split` (see :func:`presplit_token2wav`)."""
+    code2wav_dit_model: Split
+    code2wav_bigvgan_model: Split
+
+
+def presplit_token2wav(model) -> Token2WavParts:
+    """A :class:`Token2Wav` (or parts already split) as :class:`Token2WavParts`: what
+    :func:`token2wav` and :class:`omni_jax.streaming.StreamingToken2Wav` take in its place."""
+    if isinstance(model, Token2WavParts):
+        return model
+    return Token2WavParts(presplit(model.code2wav_dit_model), presplit(model.code2wav_bigvgan_model))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "use_cfg", "impl"))
 def _dit_sample_jit(graphdef, state, codes, cond, ref_mel, noise, code_lengths, time_points, guidance_scale, *,
                     cfg, use_cfg, impl):
@@ -597,7 +627,7 @@ def _check_codes(cfg: DiTConfig, codes, noise, code_lengths):
     return codes.astype(jnp.int32), noise, code_lengths
 
 
-def dit_sample(dit: DiT, cfg: DiTConfig, codes, cond, ref_mel, noise, *, steps: int = 10,
+def dit_sample(dit: DiT | Split, cfg: DiTConfig, codes, cond, ref_mel, noise, *, steps: int = 10,
                guidance_scale: float = 0.5, sway: float | None = -1.0, code_lengths=None, impl: str | None = None):
     """Codec ids -> mel ``[B, repeats * n_codes, mel_dim]`` (time-major), one jitted ODE solve.
 
@@ -612,7 +642,7 @@ def dit_sample(dit: DiT, cfg: DiTConfig, codes, cond, ref_mel, noise, *, steps: 
     if cond.shape[-1] != cfg.enc_emb_dim or ref_mel.shape[-1] != cfg.mel_dim:
         raise InputError(f"token2wav: cond {list(cond.shape)} / ref_mel {list(ref_mel.shape)} do not match "
                          f"enc_emb_dim={cfg.enc_emb_dim} / mel_dim={cfg.mel_dim}")
-    graphdef, state = nnx.split(dit)
+    graphdef, state = presplit(dit)
     grid = time_grid(int(steps), None if sway is None else float(sway))
     with jax.default_matmul_precision(MATMUL_PRECISION):
         return _dit_sample_jit(graphdef, state, codes, cond, ref_mel, noise, code_lengths, grid,
@@ -851,7 +881,7 @@ def _bigvgan_jit(graphdef, state, mel, lengths, *, cfg):
     return bigvgan_fn(nnx.merge(graphdef, state), cfg, mel, lengths)
 
 
-def bigvgan(voc: BigVGAN, cfg: BigVGANConfig, mel, lengths=None):
+def bigvgan(voc: BigVGAN | Split, cfg: BigVGANConfig, mel, lengths=None):
     """Mel ``[B, T, mel_dim]`` (or ``[T, mel_dim]``) -> waveform ``[B, samples]`` in [-1, 1], 24 kHz.
 
     ``lengths``: each row's valid mel frames (rows padded to a common, bucketed ``T``); row ``b``'s
@@ -866,7 +896,7 @@ def bigvgan(voc: BigVGAN, cfg: BigVGANConfig, mel, lengths=None):
         if lengths.shape[0] != mel.shape[0] or lengths.min() < 1 or lengths.max() > mel.shape[1]:
             raise InputError(f"bigvgan: lengths must give 1..{mel.shape[1]} frames for each of the {mel.shape[0]} "
                              f"rows, got {lengths.tolist()}")
-    graphdef, state = nnx.split(voc)
+    graphdef, state = presplit(voc)
     with jax.default_matmul_precision(MATMUL_PRECISION):
         return _bigvgan_jit(graphdef, state, mel, lengths, cfg=cfg)
 
@@ -883,7 +913,7 @@ class Token2Wav(nnx.Module):
         self.code2wav_bigvgan_model = BigVGAN(cfg.bigvgan, rngs=rngs)
 
 
-def token2wav(model: Token2Wav, cfg: Token2WavConfig, codes, cond, ref_mel, noise, *, steps: int = 10,
+def token2wav(model: Token2Wav | Token2WavParts, cfg: Token2WavConfig, codes, cond, ref_mel, noise, *, steps: int = 10,
               guidance_scale: float = 0.5, sway: float | None = -1.0, impl: str | None = None):
     """Codec ids ``[B, n]`` -> waveform ``[B, repeats * n * prod(upsample_rates)]`` (float32, 24 kHz).
 

@@ -74,6 +74,35 @@ def test_talker_after_the_text_runs_chunk_by_chunk(model, monkeypatch):
     assert kinds.index("audio") < len(kinds) - 1 - kinds[::-1].index("advance"), kinds
 
 
+def test_token2wav_parts_split_once_and_follow_the_module(model):
+    """The model splits its token2wav module once (not per streamed chunk) and splits again when
+    the module is replaced; the parts hold the module's own arrays, not copies."""
+    import jax
+    from flax import nnx
+
+    parts = model.token2wav_parts
+    assert model.token2wav_parts is parts
+    old = model.token2wav_params
+    for module, split in ((old.code2wav_dit_model, parts.code2wav_dit_model),
+                          (old.code2wav_bigvgan_model, parts.code2wav_bigvgan_model)):
+        mine, theirs = jax.tree.leaves(nnx.state(module)), jax.tree.leaves(split.state)
+        assert len(mine) == len(theirs) > 10 and all(a is b for a, b in zip(mine, theirs))
+    other = nnx.clone(old)
+    other.code2wav_bigvgan_model.conv_post.weight.value = old.code2wav_bigvgan_model.conv_post.weight.value * 2
+    try:
+        model.token2wav_params = other
+        new = model.token2wav_parts
+        assert new is not parts and model.token2wav_parts is new
+        wav = model.token2wav(np.arange(8) % 200)
+    finally:
+        model.token2wav_params = old
+    assert model.token2wav_parts is not new
+    base = model.token2wav(np.arange(8) % 200)
+    small = np.abs(base) < 0.45  # not clipped at either weight: the replaced module's output is twice this one's
+    assert small.mean() > 0.5
+    np.testing.assert_allclose(wav[small], 2 * base[small], rtol=1e-4, atol=1e-6)
+
+
 def test_stream_stops_midway_and_model_stays_usable(model):
     it = model.stream(messages=CONV, **KW)
     for e in it:

@@ -285,6 +285,10 @@ def test_token2wav_end_to_end(b4):
     err = rel(got[0], ref)
     print(f"token2wav[{setup['variant']}] rel err {err:.2e}")
     assert err <= 1e-4, err  # the project bound for waveforms is 1e-3
+    parts = t2w.presplit_token2wav(setup["params"])  # split once, as a loaded model keeps it
+    assert t2w.presplit_token2wav(parts) is parts
+    again = t2w.token2wav(parts, cfg, inp["codes"][:1], inp["cond"][0], inp["ref_mel"][0], inp["noise"][:1])
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
 
 
 def test_loader_buffers_and_errors(b4, tmp_path):

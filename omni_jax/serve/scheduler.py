@@ -441,7 +441,7 @@ class Engine:
             from ..streaming import StreamingToken2Wav
 
             voice = m.voices[p.voice]
-            req.vocoder = StreamingToken2Wav(m.token2wav_params, m.config.token2wav, voice.cond, voice.ref_mel,
+            req.vocoder = StreamingToken2Wav(m.token2wav_parts, m.config.token2wav, voice.cond, voice.ref_mel,
                                              key=_noise_key(p.seed, 0), impl=m.attention)
         if any(q is not None and q.sent > 0 for q in self.slots):
             self.metrics.inc("joins_running_batch_total")  # joined rows that were already decoding
