@@ -80,6 +80,8 @@ def test_token2wav_parts_split_once_and_follow_the_module(model):
     import jax
     from flax import nnx
 
+    from omni_jax.token2wav import presplit
+
     parts = model.token2wav_parts
     assert model.token2wav_parts is parts
     old = model.token2wav_params
@@ -87,6 +89,11 @@ def test_token2wav_parts_split_once_and_follow_the_module(model):
                           (old.code2wav_bigvgan_model, parts.code2wav_bigvgan_model)):
         mine, theirs = jax.tree.leaves(nnx.state(module)), jax.tree.leaves(split.state)
         assert len(mine) == len(theirs) > 10 and all(a is b for a, b in zip(mine, theirs))
+        assert len(split.leaves) == len(mine) and all(a is b for a, b in zip(mine, split.leaves))
+        # the static half jit keys on: equal (and equally hashed) for another split of the same module
+        again = presplit(module)
+        assert again.structure is not split.structure and again.structure == split.structure
+        assert hash(again.structure) == hash(split.structure)
     other = nnx.clone(old)
     other.code2wav_bigvgan_model.conv_post.weight.value = old.code2wav_bigvgan_model.conv_post.weight.value * 2
     try:
