@@ -23,6 +23,9 @@ same thread count. Measured, each with its hardware limit beside it:
 Compile time is reported apart from steady-state time (omni-jax: first call minus a later
 call). Every figure is float32 (the CPU precision of both; token2wav is float32 on both sides
 whatever the load dtype). ``--memory-child`` is the internal entry point of the memory runs.
+transformers' talker runs with its attention mask restored (:func:`bench.util.talker_mask_restored`:
+``generate`` in transformers >= 5.18 drops an all-ones mask, and the talker skips its TMRoPE
+positions and codec pad/bos embeddings without one), so "codes equal" compares the same model.
 
 GPU mode (issue 9 point 3, transformers on the same GPU and workload in the same call):
 
@@ -48,6 +51,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from .util import talker_mask_restored
 
 PRECISION = "float32"
 
@@ -398,7 +403,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     tm.token2wav.forward = lambda code, **kw: torch.zeros(1, 10)
     pt_runs = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), talker_mask_restored(tm):
             for _ in range(2):
                 tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, prompt, dtype=torch.long),
                             **_torch_turn_kwargs(cfg))
@@ -511,7 +516,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
 
     def pt_turn():
         nonlocal res
-        with torch.no_grad(), _PatchedRandn(noise, dcfg.mel_dim):
+        with torch.no_grad(), _PatchedRandn(noise, dcfg.mel_dim), talker_mask_restored(tm):
             res = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, prompt, dtype=torch.long),
                               **_torch_turn_kwargs(cfg))
 
@@ -558,7 +563,7 @@ def memory_child(side: str, directory: str, cfg: dict) -> dict:
         torch.set_num_threads(threads)
         tm = Qwen2_5OmniForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
         loaded = _rss_mb()
-        with torch.no_grad(), _PatchedRandn(noise, cfg["token2wav"]["dit"]["mel_dim"]):
+        with torch.no_grad(), _PatchedRandn(noise, cfg["token2wav"]["dit"]["mel_dim"]), talker_mask_restored(tm):
             _, wav = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, prompt, dtype=torch.long),
                                  **_torch_turn_kwargs(cfg))
         extra = {}

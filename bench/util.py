@@ -27,6 +27,42 @@ def band_attention(enabled: bool = True):
         jax.clear_caches()
 
 
+@contextlib.contextmanager
+def talker_mask_restored(full):
+    """transformers' ``Qwen2_5OmniForConditionalGeneration`` (``full``) with its talker's attention mask
+    restored inside ``generate``.
+
+    Since transformers 5.18, ``generate`` drops an attention mask that is all ones (no padding) before
+    calling the model. The Qwen2.5-Omni talker's forward computes its TMRoPE positions and adds its
+    codec pad/bos embeddings to the prompt only when it gets a mask, so an unpadded batch skips both
+    (its first code's logits move by a few percent) while a padded batch does not. omni-jax follows the
+    talker's forward as the model defines it; reference runs use this to compare against that: each
+    talker call without a mask gets the all-ones mask of its cache length plus its input length (what
+    transformers before 5.18 passed). On exit ``full.talker.forward`` is the original again."""
+    import functools
+
+    import torch
+
+    talker = full.talker
+    orig = talker.forward
+
+    @functools.wraps(orig)  # generate() validates its kwargs against forward's signature
+    def forward(*args, **kw):
+        if kw.get("attention_mask") is None:
+            x = kw["inputs_embeds"] if kw.get("inputs_embeds") is not None else kw["input_ids"]
+            cache = kw.get("past_key_values")
+            past = 0 if cache is None else cache.get_seq_length()
+            kw["attention_mask"] = torch.ones(x.shape[0], past + x.shape[1], dtype=torch.long, device=x.device)
+        return orig(*args, **kw)
+
+    talker.forward = forward
+    talker.rope_deltas = None  # the module keeps the last run's; the prefill sets it again
+    try:
+        yield
+    finally:
+        del talker.forward  # the instance attribute: the class's forward again
+
+
 def write_json(path: str | None, res: dict) -> None:
     """Write a bench result to ``path`` (nothing when ``path`` is None)."""
     if path:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.util import talker_mask_restored
 from conftest import rel_err
 from test_multimodal import _inputs
 
@@ -29,7 +30,7 @@ def _reference_codes(tm, ids, mask, thinker_new, talker_new, talker_min, mm=None
         # pixel inputs go to the thinker only (transformers 5 would hand them to talker.generate too, which
         # rejects them); grids stay shared: the talker's positions need them
         t = {("thinker_" + k if k.startswith("pixel_values") else k): torch.tensor(v) for k, v in (mm or {}).items()}
-        with torch.no_grad():
+        with torch.no_grad(), talker_mask_restored(tm):
             seqs, _ = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), speaker=speaker,
                                   use_audio_in_video=aiv, thinker_max_new_tokens=thinker_new,
                                   thinker_do_sample=False, thinker_eos_token_id=None, talker_do_sample=False,
@@ -38,6 +39,8 @@ def _reference_codes(tm, ids, mask, thinker_new, talker_new, talker_min, mm=None
     finally:
         tm.talker.generate = orig
         tm.token2wav.forward = t2w
+    # the talker's prefill ran its masked branch (TMRoPE index, codec pad/bos embeddings): it sets rope_deltas
+    assert tm.talker.rope_deltas is not None
     codes = captured["sequences"][:, captured["prompt_len"]:].numpy()
     scores = np.stack([s.numpy() for s in captured["scores"]], 1)
     return seqs.numpy(), codes, scores
@@ -104,7 +107,7 @@ def _generate_with_noise(tm, ids, mask, noises, **kw):
 
     torch.randn = randn
     try:
-        with torch.no_grad():
+        with torch.no_grad(), talker_mask_restored(tm):
             return tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw)
     finally:
         torch.randn = orig
