@@ -38,13 +38,14 @@ def talker_mask_restored(full):
     (its first code's logits move by a few percent) while a padded batch does not. omni-jax follows the
     talker's forward as the model defines it; reference runs use this to compare against that: each
     talker call without a mask gets the all-ones mask of its cache length plus its input length (what
-    transformers before 5.18 passed). On exit ``full.talker.forward`` is the original again."""
+    transformers before 5.18 passed). On exit ``full.talker.forward`` is what it was before."""
     import functools
 
     import torch
 
     talker = full.talker
     orig = talker.forward
+    own = vars(talker).get("forward")  # a caller's wrapper (an instance attribute), kept on exit
 
     @functools.wraps(orig)  # generate() validates its kwargs against forward's signature
     def forward(*args, **kw):
@@ -60,7 +61,10 @@ def talker_mask_restored(full):
     try:
         yield
     finally:
-        del talker.forward  # the instance attribute: the class's forward again
+        if own is None:
+            del talker.forward  # the instance attribute: the class's forward again
+        else:
+            talker.forward = own
 
 
 def write_json(path: str | None, res: dict) -> None:
