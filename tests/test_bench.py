@@ -46,6 +46,9 @@ def test_compare_runs_and_reports_matching_outputs(tmp_path, capsys):
     assert s["dit"]["mel_rel_err"] <= 1e-5
     assert s["bigvgan"]["wav_rel_err"] <= 1e-5
     assert s["e2e"]["text_equal"] is True
+    # the reference talker runs with its attention mask restored (bench.util.talker_mask_restored): same codes
+    assert s["talker"]["codes_equal"] is True and s["e2e"]["codes_equal"] is True
+    assert s["e2e"]["wav_rel_err"] <= 1e-3
     assert s["dit"]["evals"] == 4 * (TINY["speech"]["ode_steps"] - 1) and s["dit"]["rows_per_eval"] == 2
     assert "thinker batch" in table and "DiT s per audio s" in table and "end-to-end turn s" in table
 
