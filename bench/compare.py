@@ -743,8 +743,28 @@ def main(argv=None):
     res = run(cfg, args.config, memory=not args.no_memory and args.device == "cpu", device=args.device, dtype=dtype)
     print_table(res)
     if args.json:
-        with open(args.json, "w") as f:
+        write_result(args.json, res)
+
+
+def write_result(path: str, res: dict) -> None:
+    """Write ``res`` to ``path`` atomically. The file's ``profile_passes`` (the README's profile-pass
+    history, recorded by hand beside the figures) are carried over: a re-run replaces the figures,
+    not that record."""
+    try:
+        with open(path) as f:
+            passes = json.load(f).get("profile_passes")
+    except (OSError, ValueError, AttributeError):
+        passes = None
+    if isinstance(passes, list):
+        res = dict(res, profile_passes=passes)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 if __name__ == "__main__":

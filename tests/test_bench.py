@@ -30,9 +30,13 @@ def test_compare_runs_and_reports_matching_outputs(tmp_path, capsys):
 
     cfg_path, out = tmp_path / "tiny.json", tmp_path / "out.json"
     cfg_path.write_text(json.dumps(TINY))
+    passes = [{"session": 1, "change": "recorded by hand"}]
+    out.write_text(json.dumps({"rows": "an earlier run's", "profile_passes": passes}))
     compare.main(["--config", str(cfg_path), "--no-memory", "--json", str(out)])
     table = capsys.readouterr().out
     res = json.loads(out.read_text())
+    assert res["profile_passes"] == passes  # the hand-kept record survives a re-run; the figures are new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "tiny.json"]  # no temporary left behind
     assert res["precision"] == "float32" and res["config"] == TINY
     assert [r["batch"] for r in res["rows"]] == [1, 2]
     for r in res["rows"]:
