@@ -11,13 +11,14 @@ token2wav and memory figures come with it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .util import write_json
 
 
 def measure_bandwidth(nbytes=1 << 28, reps=10) -> float:
@@ -136,9 +137,7 @@ def main(argv=None):
         print(f"{r['batch']:5d}  {r['prefill_tok_s']:13.1f}  {r['prefill_frac_of_matmul_peak']:9.3f}  "
               f"{r['decode_tok_s']:12.1f}  {r['decode_ms_per_step']:7.3f}  {r['decode_roofline_ms']:11.3f}  "
               f"{r['decode_frac_of_roofline']:10.3f}  {r['compile_s']:9.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

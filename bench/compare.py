@@ -52,7 +52,7 @@ import time
 
 import numpy as np
 
-from .util import talker_mask_restored
+from .util import talker_mask_restored, write_json
 
 PRECISION = "float32"
 
@@ -742,29 +742,10 @@ def main(argv=None):
         p.error(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     res = run(cfg, args.config, memory=not args.no_memory and args.device == "cpu", device=args.device, dtype=dtype)
     print_table(res)
-    if args.json:
-        write_result(args.json, res)
+    # the file's profile_passes (the README's profile-pass history, kept by hand beside the figures)
+    # survive a re-run
+    write_json(args.json, res, keep=("profile_passes",))
 
-
-def write_result(path: str, res: dict) -> None:
-    """Write ``res`` to ``path`` atomically. The file's ``profile_passes`` (the README's profile-pass
-    history, recorded by hand beside the figures) are carried over: a re-run replaces the figures,
-    not that record."""
-    try:
-        with open(path) as f:
-            passes = json.load(f).get("profile_passes")
-    except (OSError, ValueError, AttributeError):
-        passes = None
-    if isinstance(passes, list):
-        res = dict(res, profile_passes=passes)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from .util import write_json
+
 GiB = 1 << 30
 
 
@@ -194,9 +196,7 @@ def main(argv=None) -> int:
                   f"{peak / GiB:.2f} GiB (after imports {r['baseline_rss'] / GiB:.2f} GiB); bound 3 GiB + largest "
                   f"tensor = {bound / GiB:.2f} GiB: {'OK' if peak <= bound else 'OVER'}")
         res["ok"] = bool(ok)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+        write_json(args.json, res)
         return 0 if ok else 1
     finally:
         if not args.keep:

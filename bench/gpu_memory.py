@@ -20,6 +20,8 @@ import time
 import jax
 import numpy as np
 
+from .util import write_json
+
 
 def _stats():
     try:
@@ -73,9 +75,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     res = run(a.preset, a.tokens, a.attention, a.dtype)
     print(json.dumps(res), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(a.json, res)
     return 0
 
 

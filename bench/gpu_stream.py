@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from .util import write_json
+
 
 def random_full_model(preset: str):
     import jax.numpy as jnp
@@ -80,9 +82,7 @@ def main(argv=None) -> int:
                precision="thinker/talker bfloat16, token2wav float32", first_run_s=round(compile_s, 2),
                **stream_figures(ev), command="python -m bench.gpu_stream --preset " + args.preset)
     print(json.dumps(res))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return 0
 
 

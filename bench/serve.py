@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .util import write_json
+
 TOPICS = ["the sea", "a boat", "the island", "the wind", "music", "food", "travel", "science", "art", "the sky"]
 
 
@@ -190,8 +192,7 @@ def main(argv=None):
                    decode_buckets={"thinker": sorted(engine.thinker.buckets),
                                    "talker": sorted(engine.talker.buckets) if engine.talker else []},
                    server=levels, offline_one_by_one=offline)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res)
         print(f"wrote {args.json}")
     finally:
         srv.should_exit = True

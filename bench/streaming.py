@@ -16,6 +16,8 @@ import json
 import os
 import time
 
+from .util import write_json
+
 
 def stream_figures(events, sr: int = 24000) -> dict:
     """What one ``model.stream`` run measured, from its events (``t``: seconds since the call).
@@ -76,9 +78,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     res = run(a.model, a.max_new_tokens, a.talker_max_new_tokens)
     print(json.dumps(res, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(a.json, res)
 
 
 if __name__ == "__main__":

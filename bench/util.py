@@ -67,11 +67,31 @@ def talker_mask_restored(full):
             talker.forward = own
 
 
-def write_json(path: str | None, res: dict) -> None:
-    """Write a bench result to ``path`` (nothing when ``path`` is None)."""
-    if path:
-        with open(path, "w") as f:
+def write_json(path: str | None, res: dict, keep: tuple[str, ...] = ()) -> None:
+    """Write a bench result to ``path`` (nothing when ``path`` is None), atomically: a temporary
+    file renamed over ``path``, so a failed write leaves the previous file, not half a new one.
+    ``keep``: top-level keys carried over from the file already at ``path`` (records kept by hand
+    beside the figures, such as ``bench/results_cpu_compare.json``'s ``profile_passes``)."""
+    import os
+
+    if not path:
+        return
+    if keep:
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict):
+            res = dict(res, **{k: old[k] for k in keep if k in old})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def random_module(make, seed: int = 0):

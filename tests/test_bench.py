@@ -157,3 +157,21 @@ def test_stream_figures_from_events():
     silent = stream_figures([StreamEvent("text", "a", [1], t=0.1), StreamEvent("done", t=0.2)])
     assert silent["time_to_first_audio_s"] is None and silent["rtf"] is None and silent["ahead_of_playback"] is None
     assert silent["start_buffer_s"] is None
+
+
+def test_bench_results_are_written_atomically(tmp_path):
+    """A result that fails to serialise leaves the previous file as it was and no temporary behind;
+    ``keep`` carries the named keys of the previous file over."""
+    from bench.util import write_json
+
+    out = tmp_path / "r.json"
+    write_json(str(out), {"figure": 1, "profile_passes": ["by hand"]})
+    with pytest.raises(TypeError):
+        write_json(str(out), {"figure": object()})
+    assert json.loads(out.read_text()) == {"figure": 1, "profile_passes": ["by hand"]}
+    write_json(str(out), {"figure": 2}, keep=("profile_passes", "absent"))
+    assert json.loads(out.read_text()) == {"figure": 2, "profile_passes": ["by hand"]}
+    write_json(str(out), {"figure": 3})
+    assert json.loads(out.read_text()) == {"figure": 3}
+    write_json(None, {"figure": 4})  # no path: nothing written
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
