@@ -747,6 +747,5 @@ def main(argv=None):
     write_json(args.json, res, keep=("profile_passes",))
 
 
-
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 
 @contextlib.contextmanager
@@ -72,8 +73,6 @@ def write_json(path: str | None, res: dict, keep: tuple[str, ...] = ()) -> None:
     file renamed over ``path``, so a failed write leaves the previous file, not half a new one.
     ``keep``: top-level keys carried over from the file already at ``path`` (records kept by hand
     beside the figures, such as ``bench/results_cpu_compare.json``'s ``profile_passes``)."""
-    import os
-
     if not path:
         return
     if keep:

@@ -590,10 +590,13 @@ class Split(NamedTuple):
     which a streamed reply would pay per chunk. The arrays are shared with the module, not copied;
     split again after changing the module's parameters. ``structure`` and ``leaves`` are what the
     jitted calls take (see :class:`_Structure`)."""
-    graphdef: Any
     state: Any
     structure: _Structure
     leaves: tuple
+
+    @property
+    def graphdef(self):
+        return self.structure.graphdef
 
 
 def presplit(module) -> Split:
@@ -602,7 +605,7 @@ def presplit(module) -> Split:
         return module
     graphdef, state = nnx.split(module)
     leaves, treedef = jax.tree.flatten(state)
-    return Split(graphdef, state, _Structure(graphdef, treedef), tuple(leaves))
+    return Split(state, _Structure(graphdef, treedef), tuple(leaves))
 
 
 class Token2WavParts(NamedTuple):
