@@ -37,12 +37,14 @@ def _add_generate(sub):
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     p.add_argument("--use-audio-in-video", action="store_true", help="also hear the videos' audio tracks")
-    p.add_argument("--speaker", default="Chelsie", help="voice of the spoken reply (Chelsie or Ethan)")
+    p.add_argument("--speaker", default=None, help="voice of the spoken reply (Chelsie or Ethan; default Chelsie); "
+                                                   "needs --out")
     p.add_argument("--out", default=None, help="write the spoken reply to this 24 kHz WAV (written atomically "
                                                "when the reply is complete)")
     p.add_argument("--no-audio", action="store_true", help="text only (no talker, no WAV)")
     p.add_argument("--talker-max-new-tokens", type=int, default=None,
-                   help="most codec ids (50 per second of speech; default 4096, 250 for the embedded model)")
+                   help="most codec ids (50 per second of speech; default 4096, 250 for the embedded model); "
+                        "needs --out")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--max-new-tokens", type=int, default=256)
     g = p.add_mutually_exclusive_group()
@@ -74,6 +76,13 @@ def cmd_generate(args) -> int:
         raise InputError(f"--out {args.out}: the directory does not exist")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    for flag, value in (("--speaker", args.speaker), ("--talker-max-new-tokens", args.talker_max_new_tokens)):
+        if value is not None and not args.out:
+            # speech is made only to be written: without --out the flag would be silently ignored
+            raise InputError(f"{flag} needs --out (the spoken reply is only made when it is written to a WAV)")
+    if args.talker_max_new_tokens is not None and args.talker_max_new_tokens < 1:
+        raise InputError(f"--talker-max-new-tokens: must be >= 1, got {args.talker_max_new_tokens}")
+    speaker = args.speaker or "Chelsie"
     if args.greedy and (args.temperature is not None or args.top_p is not None or args.top_k is not None):
         raise InputError("--greedy cannot be combined with --temperature/--top-p/--top-k")
     _setup_jax()
@@ -101,7 +110,7 @@ def cmd_generate(args) -> int:
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     speak = bool(args.out)
     if speak:
-        kw.update(return_audio=True, speaker=args.speaker,
+        kw.update(return_audio=True, speaker=speaker,
                   talker_max_new_tokens=args.talker_max_new_tokens or (250 if embedded else 4096))
     if args.stream and not args.json:
         # text is printed as it comes; audio chunks are collected and the WAV is written atomically
@@ -119,7 +128,7 @@ def cmd_generate(args) -> int:
 
             audio = np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
             write_wav(args.out, audio, 24000)
-            print(f"wrote {args.out}: {len(audio) / 24000:.2f} s of speech at 24 kHz ({args.speaker}, streamed)",
+            print(f"wrote {args.out}: {len(audio) / 24000:.2f} s of speech at 24 kHz ({speaker}, streamed)",
                   file=sys.stderr)
         return 0
     out = model.generate(messages=messages, **kw)
@@ -127,11 +136,13 @@ def cmd_generate(args) -> int:
         from .media import write_wav
 
         write_wav(args.out, out.audio[0], 24000)
-        print(f"wrote {args.out}: {len(out.audio[0]) / 24000:.2f} s of speech at 24 kHz ({args.speaker})"
+        print(f"wrote {args.out}: {len(out.audio[0]) / 24000:.2f} s of speech at 24 kHz ({speaker})"
               + (" - noise: the embedded model has random weights" if embedded else ""), file=sys.stderr)
     if args.json:
         print(json.dumps({"text": out.text[0], "token_ids": [int(x) for x in out.sequences[0, out.prompt_length:]],
-                          "model": model_dir, "embedded_default": embedded}))
+                          "model": model_dir, "embedded_default": embedded,
+                          **({"audio": {"path": args.out, "seconds": len(out.audio[0]) / 24000, "sample_rate": 24000,
+                                        "speaker": speaker}} if speak else {})}))
     else:
         print(out.text[0])
     return 0

@@ -86,9 +86,11 @@ def test_cli_speaks_to_a_wav(tmp_path, capsys):
 
     out = tmp_path / "reply.wav"
     assert main(["generate", "--prompt", "Hi", "--max-new-tokens", "4", "--greedy", "--speaker", "Ethan",
-                 "--out", str(out), "--talker-max-new-tokens", "30"]) == 0
-    err = capsys.readouterr().err
-    assert "wrote" in err and "Ethan" in err
+                 "--out", str(out), "--talker-max-new-tokens", "30", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote" in captured.err and "Ethan" in captured.err
+    audio = json.loads(captured.out)["audio"]
+    assert audio == {"path": str(out), "seconds": 30 * 2 * 240 / 24000, "sample_rate": 24000, "speaker": "Ethan"}
     with wave.open(str(out)) as w:
         assert w.getframerate() == 24000 and w.getnchannels() == 1 and w.getsampwidth() == 2
         assert w.getnframes() == 30 * 2 * 240  # 30 codes x 2 mel frames x 240 samples
@@ -97,3 +99,12 @@ def test_cli_speaks_to_a_wav(tmp_path, capsys):
     assert "voices: Chelsie, Ethan" in capsys.readouterr().err
     assert not (tmp_path / "x.wav").exists()
     assert main(["generate", "--prompt", "Hi", "--out", "/no/such/dir/x.wav"]) == 2
+    assert "the directory does not exist" in capsys.readouterr().err
+    # speech-only flags without --out would be ignored: refused before the model loads
+    for extra in (["--speaker", "Ethan"], ["--talker-max-new-tokens", "30"]):
+        assert main(["generate", "--prompt", "Hi", *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {extra[0]} needs --out (the spoken reply is only " \
+                                                  "made when it is written to a WAV)"
+    assert main(["generate", "--prompt", "Hi", "--out", str(tmp_path / "y.wav"), "--talker-max-new-tokens", "0"]) == 2
+    assert "--talker-max-new-tokens: must be >= 1, got 0" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["reply.wav"]
