@@ -158,7 +158,7 @@ def _add_serve(sub):
                                    "otherwise. Without --model, serves the embedded default model (noise).")
     p.add_argument("--model", help="checkpoint directory; default: embedded model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed at start)")
     p.add_argument("--api-key", default=os.environ.get("OMNI_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                         "(default: $OMNI_JAX_API_KEY; none: no key checked)")
@@ -190,13 +190,23 @@ def cmd_serve(args) -> int:
     from .errors import InputError
     from .serve.scheduler import ServeLimits
 
-    if not 0 < args.port < 65536:
-        raise InputError(f"--port: expected 1..65535, got {args.port}")
+    if not 0 <= args.port < 65536:
+        raise InputError(f"--port: expected 0..65535 (0: any free port), got {args.port}")
     limits = ServeLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_audio_tokens=args.max_audio_tokens,
                          max_body_bytes=args.max_body_bytes, max_media_seconds=args.max_media_seconds,
                          max_image_pixels=args.max_image_pixels, steps_per_call=args.steps_per_call)
     limits.check()
+    from .serve import listen_socket
+
+    sock = listen_socket(args.host, args.port)  # before the (possibly minutes long) model load
+    try:
+        return _serve_on(args, limits, sock)
+    finally:
+        sock.close()
+
+
+def _serve_on(args, limits, sock) -> int:
     _setup_jax()
     import omni_jax
     from .serve import serve
@@ -214,7 +224,7 @@ def cmd_serve(args) -> int:
     model = omni_jax.load(model_dir, dtype=args.dtype or ("float32" if embedded else "bfloat16"), mesh=mesh)
     name = args.model_name or ("omni-jax-default" if embedded else os.path.basename(os.path.normpath(model_dir)))
     serve(model, host=args.host, port=args.port, api_key=args.api_key, model_name=name, limits=limits,
-          allow_local_media=args.allow_local_media, log_level=args.log_level)
+          allow_local_media=args.allow_local_media, log_level=args.log_level, sock=sock)
     return 0
 
 

@@ -406,3 +406,72 @@ def test_bad_inputs_answer_alone(server):
                                          {"type": "text", "text": "Describe it."}]}]
     ref_text, ref_ids, _, _ = offline(model, conv, max_tokens=24, seed=5, ignore_eos=True)
     assert ids == ref_ids and text_s == ref_text and len(ids) == 24
+
+
+def test_cli_serve_binds_before_loading(monkeypatch, capsys):
+    """A port in use is reported at once (before the model load, which could take minutes), with the
+    address and the reason; the CLI exits 2 and holds no socket afterwards."""
+    from omni_jax.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(omni_jax, "load", no_load)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        assert main(["serve", "--port", str(port)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    finally:
+        taken.close()
+    # once free, the same port binds (the failed attempt left nothing behind); the load is then reached
+    with pytest.raises(AssertionError, match="model was loaded"):
+        main(["serve", "--port", str(port)])
+
+
+def test_cli_serve_process_answers_and_stops():
+    """`omni-jax serve --port 0` as a process: prints the address it bound, answers /health, and on
+    Ctrl+C (SIGINT) shuts down gracefully and exits 130 (the shell's code for an interrupt) without a
+    traceback."""
+    import queue
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "omni_jax.cli", "serve", "--port", "0", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    try:
+        url, deadline = None, time.time() + 120
+        while url is None and time.time() < deadline:
+            try:
+                m = re.match(r"omni-jax serve: (http://127\.0\.0\.1:(\d+)) ", lines.get(timeout=1))
+            except queue.Empty:
+                assert proc.poll() is None, "the server exited before binding"
+                continue
+            if m:
+                url = m.group(1)
+                assert int(m.group(2)) > 0
+        assert url is not None
+        for _ in range(600):
+            try:
+                r = httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert r.json() == {"status": "ok"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        time.sleep(0.5)  # the reader thread drains what is left
+        rest = []
+        while not lines.empty():
+            rest.append(lines.get())
+        assert "Traceback" not in "".join(rest) and "interrupted" in "".join(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
