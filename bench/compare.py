@@ -21,7 +21,10 @@ same thread count. Measured, each with its hardware limit beside it:
   RSS right after loading and, for omni-jax, the bytes of live jax arrays after the turn.
 
 Compile time is reported apart from steady-state time (omni-jax: first call minus a later
-call). Every figure is float32 (the CPU precision of both; token2wav is float32 on both sides
+call). Every timed figure, on both sides alike, is the best of ``REPS`` (3; ``E2E_REPS`` = 2 for the
+whole turn) steady-state runs after one untimed warm-up run (omni-jax's warm-up compiles): on a shared
+machine the best of a few runs is the steadiest estimate, and the same count on each side keeps the
+ratios fair. Every figure is float32 (the CPU precision of both; token2wav is float32 on both sides
 whatever the load dtype). ``--memory-child`` is the internal entry point of the memory runs.
 transformers' talker runs with its attention mask restored (:func:`bench.util.talker_mask_restored`:
 ``generate`` in transformers >= 5.18 drops an all-ones mask, and the talker skips its TMRoPE
@@ -57,7 +60,10 @@ from .util import talker_mask_restored, write_json
 PRECISION = "float32"
 
 
-def _timeit(fn, reps=3):
+REPS, E2E_REPS = 3, 2  # timed steady-state runs per figure, per side (after one warm-up run)
+
+
+def _timeit(fn, reps=REPS):
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
@@ -264,7 +270,7 @@ def thinker_rows(cfg, model, tm, bw, mm, device: str = "cpu") -> tuple[list, dic
             jax.block_until_ready(g2.state.tokens)
             return time.perf_counter() - t1
 
-        jx_dec = min(jx_decode() for _ in range(2))
+        jx_dec = min(jx_decode() for _ in range(REPS))
         ti = torch.tensor(ids, device=device)
 
         def pt_prefill():
@@ -273,12 +279,15 @@ def thinker_rows(cfg, model, tm, bw, mm, device: str = "cpu") -> tuple[list, dic
 
         with torch.no_grad():
             pt_prefill()  # warm-up (on a GPU: kernel selection, allocator)
-            pt_pre = _timeit(pt_prefill, 2)
-            t = time.perf_counter()
-            tm.generate(input_ids=ti, attention_mask=torch.ones_like(ti), max_new_tokens=new, min_new_tokens=new,
-                        do_sample=False, pad_token_id=0)
-            sync()
-            pt_total = time.perf_counter() - t
+            pt_pre = _timeit(pt_prefill)
+
+            def pt_generate():
+                tm.generate(input_ids=ti, attention_mask=torch.ones_like(ti), max_new_tokens=new,
+                            min_new_tokens=new, do_sample=False, pad_token_id=0)
+                sync()
+
+            pt_generate()  # warm-up
+            pt_total = _timeit(pt_generate)
         pt_dec = max(pt_total - pt_pre, 1e-9)
         steps = new - 1
         roof_step = step_bytes / bw
@@ -373,7 +382,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
         return t1 - t, t2 - t1, run.codes()[0]
 
     c_pre, c_dec, _ = jx_talker()
-    runs = [jx_talker() for _ in range(2)]
+    runs = [jx_talker() for _ in range(REPS)]
     jx_tpre, jx_tdec = min(r[0] for r in runs), min(r[1] for r in runs)
     jx_codes = runs[-1][2]
 
@@ -404,10 +413,11 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     pt_runs = []
     try:
         with torch.no_grad(), talker_mask_restored(tm):
-            for _ in range(2):
+            for _ in range(1 + REPS):  # a warm-up run, then REPS timed
                 tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, prompt, dtype=torch.long),
                             **_torch_turn_kwargs(cfg))
                 pt_runs.append((captured["prefill"], captured["total"] - captured["prefill"]))
+            pt_runs = pt_runs[1:]
     finally:
         talker.generate, tm.token2wav.forward = orig_gen, orig_t2w
         del talker.forward
@@ -441,7 +451,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     t = time.perf_counter()
     jx_dit()
     dit_first = time.perf_counter() - t
-    jx_dit_s = _timeit(jx_dit, 1)
+    jx_dit_s = _timeit(jx_dit)
     jx_mel = np.asarray(jx_dit())
     dit_t = tm.token2wav.code2wav_dit_model
     cond_t = torch.tensor(np.asarray(voice.cond, np.float32)).reshape(1, -1)
@@ -453,7 +463,8 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
         with torch.no_grad(), _PatchedRandn(noise, dcfg.mel_dim):
             pt_mel = dit_t.sample(cond_t, ref_t, torch.tensor(codes[None], dtype=torch.long), num_steps=steps_ode)
 
-    pt_dit_s = _timeit(pt_dit, 2)
+    pt_dit()  # warm-up
+    pt_dit_s = _timeit(pt_dit)
     fl = dit_flops(cfg["token2wav"]["dit"], frames, steps_ode)
     dit_ratio = pt_dit_s / jx_dit_s
     dit_frac = fl["total"] / jx_dit_s / mm
@@ -478,7 +489,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     t = time.perf_counter()
     jx_voc()
     voc_first = time.perf_counter() - t
-    jx_voc_s = _timeit(jx_voc, 1)
+    jx_voc_s = _timeit(jx_voc)
     jx_wav = np.asarray(jx_voc())
     mel_t = torch.tensor(jx_mel).permute(0, 2, 1).contiguous()
     pt_wav = None
@@ -488,7 +499,8 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
         with torch.no_grad():
             pt_wav = tm.token2wav.code2wav_bigvgan_model(mel_t)
 
-    pt_voc_s = _timeit(pt_voc, 2)
+    pt_voc()  # warm-up
+    pt_voc_s = _timeit(pt_voc)
     vfl = bigvgan_flops(cfg["token2wav"]["bigvgan"], frames)
     out["bigvgan"] = dict(
         s_per_audio_s=dict(jax=round(jx_voc_s / audio_s, 3), torch=round(pt_voc_s / audio_s, 3),
@@ -511,7 +523,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     t = time.perf_counter()
     jx_turn()
     e2e_first = time.perf_counter() - t
-    jx_e2e = _timeit(jx_turn, 1)
+    jx_e2e = _timeit(jx_turn, E2E_REPS)
     res = None
 
     def pt_turn():
@@ -520,7 +532,8 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
             res = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, prompt, dtype=torch.long),
                               **_torch_turn_kwargs(cfg))
 
-    pt_e2e = _timeit(pt_turn, 1)
+    pt_turn()  # warm-up
+    pt_e2e = _timeit(pt_turn, E2E_REPS)
     seqs, wav = res
     out["e2e"] = dict(
         s=dict(jax=round(jx_e2e, 3), torch=round(pt_e2e, 3), ratio=round(pt_e2e / jx_e2e, 2)),
