@@ -22,9 +22,9 @@ same thread count. Measured, each with its hardware limit beside it:
 
 Compile time is reported apart from steady-state time (omni-jax: first call minus a later
 call). Every timed figure, on both sides alike, is the best of ``REPS`` (3; ``E2E_REPS`` = 2 for the
-whole turn) steady-state runs after one untimed warm-up run (omni-jax's warm-up compiles): on a shared
-machine the best of a few runs is the steadiest estimate, and the same count on each side keeps the
-ratios fair. Every figure is float32 (the CPU precision of both; token2wav is float32 on both sides
+whole turn) steady-state runs after one untimed warm-up run (omni-jax's warm-up compiles), the two
+sides' runs alternating (:func:`_paired`): on a shared machine whose speed drifts, the best of a few
+runs is the steadiest estimate, and alternating puts both sides under the same drift. Every figure is float32 (the CPU precision of both; token2wav is float32 on both sides
 whatever the load dtype). ``--memory-child`` is the internal entry point of the memory runs.
 transformers' talker runs with its attention mask restored (:func:`bench.util.talker_mask_restored`:
 ``generate`` in transformers >= 5.18 drops an all-ones mask, and the talker skips its TMRoPE
@@ -70,6 +70,25 @@ def _timeit(fn, reps=REPS):
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def _paired(jx_run, pt_run, reps=REPS):
+    """Best times of ``jx_run`` and ``pt_run``, each called ``reps`` times, alternating (jax, torch,
+    jax, ...). Each returns its own elapsed seconds (a run may exclude its set-up)."""
+    jx, pt = [], []
+    for _ in range(reps):
+        jx.append(jx_run())
+        pt.append(pt_run())
+    return min(jx), min(pt)
+
+
+def _timed(fn):
+    """``fn`` as a run for :func:`_paired`: returns its wall time."""
+    def run():
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    return run
 
 
 def _rss_mb() -> float:
@@ -260,8 +279,6 @@ def thinker_rows(cfg, model, tm, bw, mm, device: str = "cpu") -> tuple[list, dic
             jax.block_until_ready(g.state.tokens)
             return g
 
-        jx_pre = _timeit(jx_prefill)
-
         def jx_decode():
             g2 = model.prefill(ids, max_new_tokens=new, eos_token_id=[])
             jax.block_until_ready(g2.state.tokens)
@@ -270,24 +287,22 @@ def thinker_rows(cfg, model, tm, bw, mm, device: str = "cpu") -> tuple[list, dic
             jax.block_until_ready(g2.state.tokens)
             return time.perf_counter() - t1
 
-        jx_dec = min(jx_decode() for _ in range(REPS))
         ti = torch.tensor(ids, device=device)
 
         def pt_prefill():
             tm(input_ids=ti, logits_to_keep=1)
             sync()
 
+        def pt_generate():
+            tm.generate(input_ids=ti, attention_mask=torch.ones_like(ti), max_new_tokens=new,
+                        min_new_tokens=new, do_sample=False, pad_token_id=0)
+            sync()
+
         with torch.no_grad():
-            pt_prefill()  # warm-up (on a GPU: kernel selection, allocator)
-            pt_pre = _timeit(pt_prefill)
-
-            def pt_generate():
-                tm.generate(input_ids=ti, attention_mask=torch.ones_like(ti), max_new_tokens=new,
-                            min_new_tokens=new, do_sample=False, pad_token_id=0)
-                sync()
-
-            pt_generate()  # warm-up
-            pt_total = _timeit(pt_generate)
+            pt_prefill()  # warm-ups (on a GPU: kernel selection, allocator)
+            pt_generate()
+            jx_pre, pt_pre = _paired(_timed(jx_prefill), _timed(pt_prefill))
+            jx_dec, pt_total = _paired(jx_decode, _timed(pt_generate))
         pt_dec = max(pt_total - pt_pre, 1e-9)
         steps = new - 1
         roof_step = step_bytes / bw
@@ -382,9 +397,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
         return t1 - t, t2 - t1, run.codes()[0]
 
     c_pre, c_dec, _ = jx_talker()
-    runs = [jx_talker() for _ in range(REPS)]
-    jx_tpre, jx_tdec = min(r[0] for r in runs), min(r[1] for r in runs)
-    jx_codes = runs[-1][2]
+    runs = []
 
     talker = tm.talker
     calls: list = []
@@ -413,7 +426,9 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     pt_runs = []
     try:
         with torch.no_grad(), talker_mask_restored(tm):
-            for _ in range(1 + REPS):  # a warm-up run, then REPS timed
+            for i in range(1 + REPS):  # torch's warm-up run, then REPS timed, alternating with omni-jax's
+                if i:
+                    runs.append(jx_talker())
                 tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, prompt, dtype=torch.long),
                             **_torch_turn_kwargs(cfg))
                 pt_runs.append((captured["prefill"], captured["total"] - captured["prefill"]))
@@ -422,6 +437,8 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
         talker.generate, tm.token2wav.forward = orig_gen, orig_t2w
         del talker.forward
     pt_tpre, pt_tdec = min(r[0] for r in pt_runs), min(r[1] for r in pt_runs)
+    jx_tpre, jx_tdec = min(r[0] for r in runs), min(r[1] for r in runs)
+    jx_codes = runs[-1][2]
     pt_codes = captured["codes"]
     tparams = jax.tree.leaves(model.talker[1])
     tbytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in tparams)
@@ -451,7 +468,6 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     t = time.perf_counter()
     jx_dit()
     dit_first = time.perf_counter() - t
-    jx_dit_s = _timeit(jx_dit)
     jx_mel = np.asarray(jx_dit())
     dit_t = tm.token2wav.code2wav_dit_model
     cond_t = torch.tensor(np.asarray(voice.cond, np.float32)).reshape(1, -1)
@@ -464,7 +480,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
             pt_mel = dit_t.sample(cond_t, ref_t, torch.tensor(codes[None], dtype=torch.long), num_steps=steps_ode)
 
     pt_dit()  # warm-up
-    pt_dit_s = _timeit(pt_dit)
+    jx_dit_s, pt_dit_s = _paired(_timed(jx_dit), _timed(pt_dit))
     fl = dit_flops(cfg["token2wav"]["dit"], frames, steps_ode)
     dit_ratio = pt_dit_s / jx_dit_s
     dit_frac = fl["total"] / jx_dit_s / mm
@@ -489,7 +505,6 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     t = time.perf_counter()
     jx_voc()
     voc_first = time.perf_counter() - t
-    jx_voc_s = _timeit(jx_voc)
     jx_wav = np.asarray(jx_voc())
     mel_t = torch.tensor(jx_mel).permute(0, 2, 1).contiguous()
     pt_wav = None
@@ -500,7 +515,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
             pt_wav = tm.token2wav.code2wav_bigvgan_model(mel_t)
 
     pt_voc()  # warm-up
-    pt_voc_s = _timeit(pt_voc)
+    jx_voc_s, pt_voc_s = _paired(_timed(jx_voc), _timed(pt_voc))
     vfl = bigvgan_flops(cfg["token2wav"]["bigvgan"], frames)
     out["bigvgan"] = dict(
         s_per_audio_s=dict(jax=round(jx_voc_s / audio_s, 3), torch=round(pt_voc_s / audio_s, 3),
@@ -523,7 +538,6 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
     t = time.perf_counter()
     jx_turn()
     e2e_first = time.perf_counter() - t
-    jx_e2e = _timeit(jx_turn, E2E_REPS)
     res = None
 
     def pt_turn():
@@ -533,7 +547,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
                               **_torch_turn_kwargs(cfg))
 
     pt_turn()  # warm-up
-    pt_e2e = _timeit(pt_turn, E2E_REPS)
+    jx_e2e, pt_e2e = _paired(_timed(jx_turn), _timed(pt_turn), E2E_REPS)
     seqs, wav = res
     out["e2e"] = dict(
         s=dict(jax=round(jx_e2e, 3), torch=round(pt_e2e, 3), ratio=round(pt_e2e / jx_e2e, 2)),

@@ -175,3 +175,22 @@ def test_bench_results_are_written_atomically(tmp_path):
     assert json.loads(out.read_text()) == {"figure": 3}
     write_json(None, {"figure": 4})  # no path: nothing written
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_paired_alternates_the_sides_and_keeps_each_best():
+    """bench.compare times both sides in alternation (machine drift hits both) and keeps each side's best."""
+    from bench.compare import _paired
+
+    calls = []
+    jx_times, pt_times = iter([3.0, 1.0, 2.0]), iter([5.0, 6.0, 4.0])
+
+    def jx():
+        calls.append("jax")
+        return next(jx_times)
+
+    def pt():
+        calls.append("torch")
+        return next(pt_times)
+
+    assert _paired(jx, pt, 3) == (1.0, 4.0)
+    assert calls == ["jax", "torch"] * 3
