@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from .scheduler import Engine, GenParams, Metrics, QueueFull, ServeLimits, ServeRequest
 
-__all__ = ["Engine", "GenParams", "Metrics", "QueueFull", "ServeLimits", "ServeRequest", "build_app", "listen_socket", "serve"]
+__all__ = ["Engine", "GenParams", "Metrics", "QueueFull", "ServeLimits", "ServeRequest", "build_app", "listen_socket",
+           "serve"]
 
 
 def build_app(*args, **kwargs):
