@@ -26,7 +26,8 @@ whole turn) steady-state runs after one untimed warm-up run (omni-jax's warm-up 
 sides' runs alternating (:func:`_paired`): on a shared machine whose speed drifts, the best of a few
 runs is the steadiest estimate, and alternating puts both sides under the same drift. Every figure is
 float32 (the CPU precision of both; token2wav is float32 on both sides whatever the load dtype).
-``--memory-child`` is the internal entry point of the memory runs. transformers' talker runs with its attention mask restored (:func:`bench.util.talker_mask_restored`:
+``--memory-child`` is the internal entry point of the memory runs.
+transformers' talker runs with its attention mask restored (:func:`bench.util.talker_mask_restored`:
 ``generate`` in transformers >= 5.18 drops an all-ones mask, and the talker skips its TMRoPE
 positions and codec pad/bos embeddings without one), so "codes equal" compares the same model.
 
