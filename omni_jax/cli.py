@@ -72,6 +72,9 @@ def cmd_generate(args) -> int:
         raise InputError("--use-audio-in-video needs at least one --video")
     if args.out and args.no_audio:
         raise InputError("--out and --no-audio contradict each other")
+    if args.stream and args.json:
+        raise InputError("--stream and --json contradict each other (--json prints one object when the reply is "
+                         "complete)")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise InputError(f"--out {args.out}: the directory does not exist")
     if args.max_new_tokens < 1:
@@ -112,7 +115,7 @@ def cmd_generate(args) -> int:
     if speak:
         kw.update(return_audio=True, speaker=speaker,
                   talker_max_new_tokens=args.talker_max_new_tokens or (250 if embedded else 4096))
-    if args.stream and not args.json:
+    if args.stream:
         # text is printed as it comes; audio chunks are collected and the WAV is written atomically
         # once the reply is complete (a reader never sees a partial file)
         chunks = []

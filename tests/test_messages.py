@@ -107,4 +107,6 @@ def test_cli_speaks_to_a_wav(tmp_path, capsys):
                                                   "made when it is written to a WAV)"
     assert main(["generate", "--prompt", "Hi", "--out", str(tmp_path / "y.wav"), "--talker-max-new-tokens", "0"]) == 2
     assert "--talker-max-new-tokens: must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "Hi", "--stream", "--json"]) == 2
+    assert "--stream and --json contradict each other" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["reply.wav"]
