@@ -205,6 +205,14 @@ def test_bad_lines_named_then_skipped_or_fatal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip().startswith("error:") and "bad.jsonl:2" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
+    # flags that another flag governs are refused where they would be ignored, before anything is read
+    base = ["--model", omni_jax.default_model_path(), "--data", str(path), "--out", str(tmp_path / "d")]
+    for extra, msg in [(["--lora-rank", "4"], "--lora-rank needs --train lora"),
+                       (["--lora-alpha", "8", "--train", "full"], "--lora-alpha needs --train lora"),
+                       (["--eval-every", "2"], "--eval-every needs --eval")]:
+        assert main(base + extra) == 2
+        assert capsys.readouterr().err.strip() == f"error: {msg} (it would be ignored)"
+    assert not (tmp_path / "d").exists()
 
 
 def test_train_step_on_eight_devices(data, tmp_path):

@@ -32,11 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", default=d.train, choices=MODES,
                    help="what trains: everything the data uses, the thinker LM only, all but the encoders, "
                         "or LoRA adapters on the decoders' attention and MLP")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    # flags that only matter with another flag default to "not given" (argparse.SUPPRESS), so that
+    # run_train can refuse them where they would be ignored; Options supplies the defaults
+    p.add_argument("--lora-rank", type=int, default=argparse.SUPPRESS,
+                   help=f"adapter rank (default {d.lora_rank}); with --train lora")
+    p.add_argument("--lora-alpha", type=float, default=argparse.SUPPRESS,
+                   help=f"adapter scale numerator (default {d.lora_alpha}); with --train lora")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept (the newest)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps (0: at the end)")
+    p.add_argument("--eval-every", type=int, default=argparse.SUPPRESS,
+                   help="evaluate every N steps (default 0: at the end); with --eval")
     p.add_argument("--max-length", type=int, default=d.max_length,
                    help="tokens per conversation (batches are padded to it: one compiled step)")
     p.add_argument("--on-error", default=d.on_error, choices=["fail", "skip"],
@@ -51,7 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
+    from omni_jax.errors import InputError
+
     from .trainer import Trainer
+
+    given = vars(args)
+    for flag, needs, ok in (("lora_rank", "--train lora", args.train == "lora"),
+                            ("lora_alpha", "--train lora", args.train == "lora"),
+                            ("eval_every", "--eval", args.eval is not None)):
+        if flag in given and not ok:
+            raise InputError(f"--{flag.replace('_', '-')} needs {needs} (it would be ignored)")
 
     fields = {f.name for f in dataclasses.fields(Options)}
     opts = Options(**{k: v for k, v in vars(args).items() if k in fields})
