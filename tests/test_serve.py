@@ -313,13 +313,31 @@ def test_disconnect_frees_the_slot(server):
     done_before = engine.metrics.counters[("requests_total", (("status", "cancelled"),))]
     body = dict(model="omni-test", messages=[{"role": "user", "content": "Tell me a long story"}], max_tokens=128,
                 temperature=0, seed=0, stream=True, ignore_eos=True)
-    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):  # the first chunk comes once the request holds a slot
-                break
-        engine.pause()  # hold the engine while the client goes away
-        req = next(q for q in engine.slots if q is not None)
+    # the engine parks itself right after its first text step: on a loaded machine the tiny model could
+    # otherwise finish all 128 tokens before this thread gets to pause it (the request would leave its slot)
+    emitted = threading.Event()
+    orig_emit = engine._emit_text
+
+    def emit_then_park(*a, **k):
+        orig_emit(*a, **k)
+        if engine.active():
+            engine.request_pause()
+            emitted.set()
+
+    engine._emit_text = emit_then_park
+    try:
+        with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):  # the first chunk comes once the request holds a slot
+                    break
+            assert emitted.wait(30)
+            engine.pause()  # parked (it asked itself); hold it while the client goes away
+            del engine._emit_text
+            req = next(q for q in engine.slots if q is not None)
+            assert not req.text_done and len(req.token_ids) < 128
+    finally:
+        engine.__dict__.pop("_emit_text", None)
     deadline = time.time() + 30
     while not req.cancelled and time.time() < deadline:
         time.sleep(0.02)

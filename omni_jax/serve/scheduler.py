@@ -297,12 +297,17 @@ class Engine:
         self._thread.join(timeout=30)
         self._vthread.join(timeout=30)
 
-    def pause(self, timeout: float = 60.0):
-        """Hold the scheduler at its next step boundary (tests, maintenance); returns when parked."""
+    def request_pause(self):
+        """Ask the scheduler to park at its next step boundary, without waiting: safe from any thread,
+        the scheduler's own included (:meth:`pause` also waits until it is parked)."""
         with self.cv:
             self._paused = True
             self._parked.clear()
             self.cv.notify_all()
+
+    def pause(self, timeout: float = 60.0):
+        """Hold the scheduler at its next step boundary (tests, maintenance); returns when parked."""
+        self.request_pause()
         if not self._parked.wait(timeout):
             raise TimeoutError("the scheduler did not reach a step boundary")
 
