@@ -44,6 +44,7 @@ attention; the limits are jax's measured copy bandwidth and bf16 matmul throughp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -90,6 +91,28 @@ def _timed(fn):
         fn()
         return time.perf_counter() - t
     return run
+
+
+@contextlib.contextmanager
+def _forward_times(module, times: list, sync=None):
+    """Inside, every call of torch ``module``'s forward appends its wall time (after ``sync()``, on a
+    GPU) to ``times``; the caller clears the list per run. On exit the class's forward again."""
+    orig = module.forward
+
+    @functools.wraps(orig)  # generate() validates its kwargs against forward's signature
+    def forward(*a, **k):
+        t = time.perf_counter()
+        r = orig(*a, **k)
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t)
+        return r
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward  # the instance attribute
 
 
 def _rss_mb() -> float:
@@ -295,15 +318,6 @@ def thinker_rows(cfg, model, tm, bw, mm, device: str = "cpu") -> tuple[list, dic
             sync()
 
         forwards: list = []
-        orig_fwd = tm.forward
-
-        @functools.wraps(orig_fwd)  # generate() validates its kwargs against forward's signature
-        def timed_forward(*a, **k):
-            t = time.perf_counter()
-            r = orig_fwd(*a, **k)
-            sync()
-            forwards.append(time.perf_counter() - t)
-            return r
 
         def pt_decode():
             """A greedy generate of ``new`` tokens; returns its time minus its own first forward (the
@@ -315,15 +329,11 @@ def thinker_rows(cfg, model, tm, bw, mm, device: str = "cpu") -> tuple[list, dic
             sync()
             return time.perf_counter() - t - forwards[0]
 
-        tm.forward = timed_forward
-        try:
-            with torch.no_grad():
-                pt_prefill()  # warm-ups (on a GPU: kernel selection, allocator)
-                pt_decode()
-                jx_pre, pt_pre = _paired(_timed(jx_prefill), _timed(pt_prefill))
-                jx_dec, pt_dec = _paired(jx_decode, pt_decode)
-        finally:
-            del tm.forward
+        with torch.no_grad(), _forward_times(tm, forwards, sync):
+            pt_prefill()  # warm-ups (on a GPU: kernel selection, allocator)
+            pt_decode()
+            jx_pre, pt_pre = _paired(_timed(jx_prefill), _timed(pt_prefill))
+            jx_dec, pt_dec = _paired(jx_decode, pt_decode)
         steps = new - 1
         roof_step = step_bytes / bw
         pre_ratio, dec_ratio = pt_pre / jx_pre, pt_dec / jx_dec
@@ -421,15 +431,7 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
 
     talker = tm.talker
     calls: list = []
-    orig_gen, orig_fwd, orig_t2w = talker.generate, talker.forward, tm.token2wav.forward
-
-    @functools.wraps(orig_fwd)  # generate() validates its kwargs against forward's signature
-    def timed_forward(*a, **k):
-        t = time.perf_counter()
-        r = orig_fwd(*a, **k)
-        calls.append(time.perf_counter() - t)
-        return r
-
+    orig_gen, orig_t2w = talker.generate, tm.token2wav.forward
     captured = {}
 
     def timed_generate(**kw):
@@ -441,11 +443,11 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
         captured["codes"] = r[0, kw["input_ids"].shape[1]:].numpy()
         return r
 
-    talker.generate, talker.forward = timed_generate, timed_forward
+    talker.generate = timed_generate
     tm.token2wav.forward = lambda code, **kw: torch.zeros(1, 10)
     pt_runs = []
     try:
-        with torch.no_grad(), talker_mask_restored(tm):
+        with torch.no_grad(), _forward_times(talker, calls), talker_mask_restored(tm):
             for i in range(1 + REPS):  # torch's warm-up run, then REPS timed, alternating with omni-jax's
                 if i:
                     runs.append(jx_talker())
@@ -455,7 +457,6 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
             pt_runs = pt_runs[1:]
     finally:
         talker.generate, tm.token2wav.forward = orig_gen, orig_t2w
-        del talker.forward
     pt_tpre, pt_tdec = min(r[0] for r in pt_runs), min(r[1] for r in pt_runs)
     jx_tpre, jx_tdec = min(r[0] for r in runs), min(r[1] for r in runs)
     jx_codes = runs[-1][2]
