@@ -39,33 +39,60 @@ def talker_mask_restored(full):
     (its first code's logits move by a few percent) while a padded batch does not. omni-jax follows the
     talker's forward as the model defines it; reference runs use this to compare against that: each
     talker call without a mask gets the all-ones mask of its cache length plus its input length (what
-    transformers before 5.18 passed). On exit ``full.talker.forward`` is what it was before."""
+    transformers before 5.18 passed).
+
+    The cache argument is found by binding the call to ``forward``'s signature, under either name it has
+    had (``cache`` since transformers 5.24, ``past_key_values`` before, now a deprecated alias). The
+    wrapper checks that it took effect: every call's mask (given or made here) must cover the cache plus
+    the input, and on a normal exit at least one decode step (a call with a non-empty cache) must have
+    gone through it; otherwise it raises ``AssertionError`` rather than let a comparison run against a
+    reference with a one-slot mask. The context yields a dict with the counts (``calls``, ``decode_steps``,
+    ``masks_added``). On exit ``full.talker.forward`` is what it was before."""
     import functools
+    import inspect
 
     import torch
 
     talker = full.talker
     orig = talker.forward
     own = vars(talker).get("forward")  # a caller's wrapper (an instance attribute), kept on exit
+    sig = inspect.signature(orig)
+    names = [n for n in ("cache", "past_key_values") if n in sig.parameters]
+    stats = {"calls": 0, "decode_steps": 0, "masks_added": 0}
 
     @functools.wraps(orig)  # generate() validates its kwargs against forward's signature
     def forward(*args, **kw):
-        if kw.get("attention_mask") is None:
-            x = kw["inputs_embeds"] if kw.get("inputs_embeds") is not None else kw["input_ids"]
-            cache = kw.get("past_key_values")
-            past = 0 if cache is None else cache.get_seq_length()
-            kw["attention_mask"] = torch.ones(x.shape[0], past + x.shape[1], dtype=torch.long, device=x.device)
-        return orig(*args, **kw)
+        bound = sig.bind_partial(*args, **kw)
+        a = bound.arguments
+        extra = a.get(next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
+        cache = next((c for c in (a.get(n) for n in names) if c is not None), None)
+        if cache is None:
+            cache = extra.get("past_key_values")  # the alias, when forward only names ``cache``
+        past = 0 if cache is None else int(cache.get_seq_length())
+        x = a["inputs_embeds"] if a.get("inputs_embeds") is not None else a["input_ids"]
+        want = past + x.shape[1]
+        if a.get("attention_mask") is None:
+            bound.arguments["attention_mask"] = torch.ones(x.shape[0], want, dtype=torch.long, device=x.device)
+            stats["masks_added"] += 1
+        mask = bound.arguments["attention_mask"]
+        assert mask.shape[-1] == want, (
+            f"talker_mask_restored: the talker's mask covers {mask.shape[-1]} slots, its cache plus input {want}")
+        stats["calls"] += 1
+        stats["decode_steps"] += past > 0
+        return orig(*bound.args, **bound.kwargs)
 
     talker.forward = forward
     talker.rope_deltas = None  # the module keeps the last run's; the prefill sets it again
     try:
-        yield
+        yield stats
     finally:
         if own is None:
             del talker.forward  # the instance attribute: the class's forward again
         else:
             talker.forward = own
+    assert stats["decode_steps"] > 0, (
+        f"talker_mask_restored: no talker decode step went through the wrapper ({stats}); "
+        "transformers' talker call path has changed")
 
 
 def write_json(path: str | None, res: dict, keep: tuple[str, ...] = ()) -> None:
