@@ -91,6 +91,22 @@ class SafetensorsFile:
         return self._mm[start:end].view(dt).reshape(shape)
 
 
+def shard_name_inside(index: str, name) -> str:
+    """``name`` (a file named by the checkpoint file ``index``) as a path inside the checkpoint directory.
+
+    A checkpoint may only name files inside itself: an absolute name, a drive, or one that climbs out with
+    ``..`` is a :class:`CheckpointError`, so a crafted index cannot make us read (or memory-map) files
+    elsewhere. The check is on the name, not on where symlinks lead: Hugging Face's cache keeps a
+    snapshot's files as symlinks into a sibling folder, which is the user's own layout."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{index}: names a shard that is not a file name ({name!r})")
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or os.path.splitdrive(name)[0] or norm == ".." or norm.startswith(".." + os.sep) \
+            or norm.startswith("/"):
+        raise CheckpointError(f"{index}: names shard '{name}', which is outside the checkpoint directory")
+    return norm
+
+
 class Checkpoint:
     """All tensors of a Hugging Face checkpoint directory (sharded with an index, or single file)."""
 
@@ -105,8 +121,11 @@ class Checkpoint:
                     wm = json.load(f)["weight_map"]
             except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
-            files = sorted(set(wm.values()))
+            if not isinstance(wm, dict):
+                raise CheckpointError(f"{index}: corrupt index (weight_map is not an object)")
+            files = sorted(set(wm.values()), key=str)
             for fn in files:
+                shard_name_inside(index, fn)
                 if not os.path.exists(os.path.join(directory, fn)):
                     raise CheckpointError(f"{index}: names shard '{fn}', which does not exist")
             self.files = {fn: SafetensorsFile(os.path.join(directory, fn)) for fn in files}

@@ -145,6 +145,26 @@ def test_corrupt_header_and_missing_shard(hf_models, tmp_path):
         omni_jax.load(d, dtype="float32")
 
 
+@pytest.mark.parametrize("how", ["parent", "absolute"])
+def test_index_cannot_name_files_outside(hf_models, tmp_path, how):
+    """A shard name that leaves the checkpoint directory is refused, even when the file it names is a
+    valid shard (here: the checkpoint's own shard, moved next to the directory)."""
+    d = _copy(hf_models("gqa")[0], tmp_path / "ckpt")
+    index = os.path.join(d, "model.safetensors.index.json")
+    with open(index) as f:
+        idx = json.load(f)
+    shard = idx["weight_map"]["thinker.model.norm.weight"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(os.path.join(d, shard), outside / shard)
+    name = f"../elsewhere/{shard}" if how == "parent" else str(outside / shard)
+    idx["weight_map"] = {k: (name if v == shard else v) for k, v in idx["weight_map"].items()}
+    with open(index, "w") as f:
+        json.dump(idx, f)
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        omni_jax.load(d, dtype="float32")
+
+
 def test_missing_and_unexpected_tensor(hf_models, tmp_path):
     from convert.safetensors_io import SafetensorsFile, write_file
 
