@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import CheckpointError
 
@@ -48,7 +50,13 @@ def _rope(d: dict, default_theta: float, default_section=None) -> tuple[float, t
     rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if rope_type not in ("default", "mrope", "axial", None):
         raise CheckpointError(f"config.json: rope type '{rope_type}' is not supported (only default/mrope)")
-    return float(theta), (tuple(int(s) for s in section) if section is not None else None)
+    _check_value(theta, "float", "rope_theta", "rope parameters")
+    if section is not None:
+        if not isinstance(section, (list, tuple)):
+            raise CheckpointError(f"config.json: mrope_section is {section!r}: expected a list of integers")
+        section = tuple(section)
+        _check_value(section, "tuple[int, ...]", "mrope_section", "rope parameters")
+    return float(theta), section
 
 
 def _tuple(x):
@@ -57,13 +65,84 @@ def _tuple(x):
     return x
 
 
+# Integer fields that count or size something: they must be positive (the others, token ids, indices and
+# offsets, must not be negative).
+_POSITIVE = ("size", "dim", "layers", "heads", "depth", "mult", "repeats", "window", "positions", "channels",
+             "rates", "kernel", "bins", "seconds", "scale", "length", "embeds", "patch", "dilation")
+
+
+def _check_value(v, ann: str, name: str, where: str):
+    """``v`` (a field's value) checked against its annotation; CheckpointError naming the field if it is
+    of the wrong type, not finite, or of the wrong sign."""
+    def bad(what):
+        raise CheckpointError(f"config.json: {where}.{name} is {v!r}: {what}")
+
+    optional = ann.endswith("| None")
+    base_ann = ann.replace("| None", "").strip()
+    if v is None:
+        if not optional:
+            bad("a value is required")
+        return
+    if base_ann == "bool":
+        if not isinstance(v, bool):
+            bad("expected true or false")
+    elif base_ann == "int":
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            bad("expected an integer")
+        if name.endswith("_id"):
+            return  # token ids: -1 is a "none" sentinel in some configs
+        if v < 0 or (v == 0 and any(k in name for k in _POSITIVE)):
+            bad("expected a positive integer" if any(k in name for k in _POSITIVE) else "expected an integer >= 0")
+    elif base_ann == "float":
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            bad("expected a finite number")
+        if v <= 0 and name in ("rms_norm_eps", "rope_theta"):
+            bad("expected a positive number")
+    elif base_ann == "str":
+        if not isinstance(v, str):
+            bad("expected a string")
+    elif base_ann.startswith("tuple"):
+        if not isinstance(v, tuple):
+            bad("expected a list")
+        inner = "tuple[int, ...]" if base_ann.startswith("tuple[tuple") else "int"
+        for x in v:  # elements are indices or sizes: only their sign is checked
+            _check_value(x, inner, "element", f"{where}.{name}")
+
+
+class _Checked:
+    """Frozen config dataclasses validate their fields on construction (from a config file or a preset):
+    a value of the wrong type or sign is a CheckpointError naming ``<section>.<field>``, not a traceback
+    from deep inside the model."""
+
+    _where = "config"
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            if ann in ("bool", "int", "float", "str") or ann.startswith("tuple") or ann.endswith("| None"):
+                _check_value(getattr(self, f.name), ann, f.name, self._where)
+
+
+def _bool(v, name: str) -> bool:
+    _check_value(v, "bool", name, "config")
+    return v
+
+
+def _int(v, where: str, name: str) -> int:
+    """A config integer read before its dataclass is built (it feeds other fields' defaults)."""
+    _check_value(v, "int", name, where)
+    return v
+
+
 # --------------------------------------------------------------------------------------
 # thinker
 
 
 @dataclass(frozen=True)
-class TextConfig:
+class TextConfig(_Checked):
     """The thinker's Qwen2 decoder (``Qwen2_5OmniTextConfig``)."""
+
+    _where: ClassVar[str] = 'thinker_config.text_config'
 
     vocab_size: int
     hidden_size: int
@@ -82,25 +161,25 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "thinker_config.text_config") -> "TextConfig":
-        heads = int(_req(d, "num_attention_heads", where))
-        hidden = int(_req(d, "hidden_size", where))
+        heads = _int(_req(d, "num_attention_heads", where), where, "num_attention_heads")
+        hidden = _int(_req(d, "hidden_size", where), where, "hidden_size")
         theta, section = _rope(d, 1000000.0, (16, 24, 24))
-        kv = _get(d, "num_key_value_heads", heads)
-        head_dim = int(_get(d, "head_dim", hidden // heads))
+        kv = _int(_get(d, "num_key_value_heads", heads), where, "num_key_value_heads")
+        head_dim = _int(_get(d, "head_dim", hidden // heads), where, "head_dim")
         cfg = cls(
-            vocab_size=int(_req(d, "vocab_size", where)),
+            vocab_size=_int(_req(d, "vocab_size", where), where, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(_req(d, "intermediate_size", where)),
-            num_hidden_layers=int(_req(d, "num_hidden_layers", where)),
+            intermediate_size=_int(_req(d, "intermediate_size", where), where, "intermediate_size"),
+            num_hidden_layers=_int(_req(d, "num_hidden_layers", where), where, "num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(kv),
+            num_key_value_heads=kv,
             head_dim=head_dim,
             hidden_act=_get(d, "hidden_act", "silu"),
-            max_position_embeddings=int(_get(d, "max_position_embeddings", 32768)),
-            rms_norm_eps=float(_get(d, "rms_norm_eps", 1e-6)),
+            max_position_embeddings=_get(d, "max_position_embeddings", 32768),
+            rms_norm_eps=_get(d, "rms_norm_eps", 1e-6),
             rope_theta=theta,
             mrope_section=section,
-            use_sliding_window=bool(_get(d, "use_sliding_window", False)),
+            use_sliding_window=_get(d, "use_sliding_window", False),
             sliding_window=_get(d, "sliding_window", None),
         )
         cfg.validate(where)
@@ -124,8 +203,10 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
-class AudioConfig:
+class AudioConfig(_Checked):
     """The Whisper-style audio encoder (``Qwen2_5OmniAudioEncoderConfig``)."""
+
+    _where: ClassVar[str] = 'thinker_config.audio_config'
 
     num_mel_bins: int = 128
     encoder_layers: int = 32
@@ -145,12 +226,14 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(_Checked):
     """The ViT vision encoder (``Qwen2_5OmniVisionEncoderConfig``).
 
     ``hidden_size`` is the ViT width: the published config calls it ``embed_dim`` (1280);
     transformers' own default (3584) is not a published shape.
     """
+
+    _where: ClassVar[str] = 'thinker_config.vision_config'
 
     depth: int = 32
     hidden_size: int = 3584
@@ -171,15 +254,16 @@ class VisionConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         kw = {k: _tuple(d[k]) for k in names if k in d and d[k] is not None}
         if "embed_dim" in d and d["embed_dim"] is not None:
-            kw["hidden_size"] = int(d["embed_dim"])
+            kw["hidden_size"] = d["embed_dim"]
         if "in_chans" in d and "in_channels" not in d:
-            kw["in_channels"] = int(d["in_chans"])
+            kw["in_channels"] = d["in_chans"]
         kw["rope_theta"] = _rope(d, 10000.0)[0]
         return cls(**kw)
 
 
 @dataclass(frozen=True)
-class ThinkerConfig:
+class ThinkerConfig(_Checked):
+    _where: ClassVar[str] = 'thinker_config'
     text: TextConfig
     audio: AudioConfig
     vision: VisionConfig
@@ -205,17 +289,17 @@ class ThinkerConfig:
             audio=AudioConfig.from_dict(d.get("audio_config") or {}),
             vision=VisionConfig.from_dict(d.get("vision_config") or {}),
             # the thinker's own flag decides tying; text_config.tie_word_embeddings is unused
-            tie_word_embeddings=bool(_get(d, "tie_word_embeddings", False)),
-            audio_token_id=int(_get(d, "audio_token_index", 151646, "audio_token_id")),
-            image_token_id=int(_get(d, "image_token_index", 151655, "image_token_id")),
-            video_token_id=int(_get(d, "video_token_index", 151656, "video_token_id")),
-            audio_start_token_id=int(_get(d, "audio_start_token_id", 151647)),
-            audio_end_token_id=int(_get(d, "audio_end_token_id", 151648)),
-            vision_start_token_id=int(_get(d, "vision_start_token_id", 151652)),
-            vision_end_token_id=int(_get(d, "vision_end_token_id", 151653)),
-            user_token_id=int(_get(d, "user_token_id", 872)),
-            position_id_per_seconds=int(_get(d, "position_id_per_seconds", 25)),
-            seconds_per_chunk=int(_get(d, "seconds_per_chunk", 2)),
+            tie_word_embeddings=_get(d, "tie_word_embeddings", False),
+            audio_token_id=_get(d, "audio_token_index", 151646, "audio_token_id"),
+            image_token_id=_get(d, "image_token_index", 151655, "image_token_id"),
+            video_token_id=_get(d, "video_token_index", 151656, "video_token_id"),
+            audio_start_token_id=_get(d, "audio_start_token_id", 151647),
+            audio_end_token_id=_get(d, "audio_end_token_id", 151648),
+            vision_start_token_id=_get(d, "vision_start_token_id", 151652),
+            vision_end_token_id=_get(d, "vision_end_token_id", 151653),
+            user_token_id=_get(d, "user_token_id", 872),
+            position_id_per_seconds=_get(d, "position_id_per_seconds", 25),
+            seconds_per_chunk=_get(d, "seconds_per_chunk", 2),
             pad_token_id=_get(d, "pad_token_id", None),
         )
 
@@ -225,8 +309,10 @@ class ThinkerConfig:
 
 
 @dataclass(frozen=True)
-class TalkerConfig:
+class TalkerConfig(_Checked):
     """The talker decoder over the codec vocabulary (``Qwen2_5OmniTalkerConfig``)."""
+
+    _where: ClassVar[str] = 'talker_config'
 
     vocab_size: int = 8448
     embedding_size: int = 3584
@@ -266,7 +352,7 @@ class TalkerConfig:
         for ours, theirs in (("audio_token_id", "audio_token_index"), ("image_token_id", "image_token_index"),
                              ("video_token_id", "video_token_index")):
             if theirs in d and d[theirs] is not None:
-                kw[ours] = int(d[theirs])
+                kw[ours] = d[theirs]
         theta, section = _rope(d, 1000000.0, (16, 24, 24))
         kw["rope_theta"], kw["mrope_section"] = theta, section
         if "num_key_value_heads" not in kw and "num_attention_heads" in kw:
@@ -275,8 +361,10 @@ class TalkerConfig:
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(_Checked):
     """Token2Wav's flow-matching DiT (``Qwen2_5OmniDiTConfig``)."""
+
+    _where: ClassVar[str] = 'token2wav_config.dit_config'
 
     hidden_size: int = 1024
     num_hidden_layers: int = 22
@@ -310,8 +398,10 @@ class DiTConfig:
 
 
 @dataclass(frozen=True)
-class BigVGANConfig:
+class BigVGANConfig(_Checked):
     """Token2Wav's vocoder (``Qwen2_5OmniBigVGANConfig``)."""
+
+    _where: ClassVar[str] = 'token2wav_config.bigvgan_config'
 
     mel_dim: int = 80
     upsample_initial_channel: int = 1536
@@ -369,7 +459,7 @@ class OmniConfig:
             thinker=ThinkerConfig.from_dict(d["thinker_config"]),
             talker=TalkerConfig.from_dict(talker) if isinstance(talker, dict) else None,
             token2wav=Token2WavConfig.from_dict(t2w) if isinstance(t2w, dict) else None,
-            enable_audio_output=bool(d.get("enable_audio_output", True)),
+            enable_audio_output=_bool(d.get("enable_audio_output", True), "enable_audio_output"),
             dtype=d.get("dtype") or d.get("torch_dtype"),
         )
 

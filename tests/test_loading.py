@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -106,6 +107,40 @@ def test_config_errors():
         OmniConfig.from_dict({"model_type": "qwen2_5_omni", "thinker_config": {"text_config": {
             "vocab_size": 10, "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1,
             "intermediate_size": 8, "rope_scaling": {"mrope_section": [1, 1, 1]}}}})
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("text_config", "hidden_size", "big", "text_config.hidden_size is 'big': expected an integer"),
+    ("text_config", "num_hidden_layers", -3, "num_hidden_layers is -3: expected a positive integer"),
+    ("text_config", "num_attention_heads", 0, "num_attention_heads is 0: expected a positive integer"),
+    ("text_config", "rms_norm_eps", "tiny", "rms_norm_eps is 'tiny': expected a finite number"),
+    ("text_config", "use_sliding_window", "no", "use_sliding_window is 'no': expected true or false"),
+    ("audio_config", "d_model", 12.5, "audio_config.d_model is 12.5: expected an integer"),
+    ("vision_config", "depth", -1, "vision_config.depth is -1"),
+    ("vision_config", "fullatt_block_indexes", "all", "fullatt_block_indexes is 'all': expected a list"),
+    ("thinker", "position_id_per_seconds", -5, "thinker_config.position_id_per_seconds is -5: expected a positive"),
+    ("thinker", "audio_token_index", "x", "thinker_config.audio_token_id is 'x': expected an integer"),
+    ("thinker", "tie_word_embeddings", "yes", "tie_word_embeddings is 'yes'"),
+    ("talker_config", "head_dim", [64], "talker_config.head_dim is (64,): expected an integer"),
+    ("dit_config", "num_hidden_layers", None, None),  # null means the default: accepted
+    ("bigvgan_config", "upsample_rates", [5, "x"], "upsample_rates.element is 'x'"),
+])
+def test_config_values_of_wrong_type_or_sign(section, key, value, message):
+    """Every config field is checked on its type and sign: a CheckpointError naming the field, not a
+    TypeError from inside the model."""
+    from conftest import tiny_hf_config
+
+    d = tiny_hf_config("gqa").to_dict()
+    where = {"thinker": d["thinker_config"], "talker_config": d["talker_config"],
+             "dit_config": d["token2wav_config"]["dit_config"],
+             "bigvgan_config": d["token2wav_config"]["bigvgan_config"]}.get(section) \
+        or d["thinker_config"][section]
+    where[key] = value
+    if message is None:
+        assert OmniConfig.from_dict(d).token2wav.dit.num_hidden_layers == 22
+    else:
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            OmniConfig.from_dict(d)
 
 
 def test_not_a_checkpoint_dir(tmp_path):
