@@ -82,6 +82,7 @@ class TextProcessor:
         return self.tokenizer.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
+        check_text(text, "text")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -105,6 +106,16 @@ class TextProcessor:
             raise CheckpointError(f"{self.directory}: chat template failed to render ({e})") from None
 
 
+def check_text(text: str, where: str) -> None:
+    """Refuse text that is not valid Unicode: lone surrogates (what Python makes of invalid UTF-8 bytes
+    in command-line arguments, or of ``\\udXXX`` escapes in JSON) cannot be tokenized or written back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: not valid UTF-8 text (a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start}; invalid bytes in the input?)") from None
+
+
 def validate_messages(messages) -> None:
     if not isinstance(messages, list) or not messages:
         raise InputError("messages: expected a non-empty list of {'role', 'content'} dicts")
@@ -115,6 +126,7 @@ def validate_messages(messages) -> None:
             raise InputError(f"messages[{i}]: unknown role '{m['role']}' (system, user or assistant)")
         c = m["content"]
         if isinstance(c, str):
+            check_text(c, f"messages[{i}].content")
             continue
         if not isinstance(c, list):
             raise InputError(f"messages[{i}].content: expected a string or a list of typed parts")
@@ -124,6 +136,8 @@ def validate_messages(messages) -> None:
                 raise InputError(f"messages[{i}].content[{j}]: unknown part type '{kind}'")
             if kind == "text" and not isinstance(part.get("text"), str):
                 raise InputError(f"messages[{i}].content[{j}]: a text part needs a string 'text'")
+            if kind == "text":
+                check_text(part["text"], f"messages[{i}].content[{j}].text")
 
 
 def left_pad(rows, width: int | None = None):

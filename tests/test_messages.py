@@ -110,3 +110,22 @@ def test_cli_speaks_to_a_wav(tmp_path, capsys):
     assert main(["generate", "--prompt", "Hi", "--stream", "--json"]) == 2
     assert "--stream and --json contradict each other" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["reply.wav"]
+
+
+@pytest.mark.parametrize("content", ["caf\udce9", [{"type": "text", "text": "x\ud800y"}]])
+def test_text_that_is_not_unicode_is_refused(model, content):
+    """A lone surrogate (invalid UTF-8 decoded with surrogateescape, or a JSON escape) is an InputError
+    naming where it is, from messages and from the id-level encoder alike."""
+    with pytest.raises(InputError, match=r"messages\[0\]\.content.*not valid UTF-8"):
+        model.generate(messages=[{"role": "user", "content": content}], max_new_tokens=2)
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        model.processor.encode("caf\udce9")
+
+
+def test_cli_prompt_with_invalid_utf8(capsys):
+    """Invalid bytes on the command line reach Python as lone surrogates: one error line, status 2."""
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert main(["generate", "--prompt", prompt, "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "not valid UTF-8" in err[-1]
+    assert not any("Traceback" in line for line in err)
