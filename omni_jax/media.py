@@ -469,6 +469,8 @@ def load_image(src) -> np.ndarray:
             with Image.open(path) as img:
                 img.load()
                 rgb = _rgb_from_pil(img, what)
+        except Image.DecompressionBombError as e:  # the header declares more pixels than Pillow will decode
+            raise InputError(f"{what}: image too large to decode ({e})") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise InputError(f"{what}: cannot decode image ({e})") from None
     elif isinstance(src, np.ndarray):

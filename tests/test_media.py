@@ -324,6 +324,26 @@ def test_smart_resize_matches_reference():
             assert media.smart_resize(h, w, 28, lo, hi, qwen_utils=True) == (hb, wb)
 
 
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG header that declares ``width`` x ``height`` pixels (no pixel data): a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_image_whose_header_declares_a_huge_size(tmp_path):
+    """Pillow refuses to decode it (DecompressionBombError, not an OSError): an InputError naming the file."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png())
+    with pytest.raises(InputError, match=r"bomb\.png.*too large"):
+        media.load_image(str(path))
+
+
 def test_image_errors(files):
     with pytest.raises(InputError, match="bad.png"):
         media.load_image(files["bad.png"])

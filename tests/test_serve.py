@@ -19,6 +19,7 @@ import pytest
 
 import omni_jax
 from omni_jax.serve import Engine, ServeLimits, build_app
+from test_media import bomb_png
 
 KEY = "test-key-123"
 LIMITS = dict(max_batch=8, max_queue=32, max_tokens=128, max_prompt_tokens=64, max_audio_tokens=64,
@@ -404,6 +405,9 @@ def test_bad_inputs_answer_alone(server):
         (400, {"messages": []}, None),
         (413, user({"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                               + base64.b64encode(png(300, 300)).decode()}}, text),
+         None),
+        (413, user({"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                              + base64.b64encode(bomb_png()).decode()}}, text),
          None),
         (413, user({"type": "input_audio", "input_audio": {"data": base64.b64encode(tone_wav(6.0)).decode(),
                                                            "format": "wav"}}, text), None),

@@ -286,7 +286,10 @@ def _image(raw, path, where, limits):
         img.load()
     except RequestError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # a header declaring more pixels than Pillow decodes: too large
+        raise RequestError(413, f"{where}: the image is too large ({e})", param=where,
+                           code="media_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise RequestError(400, f"{where}: cannot decode image ({e})", param=where) from None
     try:
         return load_image(img)
