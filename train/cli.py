@@ -6,10 +6,13 @@ import argparse
 import dataclasses
 import sys
 
+from omni_jax.validate import finite_float
+
 from .trainer import MODES, Options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+
     d = Options(model="", data="", out="")
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face or converted)")
     p.add_argument("--data", required=True, help="training conversations, JSONL (see train/data.py)")
@@ -19,11 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="conversations per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=finite_float, default=d.lr, help="peak learning rate (AdamW)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then cosine decay")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of --lr")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="global-norm gradient clipping")
+    p.add_argument("--min-lr-ratio", type=finite_float, default=d.min_lr_ratio, help="final lr as a fraction of --lr")
+    p.add_argument("--weight-decay", type=finite_float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=finite_float, default=d.max_grad_norm, help="global-norm gradient clipping")
     p.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA initialisation")
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"],
                    help="compute dtype (master weights and optimizer state are float32)")
@@ -36,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # run_train can refuse them where they would be ignored; Options supplies the defaults
     p.add_argument("--lora-rank", type=int, default=argparse.SUPPRESS,
                    help=f"adapter rank (default {d.lora_rank}); with --train lora")
-    p.add_argument("--lora-alpha", type=float, default=argparse.SUPPRESS,
+    p.add_argument("--lora-alpha", type=finite_float, default=argparse.SUPPRESS,
                    help=f"adapter scale numerator (default {d.lora_alpha}); with --train lora")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept (the newest)")
@@ -48,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a bad data line stops the run (fail) or is reported and skipped")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. fsdp=8 or data=2,tensor=4")
     p.add_argument("--attention", default=None, choices=["xla", "pallas"])
-    p.add_argument("--talker-weight", type=float, default=d.talker_weight, help="weight of the talker's loss")
+    p.add_argument("--talker-weight", type=finite_float, default=d.talker_weight, help="weight of the talker's loss")
     p.add_argument("--use-audio-in-video", action="store_true")
     p.add_argument("--no-save-model", dest="save_model", action="store_false",
                    help="skip writing RUN_DIR/model at the end")

@@ -111,17 +111,22 @@ def read_jsonl(path: str, *, on_error: str = "fail", talker_vocab: int | None = 
     if on_error not in ("fail", "skip"):
         raise InputError(f"on_error: 'fail' or 'skip', got {on_error!r}")
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line: a bad byte is that line's error, not the file's
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     base = os.path.dirname(os.path.abspath(path))
     records, skipped = [], 0
     with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{n}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                    f"{e.start + 1})") from None
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:

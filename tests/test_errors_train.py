@@ -1,0 +1,49 @@
+"""Bad input to training: one error naming the problem, status 2, no traceback, nothing left on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import omni_jax
+from omni_jax import InputError
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red cat"}]}
+
+
+def _run(argv, capsys):
+    from train.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse refuses a value before anything runs
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--min-lr-ratio", "--weight-decay", "--max-grad-norm",
+                                  "--talker-weight"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(tmp_path, capsys, flag, value):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    out = tmp_path / "run"
+    status, err = _run(["--model", omni_jax.default_model_path(), "--data", str(data), "--out", str(out),
+                        f"{flag}={value}"], capsys)
+    assert status == 2
+    assert f"argument {flag}: not a finite number: '{value}'" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_invalid_utf8_line_is_named_then_skipped_or_fatal(tmp_path):
+    from train.data import read_jsonl
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "caf\xe9"}\n' + json.dumps(GOOD).encode()
+                     + b"\n")
+    with pytest.raises(InputError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 18\)"):
+        read_jsonl(str(path))
+    logged = []
+    recs, skipped = read_jsonl(str(path), on_error="skip", log=logged.append)
+    assert len(recs) == 2 and skipped == 1 and "latin1.jsonl:2: not valid UTF-8" in logged[0]
