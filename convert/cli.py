@@ -28,9 +28,17 @@ def run_convert(args) -> int:
                   overwrite=args.overwrite, progress=not args.quiet)
     n = len({it[2] for c in man["components"].values() for g in c["groups"] for it in g["items"]})
     print(f"converted {n} tensors ({', '.join(man['components'])}; {_size(man['source']['bytes'])} read, "
-          f"{len(man['passthrough']['tensors'])} passthrough) to {args.out_dir} in {time.time() - t0:.1f} s",
-          file=sys.stderr)
+          f"{len(man['passthrough']['tensors'])} passthrough) to {args.out_dir} in {time.time() - t0:.1f} s; "
+          f"{_dtype_summary(man)}", file=sys.stderr)
     return 0
+
+
+def _dtype_summary(man: dict) -> str:
+    """One phrase saying what dtypes were stored and whether anything was cast from the source."""
+    comps = man["components"]
+    stored = sorted({d for c in comps.values() for d in c["stored_dtypes"]})
+    cast = [f"{name} {'/'.join(c['source_dtypes'])} -> {c['dtype']}" for name, c in comps.items() if c["cast"]]
+    return f"stored {'/'.join(stored)}, " + (f"cast: {', '.join(cast)}" if cast else "as in the source (lossless)")
 
 
 def parse_size(text: str) -> int:
@@ -70,11 +78,16 @@ def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a Hugging Face checkpoint to the omni-jax (orbax) format",
         description="Convert a Hugging Face Qwen2.5-Omni checkpoint directory into an orbax checkpoint plus "
-                    "config, tokenizer, preprocessor files and voices; streamed, atomic, verified.")
+                    "config, tokenizer, preprocessor files and voices; streamed, atomic, verified. Lossless by "
+                    "default: every tensor keeps the dtype it is stored in (bfloat16 stays bfloat16, float32 "
+                    "stays float32); --dtype casts. Loading (omni_jax.load, generate --dtype) casts to the load "
+                    "dtype either way.")
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="stored dtype of thinker/talker/encoders (token2wav is always float32)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="cast the floating tensors of thinker/talker/encoders to this dtype and store token2wav "
+                        "in float32 (the dtype it runs in); default: keep each tensor's stored dtype, so "
+                        "nothing is rounded")
     p.add_argument("--components", default=None,
                    help="comma-separated subset of thinker,audio,vision,talker,token2wav (thinker includes its "
                         "audio and vision encoders); default: all present")

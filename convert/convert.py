@@ -1,7 +1,15 @@
 """Convert a Hugging Face Qwen2.5-Omni checkpoint to the omni-jax orbax format, and export it back.
 
-    convert(hf_dir, out_dir, dtype="bfloat16")      # HF safetensors -> orbax (see convert/orbax_io.py)
+    convert(hf_dir, out_dir, dtype=None)            # HF safetensors -> orbax (see convert/orbax_io.py)
     export(converted_dir, hf_dir)                   # orbax -> HF safetensors shards + index + spk_dict.pt
+
+Conversion is lossless by default: each tensor is stored in its own source dtype (a bfloat16 tensor
+stays bfloat16, a float32 one float32), so a float32 checkpoint (a fine-tuned export, or this
+module's own :func:`export` of a float32 conversion) converts without rounding. ``dtype="bfloat16"``
+or ``"float32"`` casts every floating parameter of thinker, audio, vision and talker explicitly
+(token2wav, which runs in float32, is then stored in float32). The manifest records, per component
+and per tensor, the dtype stored and the source dtype. Loading (``omni_jax.load(dir, dtype=...)``)
+casts whatever was stored to the load dtype.
 
 Both are
 
@@ -71,7 +79,7 @@ class Component:
     prefixes: dict  # first path element (or "") -> HF key prefix, for convert.hf.hf_name
     stack_names: tuple  # path element whose parameters carry a leading layer axis
     sharding_prefix: str  # prepended to the parameter path for omni_jax.sharding.param_sharding
-    fixed_dtype: str | None  # stored dtype whatever --dtype (token2wav runs in float32)
+    fixed_dtype: str | None  # stored dtype whatever an explicit --dtype asks (token2wav runs in float32)
     build: Callable  # (OmniConfig, jnp dtype) -> nnx.Module (called under nnx.eval_shape)
     available: Callable  # OmniConfig -> bool
 
@@ -585,21 +593,26 @@ def _copy_files(hf_dir: str, out: str) -> tuple[list[str], str | None]:
     return files, voices
 
 
-def convert(hf_dir, out_dir, *, dtype="bfloat16", components=None, overwrite=False, progress=True,
+def convert(hf_dir, out_dir, *, dtype=None, components=None, overwrite=False, progress=True,
             group_bytes: int = DEFAULT_GROUP_BYTES) -> dict:
     """Convert the Hugging Face checkpoint ``hf_dir`` into ``out_dir`` (see the module docstring).
 
-    ``dtype``: stored dtype of thinker, audio, vision and talker (``"bfloat16"`` or ``"float32"``);
-    token2wav is stored in float32. ``components``: names (or a comma-separated string) among
-    thinker, audio, vision, talker, token2wav (``thinker`` includes its audio and vision encoders);
-    ``None`` converts all present. Returns the manifest.
+    ``dtype``: ``None`` (the default) stores every tensor in its source dtype, so nothing is
+    rounded; ``"bfloat16"`` or ``"float32"`` casts the floating parameters of thinker, audio, vision
+    and talker to it, and stores token2wav (which runs in float32) in float32. ``components``:
+    names (or a comma-separated string) among thinker, audio, vision, talker, token2wav
+    (``thinker`` includes its audio and vision encoders); ``None`` converts all present. Returns
+    the manifest, whose components record the stored and source dtypes (``"dtype"``,
+    ``"stored_dtypes"``, ``"source_dtypes"``, ``"cast"``).
     """
     from omni_jax.config import load_config
 
     hf_dir = os.path.abspath(os.fspath(hf_dir))
-    if not isinstance(dtype, str) or dtype.lower() not in _DTYPE_ALIASES:
-        raise InputError(f"dtype '{dtype}' is not supported (bfloat16 or float32)")
-    dtype = _DTYPE_ALIASES[dtype.lower()]
+    if dtype is not None:
+        if not isinstance(dtype, str) or dtype.lower() not in _DTYPE_ALIASES:
+            raise InputError(f"dtype '{dtype}' is not supported (bfloat16 or float32, or None to keep each "
+                             "tensor's stored dtype)")
+        dtype = _DTYPE_ALIASES[dtype.lower()]
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: not a directory (expected a Qwen2.5-Omni checkpoint directory)")
     if oio.is_converted(hf_dir):
@@ -651,7 +664,7 @@ def convert(hf_dir, out_dir, *, dtype="bfloat16", components=None, overwrite=Fal
                               f"{len(passthrough)} passthrough, {skipped} skipped")
     total = sum(ckpt.file_of(k).nbytes(k) for k in keys if k in consumed or k in passthrough)
 
-    man = {"format": oio.FORMAT, "format_version": oio.FORMAT_VERSION, "dtype": dtype,
+    man = {"format": oio.FORMAT, "format_version": oio.FORMAT_VERSION, "cast_to": dtype,
            "components": {}, "skipped_components": [c for c in present if c not in selected],
            "passthrough": {"file": oio.PASSTHROUGH_FILE if passthrough else None, "tensors": passthrough},
            "files": [], "voices": None,
@@ -670,9 +683,9 @@ def convert(hf_dir, out_dir, *, dtype="bfloat16", components=None, overwrite=Fal
             for group in plan["groups"]:
                 arrays = {}
                 for item in group["items"]:
-                    param, layer, key, transpose, _src, rows = item
+                    param, layer, key, transpose, _src, rows, stored = item
                     sf = ckpt.file_of(key)
-                    arr = read_tensor(sf, key, transpose=transpose, dtype=_np_dtype(plan["store_dtype"]), rows=rows)
+                    arr = read_tensor(sf, key, transpose=transpose, dtype=_np_dtype(stored), rows=rows)
                     arrays[oio.tree_path(param, layer, rows)] = arr
                     bar.update(arr.size * sf.dtype(key).itemsize)
                 oio.save_group(ckptr, os.path.join(tmp, group["dir"]), arrays)
@@ -696,16 +709,17 @@ def convert(hf_dir, out_dir, *, dtype="bfloat16", components=None, overwrite=Fal
     return man
 
 
-def _plan_component(ckpt: Checkpoint, cfg, name: str, dtype: str, consumed: set, group_bytes: int) -> dict:
+def _plan_component(ckpt: Checkpoint, cfg, name: str, dtype: str | None, consumed: set, group_bytes: int) -> dict:
     """Map and check every parameter of component ``name`` against the source headers, and pack
-    its (parameter, layer) items into groups. Raises ``CheckpointError`` naming the tensor."""
+    its (parameter, layer) items into groups. Each item's stored dtype is its source tensor's when
+    ``dtype`` is None, else the dtype the component is cast to. Raises ``CheckpointError`` naming
+    the tensor."""
     from flax import nnx
 
     comp = COMPONENTS[name]
-    store = comp.fixed_dtype or dtype
-    store_np = _np_dtype(store)
+    cast = (comp.fixed_dtype or dtype) if dtype is not None else None
     prefixes = _prefixes(comp)
-    _, state = build_abstract(cfg, name, store)
+    _, state = build_abstract(cfg, name, "float32")  # only the shapes are used
     flat = list(flatten_dict(nnx.to_pure_dict(state)))
     params: dict[str, dict] = {}
     items: list[list] = []
@@ -722,7 +736,8 @@ def _plan_component(ckpt: Checkpoint, cfg, name: str, dtype: str, consumed: set,
             _check_source(ckpt, key, transpose, want)
             consumed.add(key)
             src_dt = DTYPE_NAMES[ckpt.file_of(key).dtype(key)]
-            nbytes = int(np.prod(want, dtype=np.int64)) * store_np.itemsize
+            stored = cast or _dtype_str(DTYPES[src_dt])
+            nbytes = int(np.prod(want, dtype=np.int64)) * _np_dtype(stored).itemsize
             n_rows = want[-1] if transpose else (want[0] if want else 1)
             n_pieces = min(n_rows, -(-nbytes // group_bytes)) if want else 1
             if n_pieces <= 1:
@@ -731,13 +746,13 @@ def _plan_component(ckpt: Checkpoint, cfg, name: str, dtype: str, consumed: set,
                 per = -(-n_rows // n_pieces)
                 pieces = [[r, min(n_rows, r + per)] for r in range(0, n_rows, per)]
             for rows in pieces:
-                item = [pstr, layer, key, bool(transpose), src_dt, rows]
+                item = [pstr, layer, key, bool(transpose), src_dt, rows, stored]
                 (stacked_items.append((layer, item)) if stacked else items.append(item))
     # non-stacked first, then layer-major so that a group is a run of whole layers
     items += [it for _, it in sorted(stacked_items, key=lambda x: x[0])]
     groups, cur, cur_bytes = [], [], 0
     for item in items:
-        nbytes = int(np.prod(oio.item_shape(params[item[0]], item), dtype=np.int64)) * store_np.itemsize
+        nbytes = int(np.prod(oio.item_shape(params[item[0]], item), dtype=np.int64)) * _np_dtype(item[6]).itemsize
         if cur and cur_bytes + nbytes > group_bytes:
             groups.append(cur)
             cur, cur_bytes = [], 0
@@ -745,7 +760,11 @@ def _plan_component(ckpt: Checkpoint, cfg, name: str, dtype: str, consumed: set,
         cur_bytes += nbytes
     if cur:
         groups.append(cur)
-    return {"store_dtype": store, "export_dtype": "source" if comp.fixed_dtype else "store",
+    stored = sorted({it[6] for it in items})
+    sources = sorted({_dtype_str(DTYPES[it[4]]) for it in items})
+    return {"dtype": stored[0] if len(stored) == 1 else "mixed", "stored_dtypes": stored, "source_dtypes": sources,
+            "cast": any(it[6] != _dtype_str(DTYPES[it[4]]) for it in items), "cast_to": cast,
+            "export_dtype": "source" if comp.fixed_dtype else "store",
             "hf_prefixes": prefixes, "stack_names": list(comp.stack_names), "sharding_prefix": comp.sharding_prefix,
             "params": params,
             "groups": [{"dir": f"{oio.PARAMS_DIR}/{name}/g{i:05d}", "items": g} for i, g in enumerate(groups)]}
@@ -769,7 +788,6 @@ def _check_source(ckpt: Checkpoint, key: str, transpose: bool, shape: tuple) -> 
 def _verify_written(directory: str, man: dict, ckptr) -> None:
     """Every group's orbax metadata names exactly the planned arrays, with their shapes and dtypes."""
     for name, comp in man["components"].items():
-        store = _np_dtype(comp["store_dtype"])
         for group in comp["groups"]:
             gdir = os.path.join(directory, group["dir"])
             try:
@@ -779,11 +797,12 @@ def _verify_written(directory: str, man: dict, ckptr) -> None:
             except Exception as e:
                 raise CheckpointError(f"{gdir}: written group cannot be read back ({type(e).__name__}: {e})") from None
             got = {tuple(str(k) for k in p): leaf for p, leaf in flatten_dict(_to_dict(tree))}
-            want = {oio.tree_path(it[0], it[1], it[5]): oio.item_shape(comp["params"][it[0]], it)
+            want = {oio.tree_path(it[0], it[1], it[5]): (oio.item_shape(comp["params"][it[0]], it),
+                                                         _np_dtype(oio.stored_dtype(comp, it)))
                     for it in group["items"]}
             if set(got) != set(want):
                 raise CheckpointError(f"{gdir}: written group holds {sorted(got)}, planned {sorted(want)}")
-            for p, shape in want.items():
+            for p, (shape, store) in want.items():
                 leaf = got[p]
                 if tuple(leaf.shape) != shape or np.dtype(leaf.dtype) != store:
                     raise CheckpointError(f"{gdir}: array '{'/'.join(p)}' was written as {list(leaf.shape)} "
@@ -807,8 +826,10 @@ def export(converted_dir, hf_dir, *, overwrite=False, progress=True,
     """Write a Hugging Face checkpoint directory from a converted one: safetensors shards with
     ``model.safetensors.index.json``, the copied config / tokenizer / preprocessor files and
     ``spk_dict.pt`` (rewritten without torch). Streamed a group at a time and atomic like
-    :func:`convert`. Parameters are written in their stored dtype (token2wav, stored in float32,
-    in its source dtype), passthrough tensors bit-exact. Returns the index dict."""
+    :func:`convert`. Parameters are written in their stored dtype (token2wav, stored in float32 by
+    an explicit ``dtype``, in its source dtype), passthrough tensors bit-exact: the export of a
+    conversion that kept the source dtypes (the default) gives back the source's tensors, bit for
+    bit. Returns the index dict."""
     from omni_jax.voices import load_torch_pickle
 
     src = os.path.abspath(os.fspath(converted_dir))
@@ -832,15 +853,16 @@ def export(converted_dir, hf_dir, *, overwrite=False, progress=True,
     for name, comp in man["components"].items():
         seen = None
         for group in comp["groups"]:
-            for param, layer, key, transpose, src_dt, _rows in group["items"]:
+            for item in group["items"]:
+                key, transpose, src_dt = item[2], item[3], item[4]
                 if key == seen:  # the next row block of the same tensor
                     continue
                 seen = key
-                info = comp["params"][param]
+                info = comp["params"][item[0]]
                 shape = tuple(info["shape"][1:] if info["stacked"] else info["shape"])
                 if transpose:
                     shape = tuple(reversed(shape))
-                dt = DTYPES[src_dt] if comp["export_dtype"] == "source" else _np_dtype(comp["store_dtype"])
+                dt = DTYPES[src_dt] if comp["export_dtype"] == "source" else _np_dtype(oio.stored_dtype(comp, item))
                 plan.append((key, dt, shape, int(np.prod(shape, dtype=np.int64)) * dt.itemsize))
     for key, info in pt["tensors"].items():
         dt = DTYPES[info["dtype"]]
@@ -881,7 +903,8 @@ def export(converted_dir, hf_dir, *, overwrite=False, progress=True,
         ckptr = oio.checkpointer()
         try:
             for name in man["components"]:
-                for (param, layer, key, transpose, _src, _rows), arr in oio.iter_component(src, man, name, ckptr):
+                for item, arr in oio.iter_component(src, man, name, ckptr):
+                    key, transpose = item[2], item[3]
                     bar.update(writer_for(key).write(key, arr.T if transpose else arr))
                     del arr
             for key in pt["tensors"]:

@@ -19,8 +19,9 @@ as consecutive bytes of the HF tensor. The items of a component are packed in or
 at most ``group_bytes`` (256 MiB by default; a whole tiny model is one group), and each group is an
 independent orbax checkpoint written and freed before the next is read: peak memory is bounded by
 the group size, not by the checkpoint's or its largest tensor's. Every array is stored in *our*
-layout (kernels already transposed to ``[in, out]``) and the component's stored dtype, so restoring
-is a plain read.
+layout (kernels already transposed to ``[in, out]``) and its item's stored dtype: by default the
+source tensor's own (conversion rounds nothing), or the dtype an explicit ``--dtype`` cast to. So
+restoring is a plain read, cast by orbax to the load dtype.
 
 Restoring (:func:`restore_component`) asks orbax for each per-layer array directly in its sharded
 layout (the parameter's ``NamedSharding`` from :func:`omni_jax.sharding.param_sharding`, minus the
@@ -30,18 +31,27 @@ full host copy of a parameter never exists. Peak device memory is the component 
 
 Manifest (``format_version`` 1), JSON::
 
-    {"format": "omni-jax-orbax-checkpoint", "format_version": 1, "dtype": "bfloat16",
+    {"format": "omni-jax-orbax-checkpoint", "format_version": 1, "cast_to": null | "bfloat16" | "float32",
      "components": {"thinker": {
-         "store_dtype": "bfloat16", "export_dtype": "store" | "source",
+         "dtype": "float32" | ... | "mixed", "stored_dtypes": ["float32"], "source_dtypes": ["float32"],
+         "cast": false, "cast_to": null | "bfloat16" | "float32", "export_dtype": "store" | "source",
          "hf_prefixes": {...}, "stack_names": ["layers"], "sharding_prefix": "",
          "params": {"layers/self_attn/q_proj/kernel": {"shape": [L, D, H], "stacked": true}, ...},
          "groups": [{"dir": "params/thinker/g00000",
                      "items": [[param_path, layer | null, hf_key, transposed, source_dtype,
-                                [row_start, row_stop] | null], ...]}, ...]},
+                                [row_start, row_stop] | null, stored_dtype], ...]}, ...]},
          ...},
      "skipped_components": [...], "passthrough": {"file": ..., "tensors": {hf_key: {"dtype", "shape", "reason"}}},
      "files": [copied file names], "voices": "spk_dict.pt" | null,
      "source": {"tensors": N, "bytes": B}}
+
+``cast_to`` is the conversion's ``dtype`` argument (null: every tensor kept its source dtype). Per
+component, ``dtype`` is the one stored dtype of its parameters (``"mixed"`` when they differ, as
+in a source that mixes them), ``stored_dtypes`` / ``source_dtypes`` the distinct dtypes stored and
+read (numpy names: ``"bfloat16"``, ``"float32"``...), ``cast`` whether any parameter was stored in
+a dtype other than its source's. An item's ``source_dtype`` is the safetensors name (``"BF16"``),
+its ``stored_dtype`` the numpy name. Manifests written before ``stored_dtype`` existed hold one
+``store_dtype`` per component instead; :func:`stored_dtype` reads both.
 """
 
 from __future__ import annotations
@@ -112,6 +122,11 @@ def item_shape(info: dict, item) -> tuple[int, ...]:
     if rows is not None:
         shape[split_axis(len(shape), item[3])] = int(rows[1]) - int(rows[0])
     return tuple(shape)
+
+
+def stored_dtype(comp: dict, item) -> str:
+    """The dtype name an item of manifest component ``comp`` was stored in."""
+    return item[6] if len(item) > 6 else comp["store_dtype"]
 
 
 def nested(items: list[tuple[tuple[str, ...], object]]) -> dict:
@@ -210,8 +225,9 @@ def restore_group_numpy(ckptr, directory: str) -> dict:
 def iter_component(directory: str, man: dict, component: str, ckptr=None):
     """Yield ``(item, numpy array)`` for every stored item of ``component``, a group at a time.
 
-    ``item`` is the manifest's ``[param_path, layer, hf_key, transposed, source_dtype, rows]``; the
-    items of one HF tensor come in order (row blocks ascending).
+    ``item`` is the manifest's ``[param_path, layer, hf_key, transposed, source_dtype, rows,
+    stored_dtype]``; arrays come in their stored dtype; the items of one HF tensor come in order
+    (row blocks ascending).
     """
     ckptr = ckptr or checkpointer()
     comp = man["components"][component]

@@ -1,6 +1,7 @@
 """Checkpoint conversion: HF -> orbax (restored parameters equal the HF load), orbax -> HF (bit-exact
-round trip that transformers loads with identical logits), and every failure case (exit status 2,
-a message naming the file or tensor, nothing left at the target)."""
+round trip that transformers loads with identical logits), the stored dtypes (lossless by default,
+cast by --dtype, recorded in the manifest) and every failure case (exit status 2, a message naming
+the file or tensor, nothing left at the target)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import VOCAB
+from conftest import VOCAB, rel_err
 
 from convert import orbax_io as oio
 from convert.cli import main as cli_main
-from convert.convert import convert, load_converted, load_converted_component, write_torch_pickle
+from convert.convert import convert, export, load_converted, load_converted_component, write_torch_pickle
 from convert.hf import flatten_dict
 from convert.safetensors_io import Checkpoint, write_file
 
@@ -71,10 +72,46 @@ def src(hf_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(src, tmp_path_factory):
+    """The float32 source converted with the default dtype (each tensor keeps its own)."""
     out = str(tmp_path_factory.mktemp("conv") / "orbax")
     # small groups: stacked parameters span groups and the larger tensors are stored as row blocks
-    man = convert(src, out, dtype="float32", progress=False, group_bytes=16 << 10)
+    man = convert(src, out, progress=False, group_bytes=16 << 10)
     return out, man
+
+
+def _items(man):
+    return [(name, it) for name, c in man["components"].items() for g in c["groups"] for it in g["items"]]
+
+
+def _stored_arrays(directory) -> dict:
+    """{(component, param, layer, rows): stored numpy array} of a converted directory."""
+    man = oio.read_manifest(directory)
+    return {(name, it[0], it[1], None if it[5] is None else tuple(it[5])): arr
+            for name in man["components"] for it, arr in oio.iter_component(directory, man, name)}
+
+
+BF16_KEEP_F32 = ("thinker.model.norm.weight", "thinker.model.layers.1.input_layernorm.weight")
+
+
+@pytest.fixture(scope="module")
+def bf16_src(src, tmp_path_factory):
+    """The source with every tensor in bfloat16 except the two thinker tensors of BF16_KEEP_F32 and the
+    passthrough buffer: audio, vision, talker and token2wav are all bfloat16, the thinker mixes both
+    (one of its stacked parameters differs between layers)."""
+    import ml_dtypes
+
+    d = str(tmp_path_factory.mktemp("conv") / "hf_bf16")
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    ckpt = Checkpoint(src)
+    tensors = {k: (ckpt.get(k) if k in BF16_KEEP_F32 or k == EXTRA_KEY else ckpt.get(k).astype(ml_dtypes.bfloat16))
+               for k in ckpt.keys()}
+    keys = sorted(tensors)
+    shards = {f"model-{i + 1:05d}-of-00002.safetensors": keys[i::2] for i in range(2)}
+    for name, ks in shards.items():
+        write_file(os.path.join(d, name), {k: tensors[k] for k in ks}, metadata={"format": "pt"})
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+    return d
 
 
 def test_convert_restores_exactly_what_hf_load_gives(src, converted, jax_model, hf_models):
@@ -84,6 +121,12 @@ def test_convert_restores_exactly_what_hf_load_gives(src, converted, jax_model, 
 
     out, man = converted
     assert oio.is_converted(out) and not oio.is_converted(src)
+    # lossless by default: a float32 source is stored in float32, nothing cast, and the manifest says so
+    assert man["cast_to"] is None
+    for name, c in man["components"].items():
+        assert (c["dtype"], c["stored_dtypes"], c["source_dtypes"], c["cast"], c["cast_to"]) == \
+            ("float32", ["float32"], ["float32"], False, None), name
+    assert {(it[4], it[6]) for _, it in _items(man)} == {("F32", "float32")}
     assert list(man["components"]) == ["thinker", "audio", "vision", "talker", "token2wav"]
     assert set(man["passthrough"]["tensors"]) == {EXTRA_KEY}
     assert man["source"]["tensors"] == len(Checkpoint(src).keys())
@@ -129,15 +172,30 @@ def test_convert_restores_exactly_what_hf_load_gives(src, converted, jax_model, 
         load_converted_component(out, "thinker", OmniConfig.from_dict(bigger), dtype="float32")
 
 
-def test_bf16_conversion_of_some_components(src, jax_model, tmp_path):
-    """The default dtype and group size (a tiny component is one group)."""
+def test_dtype_bfloat16_casts_some_components(src, jax_model, tmp_path, capsys):
+    """``--dtype bfloat16`` on a float32 source casts, and the manifest records it; the default group
+    size (a tiny component is one group)."""
     out = str(tmp_path / "bf16")
-    man = convert(src, out, components="thinker,token2wav", progress=False)
+    capsys.readouterr()
+    assert cli_main(["convert", src, out, "--quiet", "--dtype", "bfloat16", "--components", "thinker,token2wav"]) == 0
+    assert "cast: thinker float32 -> bfloat16" in capsys.readouterr().err
+    man = oio.read_manifest(out)
     assert list(man["components"]) == ["thinker", "audio", "vision", "token2wav"]
-    assert man["skipped_components"] == ["talker"]
+    assert man["skipped_components"] == ["talker"] and man["cast_to"] == "bfloat16"
     th = man["components"]["thinker"]
-    assert th["store_dtype"] == "bfloat16" and len(th["groups"]) == 1
-    assert man["components"]["token2wav"]["store_dtype"] == "float32"  # token2wav always runs in float32
+    assert len(th["groups"]) == 1
+    for name in ("thinker", "audio", "vision"):
+        c = man["components"][name]
+        assert (c["dtype"], c["stored_dtypes"], c["source_dtypes"], c["cast"], c["cast_to"]) == \
+            ("bfloat16", ["bfloat16"], ["float32"], True, "bfloat16"), name
+    t2w = man["components"]["token2wav"]  # token2wav runs in float32: stored float32, nothing to cast
+    assert (t2w["dtype"], t2w["source_dtypes"], t2w["cast"], t2w["cast_to"]) == ("float32", ["float32"], False,
+                                                                                 "float32")
+    assert {(n, it[6]) for n, it in _items(man)} == {("thinker", "bfloat16"), ("audio", "bfloat16"),
+                                                     ("vision", "bfloat16"), ("token2wav", "float32")}
+    stored = _stored_arrays(out)
+    assert {a.dtype.name for (n, *_), a in stored.items() if n != "token2wav"} == {"bfloat16"}
+    assert {a.dtype.name for (n, *_), a in stored.items() if n == "token2wav"} == {"float32"}
     model = jax_model("gqa", "bfloat16")
     _, thinker = load_converted_component(out, "thinker", model.config, dtype="bfloat16")
     _assert_states_equal(thinker, model.stacked_params()["thinker"], "thinker bf16")
@@ -211,6 +269,90 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(src, converted, hf_mo
         want = ref.thinker(input_ids=ids).logits
     assert torch.equal(got, want)
     assert set(loaded.speaker_map) == {"Chelsie", "Ethan"}
+
+    # the export converted again with the defaults stores the very same arrays, dtypes included
+    again = str(tmp_path / "again")
+    man2 = convert(back, again, progress=False, group_bytes=16 << 10)
+    assert all(c["dtype"] == "float32" and not c["cast"] for c in man2["components"].values())
+    first, second = _stored_arrays(out), _stored_arrays(again)
+    assert set(first) == set(second) and len(first) > 50
+    for k, a in first.items():
+        assert a.dtype == second[k].dtype == np.float32 and a.tobytes() == second[k].tobytes(), k
+
+
+def test_export_reads_manifests_with_one_store_dtype(src, converted, tmp_path):
+    """A manifest from before per-item stored dtypes (one ``store_dtype`` per component) still exports."""
+    out, man = converted
+    old = str(tmp_path / "old")
+    shutil.copytree(out, old)
+    legacy = copy.deepcopy(man)
+    legacy["dtype"] = legacy.pop("cast_to") or "float32"
+    for c in legacy["components"].values():
+        c["store_dtype"] = c.pop("dtype")
+        for k in ("stored_dtypes", "source_dtypes", "cast", "cast_to"):
+            del c[k]
+        for g in c["groups"]:
+            g["items"] = [it[:6] for it in g["items"]]
+    with open(os.path.join(old, oio.MANIFEST), "w") as f:
+        json.dump(legacy, f)
+    back = str(tmp_path / "back")
+    assert cli_main(["export", old, back, "--quiet"]) == 0
+    a, b = Checkpoint(src), Checkpoint(back)
+    assert set(a.keys()) == set(b.keys())
+    for k in a.keys():
+        assert a.get(k).dtype == b.get(k).dtype and a.get(k).tobytes() == b.get(k).tobytes(), k
+
+
+def test_bf16_source_stays_bf16_and_loads_in_either_dtype(bf16_src, tmp_path):
+    """A bfloat16 source is stored in bfloat16 by default (float32 tensors beside it stay float32,
+    per tensor, even within one stacked parameter); it loads as float32 or bfloat16 with the values
+    the Hugging Face directory loads with (token2wav in float32 either way) and exports back bit-exact."""
+    import omni_jax
+    from convert.convert import COMPONENTS
+    from omni_jax.config import load_config
+    from omni_jax.token2wav import dit_per_layer, load_token2wav
+
+    out = str(tmp_path / "orbax")
+    man = convert(bf16_src, out, progress=False, group_bytes=16 << 10)
+    assert man["cast_to"] is None
+    for name in ("audio", "vision", "talker", "token2wav"):
+        c = man["components"][name]
+        assert (c["dtype"], c["stored_dtypes"], c["source_dtypes"], c["cast"]) == \
+            ("bfloat16", ["bfloat16"], ["bfloat16"], False), name
+    th = man["components"]["thinker"]
+    assert (th["dtype"], th["stored_dtypes"], th["source_dtypes"], th["cast"]) == \
+        ("mixed", ["bfloat16", "float32"], ["bfloat16", "float32"], False)
+    src_ckpt = Checkpoint(bf16_src)
+    for _, it in _items(man):  # every tensor is stored in its own source dtype
+        assert it[6] == src_ckpt.get(it[2]).dtype.name, it
+    assert {it[2] for _, it in _items(man) if it[6] == "float32"} == set(BF16_KEEP_F32)
+    stored = _stored_arrays(out)
+    assert stored[("thinker", "layers/input_layernorm/weight", 1, None)].dtype == np.float32
+    assert stored[("thinker", "layers/input_layernorm/weight", 0, None)].dtype.name == "bfloat16"
+
+    cfg = load_config(out)
+    for dt in ("float32", "bfloat16"):
+        ref = omni_jax.load(bf16_src, dtype=dt)
+        parts = {name: load_converted_component(out, name, cfg, dtype=dt) for name in COMPONENTS}
+        stacked = ref.stacked_params()
+        _assert_states_equal(parts["thinker"][1], stacked["thinker"], f"thinker {dt}")
+        _assert_states_equal(parts["talker"][1], stacked["talker"], f"talker {dt}")
+        _assert_states_equal(parts["audio"][1], nnx.state(ref.audio), f"audio {dt}")
+        _assert_states_equal(parts["vision"][1], nnx.state(ref.vision), f"vision {dt}")
+        assert {v.dtype.name for v in _leaves(parts["thinker"][1]).values()} == {dt}
+        t2w = nnx.merge(*parts["token2wav"])
+        dit_per_layer(t2w.code2wav_dit_model)
+        t2w_state = nnx.state(t2w)
+        assert {v.dtype.name for v in _leaves(t2w_state).values()} == {"float32"}
+        _assert_states_equal(t2w_state, nnx.state(load_token2wav(src_ckpt, cfg.token2wav)), f"token2wav {dt}")
+
+    back = str(tmp_path / "back")
+    export(out, back, progress=False)
+    b = Checkpoint(back)
+    assert set(src_ckpt.keys()) == set(b.keys())
+    for k in src_ckpt.keys():
+        x, y = src_ckpt.get(k), b.get(k)
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), k
 
 
 def test_torch_pickle_writer_without_torch(tmp_path):
@@ -374,13 +516,20 @@ def test_load_converted_directory_via_cli(hf_models, jax_model, tmp_path, capsys
     import omni_jax
     from omni_jax.cli import main
 
-    src, _ = hf_models("gqa")
+    src, torch_ref = hf_models("gqa")
     out = tmp_path / "converted"
-    assert main(["convert", src, str(out), "--dtype", "float32", "--quiet"]) == 0
+    assert main(["convert", src, str(out), "--quiet"]) == 0  # the default: a float32 source stays float32
     model = omni_jax.load(out, dtype="float32")
     ref = jax_model("gqa")
     ids = np.random.RandomState(3).randint(0, 280, (2, 7))
-    np.testing.assert_array_equal(model.thinker_logits(ids), ref.thinker_logits(ids))
+    got = model.thinker_logits(ids)
+    assert rel_err(got, ref.thinker_logits(ids)) <= 1e-6
+    np.testing.assert_array_equal(got, ref.thinker_logits(ids))
+    import torch
+
+    with torch.no_grad():
+        want = torch_ref.thinker(input_ids=torch.tensor(ids)).logits.numpy()
+    assert rel_err(got, want) <= 1e-4
     kw = dict(max_new_tokens=5, eos_token_id=[], return_audio=True, talker_do_sample=False,
               talker_max_new_tokens=10, talker_min_new_tokens=4)
     a, b = model.generate(ids, **kw), ref.generate(ids, **kw)

@@ -2,7 +2,8 @@
 
 The base checkpoint's tensors are streamed into a Hugging Face directory with the trained
 components' tensors substituted (in the base tensor's dtype), which :func:`convert.convert.convert`
-turns into the converted format: ``omni_jax.load(RUN_DIR/model)`` loads it and ``omni-jax export
+turns into the converted format, every tensor kept in the dtype it was written in (conversion's
+default; a float32 base stays float32): ``omni_jax.load(RUN_DIR/model)`` loads it and ``omni-jax export
 RUN_DIR/model HF_DIR`` gives a Hugging Face checkpoint back. Written atomically: the target
 appears whole or not at all.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from convert.convert import COMPONENTS, _prefixes, convert, export
 from convert.hf import iter_hf_tensors
-from convert.orbax_io import is_converted, read_manifest
+from convert.orbax_io import is_converted
 from convert.safetensors_io import Checkpoint, write_file
 
 SHARD_BYTES = 2 << 30
@@ -29,11 +30,9 @@ def write_model(model, params: dict, out_dir: str, *, progress: bool = True) -> 
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    dtype = None
     with tempfile.TemporaryDirectory(dir=parent, prefix=".model-") as tmp:
         src = base
-        if is_converted(base):
-            dtype = read_manifest(base).get("dtype")
+        if is_converted(base):  # exported in its stored dtypes, which conversion then keeps
             src = os.path.join(tmp, "base")
             export(base, src, progress=False)
         ckpt = Checkpoint(src)
@@ -68,8 +67,5 @@ def write_model(model, params: dict, out_dir: str, *, progress: bool = True) -> 
             p = os.path.join(src, f_)
             if os.path.isfile(p) and not f_.endswith(".safetensors") and f_ != "model.safetensors.index.json":
                 shutil.copyfile(p, os.path.join(hf, f_))
-        if dtype is None:
-            dtype = model.config.dtype or "bfloat16"
-            dtype = dtype if dtype in ("bfloat16", "float32") else "bfloat16"
-        convert(hf, out_dir, dtype=dtype, overwrite=True, progress=progress)
+        convert(hf, out_dir, overwrite=True, progress=progress)
     return out_dir
