@@ -3,9 +3,6 @@ hardware limit (decode: parameter + KV bytes / measured copy bandwidth; prefill:
 measured matmul throughput).
 
     python -m bench thinker --preset 3b --dtype bfloat16 --batch 1 8 --prompt 512 --new 128 --json out.json
-
-This is the first slice of the benchmarks issue: the side-by-side transformers run, talker,
-token2wav and memory figures come with it.
 """
 
 from __future__ import annotations

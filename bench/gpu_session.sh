@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 8 and 9 still need, in parts that each fit one 10-minute call on a
+# The GPU measurements not yet in docs/performance.md, in parts that each fit one 10-minute call on a
 # lent machine (run from the repository root; JSON results go to $OUT, default ./gpu_out):
 #
 #   bash bench/gpu_session.sh check   # versions, GPU, which imports are missing (seconds)

@@ -1,5 +1,5 @@
 """First-audio latency and real-time factor of ``model.stream`` at a published shape with random
-weights (issue 8 point 4 on an accelerator):
+weights, on an accelerator:
 
     python -m bench.gpu_stream --preset 3b --json out.json
 
