@@ -66,8 +66,8 @@ Measured closeness (:func:`closeness`: streamed vs whole decode of the same code
 
 Random-weight models (JAX init: ``_uniform``, torch's default Linear bound), float32, CPU, 10
 ODE steps, guidance 0.5, sway -1, 144 random codec ids (288 mel frames). DiT: published block
-24, repeats 2, mel 80, ff_mult 2, speaker-encoder shapes; width 512 (8 heads of 64; the 1024 of
-the published model did not fit this session's CPU time) and 4 layers (look-back layers 0 and
+24, repeats 2, mel 80, ff_mult 2, speaker-encoder shapes; width 512 (8 heads of 64; the published 1024 is
+too slow for a CPU sweep) and 4 layers (look-back layers 0 and
 3, look-ahead layer 2: the published 2-back / 1-ahead receptive field). BigVGAN: the published
 rates, kernels and dilations (hop 240) at width 256. ``VL = 24``, ``F = 4``; uniform chunks
 (``C0 = C``). Random DiTs couple frames weakly, so the table uses a *stress* variant whose
