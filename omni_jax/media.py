@@ -44,6 +44,13 @@ What the numbers follow (each checked in ``tests/test_media.py``):
   of ``temporal_patch_size`` by repeating the last one, and ``video_second_per_grid`` is
   ``temporal_patch_size / fps`` with the *processor's* ``fps`` argument, 2.0 when not
   given, as in the official pipeline (which never passes it).
+* Settings (mel bins, window, pixel bounds, patch sizes, statistics...) are the checkpoint's,
+  read by :func:`processor_configs` from either layout transformers reads: the nested
+  ``processor_config.json`` (transformers 5) or the flat ``preprocessor_config.json``
+  (published checkpoints), the nested section winning per component. Images use the image
+  processor's settings and video the video processor's, except the video pixel bounds:
+  ``Qwen2_5OmniProcessor`` passes its own (128 to 768 tokens of 28 x 28 pixels) at every call,
+  so the video processor's saved ``size`` has no effect there, nor here.
 * The audio track of a video (for ``use_audio_in_video``) is decoded with PyAV, averaged to
   mono and resampled to 16 kHz with librosa (soxr, librosa's default) like ``librosa.load``.
 * :func:`expand_placeholders` expands ``<|AUDIO|>``, ``<|IMAGE|>`` and ``<|VIDEO|>`` the way
@@ -60,7 +67,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,12 +92,134 @@ def _name(src: Any, what: str) -> str:
     return f"{what} (array of shape {tuple(shape)})" if shape is not None else f"{what} ({type(src).__name__})"
 
 
-def _read_preprocessor_config(directory: str | None) -> dict:
-    if directory is None:
-        return {}
-    path = os.path.join(directory, "preprocessor_config.json")
+# ======================================================================================
+# processor settings files
+
+
+PROCESSOR_CONFIG = "processor_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
+
+# Keys each component reads. A transformers 5 ``save_pretrained`` of a processor loaded from the
+# published flat file copies every flat key into every section, so a section may carry another
+# component's keys: a key is unknown only when no component knows it.
+_VISION_KEYS = frozenset({
+    "size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
+    "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize", "resample", "do_convert_rgb"})
+_VIDEO_ONLY_KEYS = frozenset({
+    "cap_pixels_per_frame", "max_video_tokens", "do_sample_frames", "fps", "num_frames", "min_frames", "max_frames"})
+_AUDIO_KEYS = frozenset({
+    "feature_size", "sampling_rate", "hop_length", "chunk_length", "n_fft", "padding_value", "dither", "padding_side"})
+# Keys that change nothing in the reference's outputs either: class names, values transformers
+# recomputes (n_samples, nb_max_frames), call options Qwen2_5OmniProcessor sets itself
+# (return_attention_mask, padding, truncation), output bookkeeping, and steps Qwen2-VL's
+# processors do not run (center crop, padding).
+_INFORMATIONAL_KEYS = frozenset({
+    "processor_class", "_processor_class", "auto_map", "image_processor_type", "video_processor_type",
+    "feature_extractor_type", "n_samples", "nb_max_frames", "return_attention_mask", "padding", "truncation",
+    "max_length", "pad_to_multiple_of", "load_audio_backend", "return_tensors", "return_metadata",
+    "video_metadata", "device", "input_data_format", "data_format", "default_to_square", "disable_grouping",
+    "image_seq_length", "crop_size", "do_center_crop", "do_pad", "pad_size"})
+_KNOWN_KEYS = _VISION_KEYS | _VIDEO_ONLY_KEYS | _AUDIO_KEYS | _INFORMATIONAL_KEYS
+# processor_config.json's own top level: the nested sections and the processor's bookkeeping
+_SECTIONS = ("image_processor", "video_processor", "feature_extractor", "audio_processor")
+_PROCESSOR_TOP_KEYS = frozenset(_SECTIONS) | {"processor_class", "auto_map", "chat_template"}
+
+
+def _show(v) -> str:
+    """A setting's value as it reads in its JSON file (``repr`` for what JSON cannot write)."""
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+class _Settings:
+    """One component's settings as read from one file, and how to name a key of it in messages:
+    ``<file>: <section>.<key>`` for a nested section, ``<file>: <key>`` for a flat file."""
+
+    def __init__(self, values: dict, path: str, section: str | None = None):
+        self.values, self.path = values, path
+        self.prefix = f"{section}." if section else ""
+        self.ignored: list[str] = []  # settings read but not applied, each with the reason
+
+    def _bad(self, key: str, what: str, v) -> "Exception":
+        from .errors import CheckpointError
+
+        return CheckpointError(f"{self.path}: {self.prefix}{key}: expected {what}, got {_show(v)}")
+
+    def get(self, key: str):
+        return self.values.get(key)
+
+    def ignore(self, key: str, why: str) -> None:
+        self.ignored.append(f"{self.prefix}{key} = {_show(self.values.get(key))} ({why})")
+
+    def positive_int(self, key: str) -> int | None:
+        """A positive integer (JSON integer, or a float with an integral value), None when absent."""
+        return self._positive_int(key, self.values.get(key))
+
+    def _positive_int(self, key: str, v) -> int | None:
+        if v is None:
+            return None
+        if isinstance(v, float) and math.isfinite(v) and v == int(v):
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise self._bad(key, "a positive integer", v)
+        return v
+
+    def number(self, key: str, *, positive: bool = False, nonnegative: bool = False) -> float | None:
+        v = self.values.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+                positive and v <= 0) or (nonnegative and v < 0):
+            raise self._bad(key, "a positive number" if positive else "a non-negative number" if nonnegative
+                            else "a finite number", v)
+        return float(v)
+
+    def flag(self, key: str) -> bool | None:
+        v = self.values.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, bool):
+            raise self._bad(key, "true or false", v)
+        return v
+
+    def channels(self, key: str, *, positive: bool = False) -> tuple[float, ...] | None:
+        """Per-channel statistics: a list of 3 numbers, or one number for all channels."""
+        v = self.values.get(key)
+        if v is None:
+            return None
+        items = list(v) if isinstance(v, (list, tuple)) else [v] * 3
+        if len(items) != 3 or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                                  or (positive and t <= 0) for t in items):
+            raise self._bad(key, "3 " + ("positive " if positive else "") + "numbers (one per RGB channel)", v)
+        return tuple(float(t) for t in items)
+
+    def pixel_bounds(self) -> tuple[int | None, int | None]:
+        """``(min_pixels, max_pixels)`` as Qwen2-VL's processors take them: ``size``'s
+        ``shortest_edge``/``longest_edge``, each overridden by a top-level ``min_pixels``/``max_pixels``."""
+        size = self.values.get("size")
+        if size is not None and not isinstance(size, dict):
+            raise self._bad("size", 'an object {"shortest_edge": min_pixels, "longest_edge": max_pixels}', size)
+        size = size or {}
+        lo = self.positive_int("min_pixels")
+        if lo is None:
+            lo = self._positive_int("size.shortest_edge", size.get("shortest_edge"))
+        hi = self.positive_int("max_pixels")
+        if hi is None:
+            hi = self._positive_int("size.longest_edge", size.get("longest_edge"))
+        if self.values.get("size") is not None and (lo is None or hi is None):
+            # transformers refuses such a size at the first call
+            raise self._bad("size", 'an object with "shortest_edge" and "longest_edge" (pixel bounds)',
+                            self.values["size"])
+        return lo, hi
+
+
+def _read_json_object(path: str) -> dict | None:
+    """The JSON object in ``path``; None when the file does not exist."""
     if not os.path.exists(path):
-        return {}
+        return None
     from .errors import CheckpointError
 
     try:
@@ -103,16 +232,79 @@ def _read_preprocessor_config(directory: str | None) -> dict:
     return d
 
 
+def _unknown_keys(d: dict, prefix: str = "") -> list[str]:
+    return [f"{prefix}{k}" for k in d if k not in _KNOWN_KEYS]
+
+
+def _processor_settings(directory: str | None) -> tuple[dict[str, _Settings], dict[str, list[str]]]:
+    """Each component's settings (``image``, ``video``, ``audio``; absent when no file has them),
+    found as transformers 5 finds them, and the unknown keys of each file read.
+
+    Per component, the section of ``processor_config.json`` (``image_processor``,
+    ``video_processor``, ``feature_extractor`` or ``audio_processor``; what transformers 5 writes)
+    takes precedence; without one, the flat legacy file is read: ``preprocessor_config.json``
+    for images and audio, ``video_preprocessor_config.json`` and then ``preprocessor_config.json``
+    for video. A file no component is read from is not opened."""
+    from .errors import CheckpointError
+
+    found: dict[str, _Settings] = {}
+    unknown: dict[str, list[str]] = {}
+    if not directory:
+        return found, unknown
+    nested_path = os.path.join(directory, PROCESSOR_CONFIG)
+    nested = _read_json_object(nested_path)
+    if nested is not None:
+        unknown[nested_path] = [k for k in nested if k not in _PROCESSOR_TOP_KEYS]
+        for section in _SECTIONS:
+            if nested.get(section) is not None and not isinstance(nested[section], dict):
+                raise CheckpointError(f"{nested_path}: {section}: expected a JSON object")
+            if isinstance(nested.get(section), dict):
+                unknown[nested_path] += _unknown_keys(nested[section], f"{section}.")
+        for kind, sections in (("image", ("image_processor",)), ("video", ("video_processor",)),
+                               ("audio", ("feature_extractor", "audio_processor"))):
+            section = next((s for s in sections if isinstance(nested.get(s), dict)), None)
+            if section is not None:
+                found[kind] = _Settings(nested[section], nested_path, section)
+    legacy = {"image": (PREPROCESSOR_CONFIG,), "video": (VIDEO_PREPROCESSOR_CONFIG, PREPROCESSOR_CONFIG),
+              "audio": (PREPROCESSOR_CONFIG,)}
+    read: dict[str, dict | None] = {}
+    for kind, names in legacy.items():
+        if kind in found:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            if path not in read:
+                read[path] = _read_json_object(path)
+                if read[path] is not None:
+                    unknown[path] = _unknown_keys(read[path])
+            if read[path] is not None:
+                found[kind] = _Settings(read[path], path)
+                break
+    return found, unknown
+
+
+def _warn_ignored(unknown: dict[str, list[str]], settings: Sequence[_Settings]) -> None:
+    """One warning per file naming the settings of it that are not applied."""
+    by_file = {path: [f"{k} (unknown)" for k in keys] for path, keys in unknown.items()}
+    for s in settings:
+        by_file.setdefault(s.path, []).extend(s.ignored)
+    for path, items in by_file.items():
+        items = list(dict.fromkeys(items))  # a flat file read for several components names a setting once
+        if items:
+            warnings.warn(f"{path}: omni-jax does not apply these processor settings: {'; '.join(items)}")
+
+
 # ======================================================================================
 # audio
 
 
 @dataclass(frozen=True)
 class AudioFeatureConfig:
-    """The checkpoint's ``WhisperFeatureExtractor`` settings (``preprocessor_config.json``).
+    """The checkpoint's ``WhisperFeatureExtractor`` settings (see :func:`processor_configs`).
 
-    Defaults are the published Qwen2.5-Omni values (128 mel bins, 300 s window), not
-    ``WhisperFeatureExtractor``'s own class defaults (80 bins, 30 s).
+    Defaults, for settings the checkpoint does not give, are the published Qwen2.5-Omni values
+    (128 mel bins, 300 s window), not ``WhisperFeatureExtractor``'s own class defaults (80
+    bins, 30 s).
     """
 
     feature_size: int = 128
@@ -134,18 +326,31 @@ class AudioFeatureConfig:
         return self.n_samples // self.hop_length
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AudioFeatureConfig":
-        kw = {}
-        for name, conv in (("feature_size", int), ("sampling_rate", int), ("hop_length", int),
-                           ("chunk_length", int), ("n_fft", int), ("padding_value", float), ("dither", float)):
-            if d.get(name) is not None:
-                kw[name] = conv(d[name])
+    def _from_settings(cls, s: _Settings) -> "AudioFeatureConfig":
+        kw: dict[str, Any] = {}
+        for name in ("feature_size", "sampling_rate", "hop_length", "chunk_length", "n_fft"):
+            if (v := s.positive_int(name)) is not None:
+                kw[name] = v
+        if (v := s.number("padding_value")) is not None:
+            kw["padding_value"] = v
+        if (v := s.number("dither", nonnegative=True)) is not None:
+            kw["dither"] = v
+        if s.get("padding_side") not in (None, "right"):
+            s.ignore("padding_side", "omni-jax pads audio on the right")
         return cls(**kw)
 
     @classmethod
+    def from_dict(cls, d: dict) -> "AudioFeatureConfig":
+        """From one flat dict of feature-extractor settings (``preprocessor_config.json``'s layout)."""
+        s = _Settings(d, "audio settings")
+        cfg = cls._from_settings(s)
+        _warn_ignored({s.path: _unknown_keys(d)}, [s])
+        return cfg
+
+    @classmethod
     def from_dir(cls, directory: str | None) -> "AudioFeatureConfig":
-        """Read ``preprocessor_config.json`` in ``directory``; defaults when it is missing."""
-        return cls.from_dict(_read_preprocessor_config(directory))
+        """The settings in a checkpoint directory (:func:`processor_configs`); defaults without any."""
+        return processor_configs(directory)[0]
 
 
 def _to_mono(x: np.ndarray, what: str) -> np.ndarray:
@@ -279,7 +484,7 @@ def log_mel(audio: np.ndarray, cfg: AudioFeatureConfig | None = None, *, pad: bo
     if n > cfg.n_samples:
         raise InputError(
             f"{what}: {n / cfg.sampling_rate:.2f} s of audio is longer than the {cfg.chunk_length} s the audio "
-            f"feature extractor accepts (preprocessor_config.json chunk_length); split it into shorter clips")
+            f"feature extractor accepts (its chunk_length setting); split it into shorter clips")
     if cfg.dither != 0.0:  # the reference draws fresh noise each call; ours is seeded
         x = x + cfg.dither * np.random.default_rng(0).standard_normal(n)
     total_frames = cfg.nb_max_frames  # the reference's 1 + n_samples // hop frames, the last dropped
@@ -331,11 +536,16 @@ def audio_inputs(audios: Sequence[np.ndarray], cfg: AudioFeatureConfig | None = 
 
 @dataclass(frozen=True)
 class VisionProcessConfig:
-    """Image / video preprocessing settings (``preprocessor_config.json`` and qwen-omni-utils).
+    """Image / video preprocessing settings: the checkpoint's Qwen2-VL image and video processors
+    (see :func:`processor_configs`) and qwen-omni-utils' video constants.
 
-    ``min_pixels``/``max_pixels`` bound images (published: 3136 and 12845056). The video
-    fields are qwen-omni-utils' constants and the processor's video ``size``
-    (``video_min_pixels``/``video_max_pixels``: 128 and 768 tokens of 28 x 28 pixels).
+    ``min_pixels``/``max_pixels`` bound images (published: 3136 and 12845056). The patch,
+    statistics and ``do_*`` fields are the image processor's; ``video`` holds the video
+    processor's when the checkpoint's differ (:meth:`for_video`). The video bounds are
+    qwen-omni-utils' constants and the video ``size`` ``Qwen2_5OmniProcessor`` passes at every
+    call (``video_min_pixels``/``video_max_pixels``: 128 and 768 tokens of 28 x 28 pixels),
+    which replaces the video processor's own ``size``. ``cap_pixels_per_frame`` and
+    ``max_video_tokens`` are the video processor's optional per-frame cap.
     """
 
     patch_size: int = 14
@@ -346,40 +556,115 @@ class VisionProcessConfig:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
-    # video (qwen-omni-utils)
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    # video (qwen-omni-utils, and the size Qwen2_5OmniProcessor gives its video processor)
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 768
     video_min_pixels: int = 128 * 28 * 28
     video_max_pixels: int = 768 * 28 * 28
     video_total_pixels: float = 128000 * 28 * 28 * 0.9
+    # the video processor's per-frame cap (transformers' cap_pixels_per_frame)
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 128000
+    # the video processor's settings, when they differ from the image processor's
+    video: "VisionProcessConfig | None" = None
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    def for_video(self) -> "VisionProcessConfig":
+        """The settings video preprocessing uses: the video processor's patch sizes, statistics,
+        ``do_*`` flags and cap (``video``, or these when it is None) with this config's
+        qwen-omni-utils fields (``fps``, frame bounds, ``video_*_pixels``)."""
+        if self.video is None:
+            return self
+        return replace(self.video, fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames,
+                       video_min_pixels=self.video_min_pixels, video_max_pixels=self.video_max_pixels,
+                       video_total_pixels=self.video_total_pixels, video=None)
+
+    @staticmethod
+    def _kwargs(s: _Settings, *, video: bool) -> dict[str, Any]:
+        """The fields one Qwen2-VL image (``video=False``) or video processor section sets."""
+        kw: dict[str, Any] = {}
+        lo, hi = s.pixel_bounds()  # validated for both; applied to images only (see the class notes)
+        if not video:
+            kw.update({k: v for k, v in (("min_pixels", lo), ("max_pixels", hi)) if v is not None})
+        for name in ("patch_size", "temporal_patch_size", "merge_size"):
+            if (v := s.positive_int(name)) is not None:
+                kw[name] = v
+        if (v := s.channels("image_mean")) is not None:
+            kw["image_mean"] = v
+        if (v := s.channels("image_std", positive=True)) is not None:
+            kw["image_std"] = v
+        if (v := s.number("rescale_factor", positive=True)) is not None:
+            kw["rescale_factor"] = v
+        for name in ("do_resize", "do_rescale", "do_normalize"):
+            if (v := s.flag(name)) is not None:
+                kw[name] = v
+        if s.get("resample") not in (None, 3):
+            s.ignore("resample", "omni-jax resizes with antialiased bicubic, 3")
+        if s.flag("do_convert_rgb") is False:
+            s.ignore("do_convert_rgb", "omni-jax always converts to RGB")
+        if video:
+            if (v := s.flag("cap_pixels_per_frame")) is not None:
+                kw["cap_pixels_per_frame"] = v
+            if (v := s.positive_int("max_video_tokens")) is not None:
+                kw["max_video_tokens"] = v
+            # frame sampling settings: used by transformers only with do_sample_frames, which
+            # samples again the frames it is given; omni-jax samples once, as qwen-omni-utils does
+            s.number("fps", positive=True)
+            for name in ("num_frames", "min_frames", "max_frames"):
+                s.positive_int(name)
+            if s.flag("do_sample_frames") and (s.get("fps") is not None or s.get("num_frames") is not None):
+                s.ignore("do_sample_frames", "omni-jax samples frames once, with qwen-omni-utils' rule")
+        return kw
+
+    @classmethod
+    def _from_kwargs(cls, image_kw: dict, video_kw: dict) -> "VisionProcessConfig":
+        img = cls(**image_kw)
+        vid = cls(**{**video_kw, "min_pixels": img.min_pixels, "max_pixels": img.max_pixels})
+        return img if vid == img else replace(img, video=vid)
+
     @classmethod
     def from_dict(cls, d: dict) -> "VisionProcessConfig":
-        kw: dict[str, Any] = {}
-        size = d.get("size") if isinstance(d.get("size"), dict) else {}
-        for name, alt in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
-            v = d.get(name, size.get(alt))
-            if v is not None:
-                kw[name] = int(v)
-        for name in ("patch_size", "temporal_patch_size", "merge_size"):
-            if d.get(name) is not None:
-                kw[name] = int(d[name])
-        for name in ("image_mean", "image_std"):
-            if d.get(name) is not None:
-                v = d[name]
-                kw[name] = tuple(float(t) for t in (v if isinstance(v, (list, tuple)) else [v] * 3))
-        if d.get("rescale_factor") is not None:
-            kw["rescale_factor"] = float(d["rescale_factor"])
-        return cls(**kw)
+        """From one flat dict of settings (``preprocessor_config.json``'s layout), which the image
+        and the video processor both read, as transformers does with that file."""
+        si, sv = _Settings(d, "vision settings"), _Settings(d, "vision settings")
+        cfg = cls._from_kwargs(cls._kwargs(si, video=False), cls._kwargs(sv, video=True))
+        _warn_ignored({si.path: _unknown_keys(d)}, [si, sv])
+        return cfg
 
     @classmethod
     def from_dir(cls, directory: str | None) -> "VisionProcessConfig":
-        return cls.from_dict(_read_preprocessor_config(directory))
+        """The settings in a checkpoint directory (:func:`processor_configs`); defaults without any."""
+        return processor_configs(directory)[1]
+
+
+def processor_configs(directory: str | None) -> tuple[AudioFeatureConfig, VisionProcessConfig]:
+    """The audio and vision preprocessing settings of a checkpoint directory, read as
+    ``Qwen2_5OmniProcessor.from_pretrained`` of transformers 5 reads them.
+
+    Both layouts are read: the nested ``processor_config.json`` that transformers 5's
+    ``save_pretrained`` writes (sections ``image_processor``, ``video_processor`` and
+    ``feature_extractor``) and the flat ``preprocessor_config.json`` of the published
+    checkpoints (with ``video_preprocessor_config.json``, if present, for video). Per component,
+    ``processor_config.json``'s section takes precedence, and the flat file is read only for a
+    component it has no section for (transformers' own order). Missing settings take the
+    published values. Settings omni-jax does not apply (unknown keys, unsupported values) give
+    one warning per file naming them; malformed values raise :class:`CheckpointError` naming the
+    file and the key.
+    """
+    found, unknown = _processor_settings(directory)
+    audio = AudioFeatureConfig._from_settings(found["audio"]) if "audio" in found else AudioFeatureConfig()
+    image_kw = VisionProcessConfig._kwargs(found["image"], video=False) if "image" in found else {}
+    video_kw = VisionProcessConfig._kwargs(found["video"], video=True) if "video" in found else {}
+    vision = VisionProcessConfig._from_kwargs(image_kw, video_kw)
+    _warn_ignored(unknown, list(found.values()))
+    return audio, vision
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -520,8 +805,9 @@ def image_inputs(images: Sequence, cfg: VisionProcessConfig | None = None) -> di
     pixels, grids = [], []
     for i, src in enumerate(images):
         rgb = load_image(src)
-        h, w = smart_resize(rgb.shape[0], rgb.shape[1], cfg.factor, cfg.min_pixels, cfg.max_pixels,
-                            name=_name(src, "image"))
+        h, w = rgb.shape[:2]
+        if cfg.do_resize:
+            h, w = smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels, name=_name(src, "image"))
         x = normalize_video(resize_frames(rgb[None], h, w), cfg)  # [1, h, w, C]
         pv, grid = patchify(np.broadcast_to(x, (cfg.temporal_patch_size, *x.shape[1:])), cfg)
         pixels.append(pv)
@@ -554,7 +840,7 @@ class Video:
 def num_sampled_frames(total_frames: int, video_fps: float, cfg: VisionProcessConfig | None = None, *,
                        name: str = "video") -> int:
     """qwen-omni-utils' ``smart_nframes`` for ``fps`` sampling."""
-    cfg = cfg or VisionProcessConfig()
+    cfg = (cfg or VisionProcessConfig()).for_video()
     f = cfg.temporal_patch_size
     min_frames = math.ceil(cfg.min_frames / f) * f
     max_frames = math.floor(min(cfg.max_frames, total_frames) / f) * f
@@ -749,14 +1035,23 @@ def load_video(src, fps: float | None = None, *, load_audio: bool = False,
 
 def video_frame_size(height: int, width: int, num_frames: int, cfg: VisionProcessConfig | None = None, *,
                      name: str = "video") -> tuple[int, int]:
-    """The size every frame is resized to: qwen-omni-utils' per-frame budget, then the
-    processor's own ``smart_resize`` (``video_min_pixels``/``video_max_pixels``)."""
-    cfg = cfg or VisionProcessConfig()
+    """The size every frame is resized to: qwen-omni-utils' per-frame budget, then the video
+    processor's own ``smart_resize`` (``video_min_pixels``/``video_max_pixels``, the size
+    ``Qwen2_5OmniProcessor`` passes; with ``cap_pixels_per_frame`` the upper bound is also held
+    to an even share of ``max_video_tokens`` as transformers computes it), unless the video
+    processor has ``do_resize`` off."""
+    cfg = (cfg or VisionProcessConfig()).for_video()
     f = cfg.temporal_patch_size
     budget = max(min(cfg.video_max_pixels, cfg.video_total_pixels / num_frames * f),
                  int(cfg.video_min_pixels * 1.05))
     h, w = smart_resize(height, width, cfg.factor, cfg.video_min_pixels, budget, qwen_utils=True, name=name)
-    return smart_resize(h, w, cfg.factor, cfg.video_min_pixels, cfg.video_max_pixels, name=name)
+    if not cfg.do_resize:
+        return h, w
+    max_pixels = cfg.video_max_pixels
+    if cfg.cap_pixels_per_frame:
+        total = int(cfg.max_video_tokens * cfg.factor * cfg.factor * 0.9)
+        max_pixels = max(min(max_pixels, total * f // num_frames), int(cfg.video_min_pixels * 1.05))
+    return smart_resize(h, w, cfg.factor, cfg.video_min_pixels, max_pixels, name=name)
 
 
 def _aa_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -854,11 +1149,17 @@ def normalize_video(frames: np.ndarray, cfg: VisionProcessConfig) -> np.ndarray:
     """uint8 ``[..., C]`` -> float32 with the fused arithmetic of transformers' torchvision
     backend (its video processor and its default image processor; used for both here): the
     rescale is folded into the statistics, ``(x - mean / r) / (std / r)`` in float32 with
-    ``mean / r`` and ``std / r`` rounded to float32 (``r = rescale_factor``)."""
-    inv = np.float32(1.0 / cfg.rescale_factor)
-    mean = np.asarray(cfg.image_mean, np.float32) * inv
-    std = np.asarray(cfg.image_std, np.float32) * inv
-    return (frames.astype(np.float32) - mean) / std
+    ``mean / r`` and ``std / r`` rounded to float32 (``r = rescale_factor``). Without
+    ``do_rescale`` it is ``(x - mean) / std``; without ``do_normalize``, ``x * r`` (or ``x``)."""
+    x = frames.astype(np.float32)
+    if not cfg.do_normalize:
+        return x * np.float32(cfg.rescale_factor) if cfg.do_rescale else x
+    mean = np.asarray(cfg.image_mean, np.float32)
+    std = np.asarray(cfg.image_std, np.float32)
+    if cfg.do_rescale:
+        inv = np.float32(1.0 / cfg.rescale_factor)
+        mean, std = mean * inv, std * inv
+    return (x - mean) / std
 
 
 def video_inputs(videos: Sequence[Video], cfg: VisionProcessConfig | None = None,
@@ -867,8 +1168,9 @@ def video_inputs(videos: Sequence[Video], cfg: VisionProcessConfig | None = None
     ``video_second_per_grid`` [B] float64 (``temporal_patch_size / fps``; ``fps`` is the
     processor's argument, 2.0 when None, as in the official pipeline). Keep it float64 for
     :func:`expand_placeholders`: the 2 s chunk boundaries compare ``t * second_per_grid * 25``
-    with multiples of 50, which a float32 value can move across (e.g. fps 3)."""
-    cfg = cfg or VisionProcessConfig()
+    with multiples of 50, which a float32 value can move across (e.g. fps 3). Frames are
+    processed with the video processor's settings (:meth:`VisionProcessConfig.for_video`)."""
+    cfg = (cfg or VisionProcessConfig()).for_video()
     pixels, grids = [], []
     for v in videos:
         t, h0, w0, _ = v.frames.shape

@@ -216,8 +216,7 @@ def process_conversations(text_proc: TextProcessor, convs: list, *, directory: s
 
     from . import media
 
-    acfg = media.AudioFeatureConfig.from_dir(directory) if directory else media.AudioFeatureConfig()
-    vcfg = media.VisionProcessConfig.from_dir(directory) if directory else media.VisionProcessConfig()
+    acfg, vcfg = media.processor_configs(directory)  # defaults when directory is None
     texts, audios, images, videos = [], [], [], []
     for conv in convs:
         validate_messages(conv)
