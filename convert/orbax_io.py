@@ -195,7 +195,7 @@ def converted_components(directory) -> list[str]:
 def save_group(ckptr, directory: str, arrays: dict[tuple[str, ...], np.ndarray]) -> None:
     """Write one group (``{tree path: array}``) as an orbax checkpoint at ``directory``."""
     try:
-        ckptr.save(directory, nested(list(arrays.items())))
+        ckptr.save(os.path.abspath(directory), nested(list(arrays.items())))  # orbax wants absolute paths
     except CheckpointError:
         raise
     except Exception as e:  # orbax/tensorstore wrap I/O errors (disk full...) in several types
@@ -206,10 +206,11 @@ def save_group(ckptr, directory: str, arrays: dict[tuple[str, ...], np.ndarray])
 def _restore(ckptr, directory: str, target=None):
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: parameter group is missing")
+    where = os.path.abspath(directory)  # orbax refuses relative paths; users type them
     try:
         if target is None:
-            return ckptr.restore(directory)
-        return ckptr.restore(directory, target)
+            return ckptr.restore(where)
+        return ckptr.restore(where, target)
     except CheckpointError:
         raise
     except Exception as e:  # orbax/tensorstore raise many types for damaged files

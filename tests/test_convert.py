@@ -543,3 +543,24 @@ def test_load_converted_directory_via_cli(hf_models, jax_model, tmp_path, capsys
     np.testing.assert_array_equal(omni_jax.load(back, dtype="float32").thinker_logits(ids), ref.thinker_logits(ids))
     assert main(["convert", src, str(out)]) == 2  # exists: needs --overwrite
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_relative_and_symlinked_paths(converted, jax_model, tmp_path, monkeypatch):
+    """Paths as users type them: a converted checkpoint given relative to the working directory, through a
+    symlink, or under ``~`` loads (orbax itself accepts only absolute paths); convert and export take
+    relative paths too."""
+    import omni_jax
+    from omni_jax.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(converted[0], work / "linked")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work))
+    ids = np.random.RandomState(5).randint(0, 280, (1, 6))
+    want = jax_model("gqa").thinker_logits(ids)
+    for path in ("linked", "./linked/", "~/linked"):
+        np.testing.assert_array_equal(omni_jax.load(path, dtype="float32").thinker_logits(ids), want)
+    assert main(["export", "linked", "exported", "--quiet"]) == 0
+    assert main(["convert", "exported", "again", "--quiet"]) == 0
+    np.testing.assert_array_equal(omni_jax.load("again", dtype="float32").thinker_logits(ids), want)
