@@ -1,4 +1,4 @@
-"""The public API: ``omni_jax.load`` and :class:`OmniModel` (see shared/api.md)."""
+"""The public API: ``omni_jax.load`` and :class:`OmniModel`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from .decoder import cache_for, stacked_state, to_per_layer
 from .errors import CheckpointError, InputError
 from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations, left_pad
-from .sharding import MeshJit, to_host, use_mesh
+from .sharding import MeshJit, as_auto_mesh, outside_context_mesh, to_host, use_mesh
+from .tmrope import decode_start
 
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
@@ -51,6 +52,7 @@ class StreamEvent:
     codec_ids: np.ndarray | None = None  # extension: on "done" with return_audio, all codec ids
 
 
+@outside_context_mesh
 @dataclass
 class Generation:
     """A generation in progress: the on-device :class:`~omni_jax.generate.DecodeState` and what
@@ -75,6 +77,7 @@ class Generation:
         return np.asarray(self.state.tokens[:, :int(self.state.n)])
 
 
+@outside_context_mesh
 @dataclass
 class TalkerRun:
     """A talker generation in progress (see OmniModel._talker_start)."""
@@ -120,25 +123,31 @@ def _dtype(name) -> Any:
     raise InputError(f"dtype '{name}' is not supported (bfloat16 or float32)")
 
 
+@outside_context_mesh
 def load(path, *, dtype="bfloat16", mesh=None, attention=None) -> "OmniModel":
     """Load a Hugging Face Qwen2.5-Omni checkpoint directory.
 
     ``dtype``: thinker/talker parameters and activations (``"bfloat16"`` or ``"float32"``).
-    ``mesh``: a ``jax.sharding.Mesh`` over axes among data/fsdp/tensor, or None (one device).
+    ``mesh``: a ``jax.sharding.Mesh`` over axes among data/fsdp/tensor (Auto, Explicit or mixed axis
+    types: ``jax.make_mesh``'s or :func:`omni_jax.make_mesh`'s), a spec such as ``"data=2,tensor=4"``,
+    or None (one device). The model computes on the same devices and axes with Auto axis types
+    (omni_jax.sharding.as_auto_mesh); ``model.mesh`` is that mesh, and the model's own device arrays
+    (parameters, a Generation's state) carry shardings on it. Results come back as numpy arrays.
     ``attention``: ``"xla"``, ``"pallas"`` or None (``$OMNI_JAX_ATTENTION`` if set, else Pallas on GPU/TPU
     and XLA on CPU; see omni_jax.attention.default_impl).
+
+    ``load`` and the model's methods may be called inside ``with jax.set_mesh(m):`` (any mesh, any
+    axis types): they run with the context mesh cleared and give it back on return (a stream,
+    between events), so it only governs the caller's own code (omni_jax.sharding.no_context_mesh).
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))  # "~/ckpt" from Python as from a shell
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected a Qwen2.5-Omni checkpoint directory)")
     dt = _dtype(dtype)
     impl = attention or default_impl()
     if impl not in ("xla", "pallas"):
         raise InputError(f"attention '{attention}' is not one of 'xla', 'pallas'")
-    if mesh is not None:
-        bad = [a for a in mesh.axis_names if a not in ("data", "fsdp", "tensor")]
-        if bad:
-            raise InputError(f"mesh axis names {bad} are not among data, fsdp, tensor")
+    mesh = as_auto_mesh(mesh)  # Explicit or mixed axis types -> the same mesh with Auto axes
     cfg = load_config(path)
     from convert.orbax_io import is_converted
 
@@ -205,7 +214,24 @@ def _load_hf(path, cfg, dt, mesh):
     return graphdef, state, audio, vision, talker, t2w
 
 
+# transformers' GenerationConfig defaults for the fields a caller and the checkpoint's
+# generation_config.json may both leave unset (GenerationConfig._get_default_generation_params)
+GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+# new tokens when neither the caller nor generation_config.json gives max_new_tokens or max_length: the
+# thinker_max_new_tokens default of transformers' Qwen2.5-Omni generate (GenerationConfig's own fallback,
+# max_length=20 in all, is a model-agnostic placeholder that transformers warns about)
+DEFAULT_MAX_NEW_TOKENS = 1024
+# generation_config.json fields read (beside EOS and pad) and the types each must have
+_GC_FIELDS = {"do_sample": (bool,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
+              "repetition_penalty": (int, float), "max_new_tokens": (int,), "max_length": (int,)}
+
+
 def _generation_config(path: str, processor: TextProcessor | None) -> dict:
+    """The checkpoint's ``generation_config.json`` as the fields generation reads: ``eos_token_id``
+    (a list; the tokenizer's ``<|im_end|>``/``<|endoftext|>`` when the file has none),
+    ``pad_token_id`` (the first EOS when none), and ``do_sample``, ``temperature``, ``top_k``,
+    ``top_p``, ``repetition_penalty``, ``max_new_tokens``, ``max_length`` (None where the file is
+    silent or null, like an unset field of transformers' GenerationConfig)."""
     gc: dict = {}
     p = os.path.join(path, "generation_config.json")
     if os.path.exists(p):
@@ -214,6 +240,18 @@ def _generation_config(path: str, processor: TextProcessor | None) -> dict:
                 gc = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{p}: cannot read ({e})") from None
+        if not isinstance(gc, dict):
+            raise CheckpointError(f"{p}: expected a JSON object")
+    out: dict = {}
+    for name, types in _GC_FIELDS.items():
+        v = gc.get(name)
+        bad = v is not None and (not isinstance(v, types) or (bool not in types and isinstance(v, bool)))
+        if not bad and v is not None and name != "do_sample":
+            bad = v < 0 or (name in ("repetition_penalty", "max_new_tokens", "max_length") and v == 0) or \
+                (name == "top_p" and v > 1)
+        if bad:
+            raise CheckpointError(f"{p}: {name} {v!r} is not a valid value")
+        out[name] = v
     eos = gc.get("eos_token_id")
     if eos is None and processor is not None:
         eos = [i for i in (processor.token_id("<|im_end|>"), processor.token_id("<|endoftext|>")) if i is not None]
@@ -221,9 +259,10 @@ def _generation_config(path: str, processor: TextProcessor | None) -> dict:
     pad = gc.get("pad_token_id")
     if pad is None:
         pad = eos[0] if eos else 0
-    return {"eos_token_id": eos, "pad_token_id": int(pad)}
+    return {"eos_token_id": eos, "pad_token_id": int(pad), **out}
 
 
+@outside_context_mesh
 class OmniModel:
     """A loaded Qwen2.5-Omni. Methods take numpy/lists and return numpy; all compute is jitted."""
 
@@ -333,6 +372,8 @@ class OmniModel:
                                         start=0, kv_valid=kv_valid, impl=impl)
             logits = th.lm_logits(model, h[:, -1])
             seen = jnp.zeros((b, vocab), jnp.int32).at[jnp.arange(b)[:, None], ids].max(mask) > 0
+            # each stream goes on from its last prompt position + 1, as transformers' generate extends the
+            # thinker's position ids (GenerationMixin._update_model_kwargs_for_generation); the talker differs
             state = initial_state(logits, cache, kv_valid, seen, pos[:, :, -1] + 1, t, sp, rng, max_new, eos, pad,
                                   n_bucket, do_sample, hidden_dim=tcfg.hidden_size if collect else 0,
                                   hidden_dtype=self.dtype)
@@ -376,8 +417,9 @@ class OmniModel:
             kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
             logits, cache = tk.logits(model, cfg, embeds, pos, cache=cache, start=0, kv_valid=kv_valid,
                                       impl=impl)
-            return initial_state(logits[:, -1], cache, kv_valid, seen, pos[:, :, -1] + 1, t, sp, rng, max_new, eos,
-                                 pad, n_bucket, do_sample, min_new=min_new, suppress=suppress)
+            # the talker decodes from its prompt's largest position + 1 (transformers' talker rope_deltas)
+            return initial_state(logits[:, -1], cache, kv_valid, seen, decode_start(pos, mask), t, sp, rng, max_new,
+                                 eos, pad, n_bucket, do_sample, min_new=min_new, suppress=suppress)
 
         def decode_fn(tparams, state, rest, n_steps, sp, eos, pad, do_sample):
             model = nnx.merge(tgdef, tparams)
@@ -555,6 +597,12 @@ class OmniModel:
         videos, vgrid = mm.get("pixel_values_videos"), mm.get("video_grid_thw")
         spg = mm.get("video_second_per_grid")
         aiv = bool(mm.get("use_audio_in_video"))
+        if videos is not None and spg is None and position_ids is None:
+            # a video's temporal positions need its frame rate, which pixel values do not carry (nor does
+            # transformers' get_rope_index guess it): refuse rather than assume 2 fps
+            raise InputError("video_second_per_grid: required with pixel_values_videos, one value per video "
+                             "(temporal_patch_size / fps of its sampled frames, e.g. 1.0 at 2 fps; the processor "
+                             "and messages=... compute it)")
         pieces = []
         seqlens = None
         if feats is not None:
@@ -581,8 +629,6 @@ class OmniModel:
 
             pieces.append((name, tok, encode_vision(self.vision, tc.vision, np.asarray(px), np.asarray(grid),
                                                     self.attention, mesh=self.mesh)))
-        if videos is not None and spg is None:
-            spg = [1.0] * len(np.asarray(vgrid).reshape(-1, 3))  # temporal patch 2 at 2 fps
         b, t = ids.shape
         idx_parts, emb_parts = [], []
         for name, tok, emb in pieces:
@@ -653,18 +699,51 @@ class OmniModel:
             raise InputError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         if do_sample and not (temperature is not None and temperature > 0):
             raise InputError(f"temperature: must be > 0 when sampling, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise InputError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0):
+            raise InputError(f"top_k: expected an int >= 0 (0: no top-k) or None, got {top_k!r}")
         if top_p is not None and not (0.0 < float(top_p) <= 1.0):
             raise InputError(f"top_p: must be in (0, 1], got {top_p!r}")
         if not (repetition_penalty is not None and repetition_penalty > 0):
             raise InputError(f"repetition_penalty: must be > 0, got {repetition_penalty!r}")
 
-    def prefill(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024, do_sample=False,
-                temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0, eos_token_id=None,
+    def sampling_settings(self, *, max_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None,
+                          repetition_penalty=None, prompt_length: int = 0, longest_prompt: int | None = None) -> dict:
+        """The thinker's sampling settings, each argument left as None filled in as transformers does:
+        from the checkpoint's ``generation_config.json``, else from transformers' ``GenerationConfig``
+        defaults (greedy; when sampling, temperature 1.0, top-k 50, top-p 1.0; repetition penalty 1.0).
+        ``top_k=0`` means no top-k. ``max_new_tokens``: the argument, else the file's ``max_new_tokens``,
+        else its ``max_length`` minus ``prompt_length`` (the prompt's padded width, as transformers counts
+        it), else 1024 (Qwen2.5-Omni's ``thinker_max_new_tokens`` default), cut to what
+        ``max_position_embeddings`` leaves after ``longest_prompt`` tokens. Returns a dict with those six
+        keys (values not yet validated)."""
+        gc = self.generation_config
+        out = {}
+        for name, given in (("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k),
+                            ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+            v = given if given is not None else gc.get(name)
+            out[name] = GENERATION_DEFAULTS[name] if v is None else v
+        out["do_sample"] = bool(out["do_sample"])
+        if max_new_tokens is None:
+            max_new_tokens = gc.get("max_new_tokens")
+        if max_new_tokens is None and gc.get("max_length") is not None:
+            max_new_tokens = int(gc["max_length"]) - int(prompt_length)
+            if max_new_tokens < 1:
+                raise InputError(f"the checkpoint's generation_config.json max_length ({gc['max_length']}) leaves no "
+                                 f"room after a prompt of {prompt_length} tokens; pass max_new_tokens")
+        if max_new_tokens is None:
+            room = self.config.thinker.text.max_position_embeddings - int(longest_prompt or prompt_length)
+            max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+        out["max_new_tokens"] = max_new_tokens
+        return out
+
+    def prefill(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=None, do_sample=None,
+                temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=0, eos_token_id=None,
                 **kwargs) -> "Generation":
         """Validate, left-align and bucket the prompt and run the prefill (which also picks the first new
-        token). Returns a :class:`Generation`; advance it with :meth:`decode_steps`."""
+        token). Returns a :class:`Generation`; advance it with :meth:`decode_steps`.
+
+        Sampling arguments left as None take the checkpoint's ``generation_config.json`` values, then
+        transformers' defaults (:meth:`sampling_settings`); explicit arguments win."""
         if kwargs.get("return_audio"):
             self._check_speech(kwargs.get("speaker", "Chelsie"), kwargs.get("talker_max_new_tokens", 4096))
         unknown = set(kwargs) - set(MULTIMODAL_ARGS) - {"use_audio_in_video", "return_audio", "speaker",
@@ -685,9 +764,14 @@ class OmniModel:
             kwargs.update(enc)
         else:
             ids, mask = self._ids_and_mask(input_ids, attention_mask)
-        self._check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
         limit = self.config.thinker.text.max_position_embeddings
         longest = int(mask.sum(1).max())
+        st = self.sampling_settings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                    prompt_length=ids.shape[1], longest_prompt=longest)
+        max_new_tokens, do_sample, temperature = st["max_new_tokens"], st["do_sample"], st["temperature"]
+        top_k, top_p, repetition_penalty = st["top_k"], st["top_p"], st["repetition_penalty"]
+        self._check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
         if longest + max_new_tokens > limit:
             raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds "
                              f"max_position_embeddings ({limit})")
@@ -724,14 +808,19 @@ class OmniModel:
             gen.state = gen._run(gen.state, n)
         return gen
 
-    def generate(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024,
-                 do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0,
+    def generate(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=None,
+                 do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=0,
                  eos_token_id=None, **kwargs) -> GenerateOutput:
-        """Generate a reply for each row (see shared/api.md); with ``return_audio=True`` also its speech."""
+        """Generate a reply for each row; with ``return_audio=True`` also its speech.
+
+        Thinker sampling arguments left as None (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``) take the checkpoint's
+        ``generation_config.json`` values, then transformers' ``GenerationConfig`` defaults
+        (:meth:`sampling_settings`); ``top_k=0`` means no top-k."""
         gen = self.prefill(input_ids, attention_mask, messages, max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id, **kwargs)
-        self.decode_steps(gen, max_new_tokens)
+        self.decode_steps(gen, gen.max_new_tokens)
         ids, eos, new = gen.prompt_ids, gen.eos, gen.new_tokens()
         out = GenerateOutput(sequences=np.concatenate([ids, new.astype(ids.dtype)], axis=1),
                              text=[self._decode_reply(row, eos) for row in new], prompt_length=ids.shape[1])
@@ -835,8 +924,8 @@ class OmniModel:
                 break
         return self.processor.decode(row)
 
-    def stream(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=1024,
-               do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seed=0,
+    def stream(self, input_ids=None, attention_mask=None, messages=None, *, max_new_tokens=None,
+               do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=0,
                eos_token_id=None, steps_per_event=4, **kwargs) -> Iterator[StreamEvent]:
         """Yield :class:`StreamEvent` s for one conversation, in order: ``text`` deltas (whole UTF-8
         characters) as the thinker produces tokens and, with ``return_audio=True``, ``audio`` chunks
@@ -847,7 +936,8 @@ class OmniModel:
         :class:`omni_jax.streaming.StreamingToken2Wav` (the chunk algorithm documented there).
         Text and codec ids equal :meth:`generate`'s; the audio is the chunked decode of the same
         codes and noise. The ``done`` event carries all reply ids in ``token_ids``; the codec ids
-        are in ``codec_ids`` of the last ``audio`` event's ... see ``StreamEvent``.
+        are in ``codec_ids`` of the last ``audio`` event's ... see ``StreamEvent``. Sampling
+        arguments left as None are filled in as :meth:`generate` does (:meth:`sampling_settings`).
         """
         t0 = time.perf_counter()
         if messages is not None and is_batch_of_conversations(messages):

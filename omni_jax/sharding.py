@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -166,7 +166,139 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
         from .errors import InputError
         raise InputError(f"mesh {full} needs {n} devices, only {len(devices)} available")
     arr = np.array(devices[:n]).reshape(tuple(full.values()))
-    return Mesh(arr, MESH_AXES)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def as_auto_mesh(mesh) -> Mesh | None:
+    """The mesh the library computes on, from the one a user passes: ``None`` (one device), a
+    :class:`jax.sharding.Mesh` of any axis types (``jax.make_mesh`` gives Explicit axes by default,
+    :func:`make_mesh` Auto ones, a hand-built mesh may mix them), or a ``"data=2,tensor=4"`` spec.
+
+    Axis names must be among ``data``, ``fsdp``, ``tensor``. The result has the same devices and
+    axes, all of type Auto: every program here declares its layouts by ``in_shardings``,
+    ``out_shardings`` and :func:`constrain`, and lets the compiler propagate the rest, which is the
+    Auto-axis contract. Explicit axes would instead type every intermediate's sharding, and ops
+    whose output sharding is ambiguous (the embedding gather of a vocab-sharded table by
+    batch-sharded ids) refuse to trace. The library's arrays therefore carry Auto-mesh shardings,
+    and those it returns to the user are numpy arrays.
+    """
+    from .errors import InputError
+
+    if mesh is None:
+        return None
+    if isinstance(mesh, (str, Mapping)):
+        return make_mesh(mesh)
+    if not isinstance(mesh, Mesh):
+        raise InputError(f"mesh: expected a jax.sharding.Mesh (or a spec like 'data=2,tensor=4'), "
+                         f"got {type(mesh).__name__}")
+    bad = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if bad:
+        raise InputError(f"mesh axis names {bad} are not among {', '.join(MESH_AXES)}")
+    auto = (AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) == auto:
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def mesh_spec(mesh: Mesh | None) -> str | None:
+    """``"data=2,fsdp=1,tensor=4"``: a mesh's axis sizes as a :func:`make_mesh` spec (None: None)."""
+    return None if mesh is None else ",".join(f"{a}={n}" for a, n in mesh.shape.items())
+
+
+@contextlib.contextmanager
+def no_context_mesh():
+    """Run the enclosed library code with JAX's context mesh (``jax.set_mesh``) cleared.
+
+    The library places every array with an explicit :class:`NamedSharding` on the mesh given to
+    :func:`omni_jax.load` (made Auto by :func:`as_auto_mesh`) and needs no context mesh. A user's
+    ``with jax.set_mesh(m):`` would otherwise apply to the library's own programs: with Explicit
+    axes JAX checks every operation's operands against the context mesh (and our Auto-mesh arrays
+    never match it). A no-op when no context mesh is set, or inside a trace (``jax.set_mesh``
+    cannot be entered there; code traced under a user's ``jax.jit`` keeps the user's context).
+    """
+    if jax.sharding.get_abstract_mesh().empty:
+        yield
+        return
+    try:
+        scope = jax.set_mesh(None)
+    except ValueError:  # inside a trace: jax.set_mesh is refused there
+        yield
+        return
+    with scope:
+        yield
+
+
+def outside_context_mesh(obj):
+    """Decorator: the function, generator function or every public method and property of a class
+    runs under :func:`no_context_mesh`. A generator runs each step under it and gives the caller's
+    context back between items, so the caller's own code in the loop body keeps its mesh."""
+    import functools
+    import inspect
+
+    if isinstance(obj, type):
+        for name, attr in list(vars(obj).items()):
+            if name.startswith("_") and name != "__call__":
+                continue
+            if isinstance(attr, property):
+                setattr(obj, name, property(*(outside_context_mesh(f) if f is not None else None
+                                              for f in (attr.fget, attr.fset, attr.fdel)), attr.__doc__))
+            elif inspect.isfunction(attr):
+                setattr(obj, name, outside_context_mesh(attr))
+        return obj
+    if inspect.isgeneratorfunction(obj):
+        @functools.wraps(obj)
+        def gen(*args, **kwargs):
+            with no_context_mesh():
+                it = obj(*args, **kwargs)
+            try:
+                while True:
+                    with no_context_mesh():
+                        try:
+                            item = next(it)
+                        except StopIteration as stop:
+                            return stop.value
+                    yield item
+            finally:
+                with no_context_mesh():
+                    it.close()
+
+        return gen
+
+    @functools.wraps(obj)
+    def fn(*args, **kwargs):
+        with no_context_mesh():
+            return obj(*args, **kwargs)
+
+    return fn
+
+
+def _tree_mesh(tree):
+    """The abstract mesh the first sharded array (or tracer) of ``tree`` lives on; None if none does."""
+    for x in jax.tree.leaves(tree):
+        if not isinstance(x, jax.Array):
+            continue
+        mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+        if mesh is not None and not mesh.empty:
+            return mesh
+    return None
+
+
+def on_arrays_mesh(fn, *trees):
+    """``fn(*trees)`` (pytrees of arrays) with the mesh of the first sharded array as JAX's abstract
+    mesh and its Explicit axes made Auto for the duration (``jax.sharding.auto_axes``), for
+    functions a user traces under their own ``jax.jit`` (where :func:`no_context_mesh` cannot act).
+    The model code is written for Auto axes (see :func:`as_auto_mesh`); this lets it take arrays
+    placed on an Explicit mesh, and arrays on an Auto mesh inside a caller's Explicit
+    ``jax.set_mesh``. On an Explicit mesh every output must be a scalar (they come back
+    replicated). Arrays on no mesh: a plain call."""
+    mesh = _tree_mesh(trees)
+    if mesh is None:
+        return fn(*trees)
+    with jax.sharding.use_abstract_mesh(mesh):
+        explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+        if not explicit:
+            return fn(*trees)
+        return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=P())(*trees)
 
 
 # logical axes of the arrays that cross the jitted entry points, by pytree path (first match wins):

@@ -264,7 +264,8 @@ def talker_layout(config: OmniConfig, input_ids, attention_mask, replies, mm: di
             codec_in[r, col] = c[j - 1]
         tlabels[r, off + lp + 1 + np.arange(k)] = c
         tpos[:, r, off:off + lp + 2] = ppos[:, r, lp_max - lp - 2:]
-        tpos[:, r, off + lp + 2:] = ppos[:, r, -1:] + np.arange(1, k)[None, :]
+        # decoding goes on from the prompt's largest position + 1 (tmrope.decode_start), as in inference
+        tpos[:, r, off + lp + 2:] = ppos[:, r, p_mask[r] == 1].max() + np.arange(1, k)[None, :]
     return dict(talker_kind=kind, talker_src=src, talker_extra=extra, talker_codec_in=codec_in,
                 talker_labels=tlabels, talker_position_ids=tpos)
 
@@ -389,7 +390,20 @@ def train_loss(params, batch, config: OmniConfig, *, impl: str = "xla", remat: b
     ``aux``: ``thinker_loss_sum``, ``thinker_tokens``, and ``talker_loss_sum``/``talker_tokens``.
     ``params["thinker"]``/``params["talker"]`` may hold their decoder layers stacked (the checkpoint and
     training layout, one ``lax.scan``; :func:`model_params`) or per layer (a loaded model's own
-    ``model.params``, a Python loop over the layers)."""
+    ``model.params``, a Python loop over the layers).
+
+    Meshes: ``params`` may lie on a mesh of Auto axes (as :func:`model_params` and the trainer place
+    them) or of Explicit ones (``jax.make_mesh``'s default), and the call may sit inside a caller's
+    ``jax.set_mesh``: the loss runs on the parameters' mesh with its axes Auto
+    (:func:`omni_jax.sharding.on_arrays_mesh`) and returns replicated scalars."""
+    from .sharding import on_arrays_mesh
+
+    return on_arrays_mesh(lambda p, b: _train_loss(p, b, config, impl=impl, remat=remat, talker_weight=talker_weight,
+                                                   talker_trains_thinker=talker_trains_thinker, ce_chunk=ce_chunk),
+                          params, batch)
+
+
+def _train_loss(params, batch, config: OmniConfig, *, impl, remat, talker_weight, talker_trains_thinker, ce_chunk):
     h, plain, model = thinker_forward(params, batch, config, impl=impl, remat=remat)
     b, t, e = h.shape
     labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full((b, 1), IGNORE, jnp.int32)], axis=1)

@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
-from jax.sharding import PartitionSpec as P
+import jax
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
 
-from omni_jax.sharding import logical_to_spec, param_axes
+from omni_jax.errors import InputError
+from omni_jax.sharding import as_auto_mesh, logical_to_spec, make_mesh, outside_context_mesh, param_axes
 
 
 class FakeMesh:
@@ -33,6 +36,61 @@ def test_table_and_fallback_rule():
     assert logical_to_spec(("vocab",), (300,), FakeMesh(data=2, tensor=1), {"vocab": "data"}) == P("data")
 
 
+def test_user_meshes_become_auto_meshes():
+    """Explicit and mixed axis types become Auto on the same devices and axes; Auto passes through."""
+    auto = (AxisType.Auto, AxisType.Auto)
+    for types in [(AxisType.Explicit, AxisType.Explicit), (AxisType.Explicit, AxisType.Auto), None]:
+        user = jax.make_mesh((1, 1), ("data", "tensor"), axis_types=types)
+        m = as_auto_mesh(user)
+        assert m.axis_names == ("data", "tensor") and tuple(m.axis_types) == auto, types
+        assert m.devices.tolist() == user.devices.tolist()
+    assert jax.make_mesh((1,), ("data",)).axis_types == (AxisType.Explicit,)  # JAX's default here
+    ours = make_mesh("tensor=1")
+    assert as_auto_mesh(ours) is ours and set(ours.axis_types) == {AxisType.Auto}
+    assert as_auto_mesh(None) is None
+    assert as_auto_mesh("fsdp=1").shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(InputError, match=r"mesh axis names \['x'\]"):
+        as_auto_mesh(jax.make_mesh((1,), ("x",)))
+    with pytest.raises(InputError, match="expected a jax.sharding.Mesh"):
+        as_auto_mesh(jax.devices())
+
+
+def test_library_calls_clear_the_callers_context_mesh():
+    """Inside ``jax.set_mesh`` the library runs with no context mesh; the caller's is back after each
+    call and between the items of a generator."""
+    seen = []
+
+    @outside_context_mesh
+    def f():
+        seen.append(jax.sharding.get_abstract_mesh().empty)
+        return 1
+
+    @outside_context_mesh
+    def g():
+        for i in range(2):
+            seen.append(jax.sharding.get_abstract_mesh().empty)
+            yield i
+
+    @outside_context_mesh
+    class C:
+        def m(self):
+            return jax.sharding.get_abstract_mesh().empty
+
+        @property
+        def p(self):
+            return jax.sharding.get_abstract_mesh().empty
+
+    mesh = jax.make_mesh((1,), ("data",))
+    with jax.set_mesh(mesh):
+        assert f() == 1
+        between = []
+        for _ in g():
+            between.append(jax.sharding.get_abstract_mesh() == mesh.abstract_mesh)
+        assert C().m() and C().p
+        assert jax.sharding.get_abstract_mesh() == mesh.abstract_mesh
+    assert seen == [True, True, True] and between == [True, True]
+
+
 def test_sharded_equals_single_device_on_8_host_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     here = os.path.dirname(__file__)
@@ -48,6 +106,18 @@ def test_sharded_equals_single_device_on_8_host_devices():
             assert m["ids_equal"], where
             assert m["codes_equal"], where
             assert m["sharding_mismatches"] == [], where
+            assert m["auto_mesh"], where
+            assert m["loss_rel"] <= 1e-5, where
+            assert m["stream_equal"], where
+    # jax.make_mesh's Explicit-axis mesh, and every entry point inside `with jax.set_mesh(...)`
+    assert "explicit data=4,tensor=2" in res["gqa"] and "fsdp=8" in res["gqa"]
+    sm = res["gqa"]["explicit data=4,tensor=2"]["set_mesh"]
+    assert sm["text_err"] <= 1e-5 and sm["mm_err"] <= 1e-5 and sm["loss_rel"] <= 1e-5, sm
+    assert sm["wav_err"] <= 1e-5, sm
+    assert sm["ids_equal"] and sm["codes_equal"] and sm["stream_equal"], sm
+    assert sm["context_kept"] and sm["user_code"] and sm["load_equal"], sm
+    assert res["gqa"]["explicit data=4,tensor=2"]["serve_equal"]
+    assert res["gqa"]["explicit data=4,tensor=2"]["q_proj_spec"] == str(P(None, "tensor"))
     # layer 0's q_proj of the per-layer inference layout: the stacked rule without the layer axis
     assert res["gqa"]["tensor=8"]["q_proj_spec"] == str(P(None, "tensor"))
     assert res["odd"]["tensor=8"]["q_proj_spec"] == str(P(None, None))  # 60 columns: replicated

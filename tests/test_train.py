@@ -221,7 +221,7 @@ def test_train_step_on_eight_devices(data, tmp_path):
                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(out) == {"fsdp=8", "data=2,tensor=4"}
+    assert set(out) == {"fsdp=8", "explicit data=2,tensor=4"}  # Auto axes, and jax.make_mesh's Explicit ones
     for mesh, r in out.items():
         assert r["loss_rel"] <= 1e-5 and r["param_rel"] <= 1e-5, (mesh, r)
         assert r["sharded_params"] > 0, mesh

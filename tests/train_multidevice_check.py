@@ -14,23 +14,72 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
 
 import omni_jax  # noqa: E402
+from omni_jax.training import make_batch, model_params, train_loss  # noqa: E402
 from train.trainer import Options, Trainer  # noqa: E402
 
-MESHES = ["fsdp=8", "data=2,tensor=4"]
+# "fsdp=8": an omni_jax.make_mesh spec (Auto axes); "explicit data=2,tensor=4": jax.make_mesh's default
+# mesh (Explicit axes, no fsdp axis) handed to Options as a Mesh, the trainer built and stepped inside
+# `with jax.set_mesh(mesh)`
+EXPLICIT = "explicit data=2,tensor=4"
+MESHES = ["fsdp=8", EXPLICIT]
 
 
 def trained(data, out, mesh):
     o = Options(model=omni_jax.default_model_path(), data=data, out=out, steps=2, batch_size=4, grad_accum=2, lr=3e-3,
                 dtype="float32", max_length=64, save_model=False, progress=False, mesh=mesh)
-    tr = Trainer(o)
-    losses = [tr.train_step()["loss"] for _ in range(2)]
+    if mesh == EXPLICIT:
+        user = jax.make_mesh((2, 4), ("data", "tensor"))
+        assert set(user.axis_types) == {AxisType.Explicit}, user.axis_types
+        o.mesh = user
+        with jax.set_mesh(user):
+            tr = Trainer(o)
+            losses = [tr.train_step()["loss"] for _ in range(2)]
+            assert jax.sharding.get_abstract_mesh() == user.abstract_mesh  # the caller's context is back
+        # the trainer computes on the same devices and axes with Auto axis types
+        assert tr.mesh.devices.tolist() == user.devices.tolist() and tr.mesh.axis_names == user.axis_names
+        assert set(tr.mesh.axis_types) == {AxisType.Auto}
+        with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+            assert json.load(f)["mesh"] == "data=2,tensor=4"
+        train_loss_on(omni_jax.load(o.model, dtype="float32", mesh=user), user)  # the trainer's holds donated buffers
+    else:
+        tr = Trainer(o)
+        losses = [tr.train_step()["loss"] for _ in range(2)]
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tr.trainable)[0]}
     sharded = sum(1 for x in jax.tree.leaves(tr.trainable)
                   if isinstance(x.sharding, NamedSharding) and any(a is not None for a in x.sharding.spec))
     return np.asarray(losses), flat, sharded
+
+
+def train_loss_on(model, user):
+    """omni_jax.train_loss under the caller's own jax.jit: parameters on the model's Auto mesh and
+    moved to the caller's Explicit one, inside and outside ``jax.set_mesh``, equal one device."""
+    rs = np.random.RandomState(1)
+    ids = rs.randint(0, 200, (4, 12))
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0
+    batch = make_batch(model.config, ids, mask, np.where(mask == 1, ids, -100))
+    auto = {"thinker": model_params(model)["thinker"]}
+    explicit = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(user, x.sharding.spec)), auto)
+    host = jax.tree.map(np.asarray, auto)
+
+    def loss(p, b):
+        return train_loss(p, b, model.config)[0]
+
+    ref = float(jax.jit(loss)(host, batch))
+    ref_g = jax.tree.leaves(jax.jit(jax.grad(loss))(host, batch))
+    got = [float(jax.jit(loss)(auto, batch)), float(jax.jit(loss)(explicit, batch))]
+    with jax.set_mesh(user):
+        got += [float(jax.jit(loss)(auto, batch)), float(jax.jit(loss)(explicit, batch))]
+        g = jax.jit(jax.grad(loss))(explicit, batch)
+        assert all(x.sharding.mesh == user for x in jax.tree.leaves(g))  # gradients where the parameters are
+        g = jax.tree.leaves(jax.tree.map(np.asarray, g))
+    for x in got:
+        assert abs(x - ref) <= 1e-5 * abs(ref), (got, ref)
+    num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(g, ref_g))
+    assert np.sqrt(num / sum(float(np.sum(b ** 2)) for b in ref_g)) <= 1e-5
 
 
 def main():

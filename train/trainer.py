@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import optax
 
 from omni_jax.api import bucket
 from omni_jax.errors import InputError
-from omni_jax.sharding import use_mesh
+from omni_jax.sharding import as_auto_mesh, mesh_spec, outside_context_mesh, use_mesh
 from omni_jax.training import model_params, train_loss
 
 from . import data as D
@@ -65,7 +66,7 @@ class Options:
     eval_every: int = 0
     max_length: int = 2048
     on_error: str = "fail"
-    mesh: str | None = None
+    mesh: Any = None  # a jax.sharding.Mesh (any axis types), a spec like 'data=2,tensor=4', or None
     attention: str | None = None
     talker_weight: float = 1.0
     use_audio_in_video: bool = False
@@ -77,6 +78,7 @@ def _tree_cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+@outside_context_mesh
 class Trainer:
     def __init__(self, opts: Options, log=print):
         import omni_jax
@@ -94,7 +96,7 @@ class Trainer:
         if o.dtype not in ("bfloat16", "float32"):
             raise InputError(f"--dtype: bfloat16 or float32, got '{o.dtype}'")
         self.compute_dtype = jnp.bfloat16 if o.dtype == "bfloat16" else jnp.float32
-        self.mesh = omni_jax.make_mesh(o.mesh) if o.mesh else None
+        self.mesh = as_auto_mesh(o.mesh)  # the model's and every train program's mesh, with Auto axes
         self._check_run_dir()
         self.model = model = omni_jax.load(o.model, dtype="float32", mesh=self.mesh, attention=o.attention)
         self.config = model.config
@@ -177,7 +179,10 @@ class Trainer:
         runf = os.path.join(o.out, RUN_FILE)
         tmp = runf + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(o), f, indent=1)
+            run = {f.name: getattr(o, f.name) for f in dataclasses.fields(o)}
+            if not isinstance(o.mesh, (str, dict, type(None))):
+                run["mesh"] = mesh_spec(self.mesh)  # a Mesh object is not JSON: its axis sizes
+            json.dump(run, f, indent=1)
         os.replace(tmp, runf)
 
     def _encode(self, records, desc):

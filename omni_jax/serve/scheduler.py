@@ -45,6 +45,7 @@ import numpy as np
 
 from ..api import _noise_key, bucket
 from ..errors import OmniError
+from ..sharding import outside_context_mesh
 from .batch import SlotBatch, empty_state, occupancy_bucket, sampling_row, talker_step_fn, thinker_step_fn
 
 log = logging.getLogger("omni_jax.serve")
@@ -81,19 +82,24 @@ class QueueFull(Exception):
 
 @dataclass
 class GenParams:
-    max_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
+    """A request's generation parameters. The thinker's fields left as None take the checkpoint's
+    ``generation_config.json`` values, then transformers' defaults, when the request starts
+    (:meth:`omni_jax.api.OmniModel.sampling_settings`; ``max_tokens`` is then capped at the server's
+    limit); ``talker_do_sample`` None follows the thinker's ``do_sample``."""
+
+    max_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None  # 0: no top-k
     top_p: float | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     seed: int = 0
     ignore_eos: bool = False
     speech: bool = False
     voice: str = "Chelsie"
     talker_max_new_tokens: int = 1024
     talker_min_new_tokens: int = 0
-    talker_do_sample: bool = True
+    talker_do_sample: bool | None = True
     talker_top_k: int | None = 40
     talker_top_p: float | None = 0.8
     talker_temperature: float = 0.9
@@ -236,6 +242,7 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+@outside_context_mesh  # built or driven inside a caller's jax.set_mesh: the library's programs use Auto axes
 class Engine:
     """Continuous batching over a loaded :class:`~omni_jax.api.OmniModel` (see the module notes)."""
 
@@ -426,6 +433,19 @@ class Engine:
         from ..processor import TextStreamer
 
         p, m, lim = req.params, self.model, self.limits
+        ids, mask = np.atleast_2d(req.inputs["input_ids"]), np.atleast_2d(req.inputs["attention_mask"])
+        # unset fields: the checkpoint's generation config, then transformers' defaults
+        st = m.sampling_settings(max_new_tokens=p.max_tokens, do_sample=p.do_sample, temperature=p.temperature,
+                                 top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty,
+                                 prompt_length=ids.shape[-1], longest_prompt=int(mask.sum(-1).max()))
+        if p.max_tokens is None:
+            st["max_new_tokens"] = min(st["max_new_tokens"], lim.max_tokens)
+        elif p.max_tokens > lim.max_tokens:
+            raise OmniError(f"max_tokens: {p.max_tokens} is above this server's limit of {lim.max_tokens}")
+        p.max_tokens, p.do_sample, p.temperature = st["max_new_tokens"], st["do_sample"], st["temperature"]
+        p.top_k, p.top_p, p.repetition_penalty = st["top_k"], st["top_p"], st["repetition_penalty"]
+        if p.talker_do_sample is None:
+            p.talker_do_sample = bool(p.do_sample)
         kw = {k: v for k, v in req.inputs.items() if k not in ("input_ids", "attention_mask")}
         if p.speech:
             kw.update(return_audio=True, speaker=p.voice, talker_max_new_tokens=lim.max_audio_tokens)
