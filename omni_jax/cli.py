@@ -46,13 +46,19 @@ def _add_generate(sub):
                    help="most codec ids (50 per second of speech; default 4096, 250 for the embedded model); "
                         "needs --out")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    # sampling options left out take the checkpoint's generation_config.json values, then transformers'
+    # GenerationConfig defaults (greedy; top-k 50 when sampling), as OmniModel.generate does
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most new text tokens (default: the checkpoint's generation config, else 1024)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--greedy", action="store_true", help="greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--greedy", action="store_true", help="greedy decoding, whatever the checkpoint's generation "
+                                                         "config says")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample at this temperature (default: the checkpoint's generation config)")
+    p.add_argument("--top-p", type=float, default=None, help="sample with this top-p (default: the checkpoint's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample with this top-k; 0: no top-k (default: the "
+                                                            "checkpoint's, else 50)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default: the checkpoint's, else 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bfloat16; float32 for the "
                                                   "embedded model)")
@@ -77,7 +83,7 @@ def cmd_generate(args) -> int:
                          "complete)")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise InputError(f"--out {args.out}: the directory does not exist")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     for flag, value in (("--speaker", args.speaker), ("--talker-max-new-tokens", args.talker_max_new_tokens)):
         if value is not None and not args.out:
@@ -106,11 +112,12 @@ def cmd_generate(args) -> int:
     content = media + ([{"type": "text", "text": prompt}] if prompt else [])
     messages = [{"role": "system", "content": args.system if args.system is not None else DEFAULT_SYSTEM_PROMPT},
                 {"role": "user", "content": content}]
-    do_sample = not args.greedy and (args.temperature is not None or args.top_p is not None or
-                                     args.top_k is not None)
+    # --greedy: greedy; --temperature/--top-p/--top-k: sampling; none of them: the checkpoint's do_sample
+    sampling_flag = args.temperature is not None or args.top_p is not None or args.top_k is not None
+    do_sample = False if args.greedy else (True if sampling_flag else None)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, use_audio_in_video=args.use_audio_in_video,
-              temperature=args.temperature if args.temperature is not None else 1.0,
-              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              repetition_penalty=args.repetition_penalty, seed=args.seed)
     speak = bool(args.out)
     if speak:
         kw.update(return_audio=True, speaker=speaker,

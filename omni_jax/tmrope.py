@@ -12,9 +12,22 @@ Equal to transformers' ``get_rope_index`` (Qwen2.5-Omni), including its quirks:
   the reference (at most one chunk boundary per token);
 * media positions are only used when a prompt has images or videos (audio-only prompts get
   plain text positions, as in the reference: the same numbers);
-* padding positions get 1.
+* padding positions get 1;
+* a video's ``second_per_grid`` (``temporal_patch_size / fps`` of its sampled frames, which
+  the processor computes) is required: the positions cannot be known without it, and
+  transformers' ``get_rope_index`` cannot compute them either.
 
-Decoding continues from the last prompt position + 1 in every stream.
+Decoding positions follow transformers, which treats the two decoders differently:
+
+* the thinker (``generate``) extends each stream from its last prompt position + 1, as the
+  positions of a full-sequence forward continue (text after media continues from the last
+  media part);
+* the talker decodes from the largest position of its prompt + 1, in all three streams
+  (:func:`decode_start`; its forward's ``rope_deltas``).
+
+The two differ when the last interleaved chunk of a ``use_audio_in_video`` span is an audio
+chunk whose positions lie below the video's (a wide frame's width positions, a late frame):
+its end markers, and any text after them, take that chunk's largest position + 1.
 """
 
 from __future__ import annotations
@@ -23,6 +36,19 @@ import numpy as np
 
 from .config import ThinkerConfig
 from .errors import InputError
+
+
+def decode_start(position_ids, attention_mask):
+    """The talker's position ids ``[3, B]`` for each row's first decoded token: the largest position
+    of the row's valid prompt tokens (over all three streams) + 1, every stream equal. The
+    reference talker keeps ``rope_deltas = max + 1 - n_valid`` per row and decodes token ``k`` at
+    ``n_valid + k + rope_deltas``. Works on numpy and jax arrays (``position_ids [3, B, T]``,
+    ``attention_mask [B, T]``; every row has a valid token)."""
+    import jax.numpy as jnp
+
+    valid = jnp.asarray(attention_mask).astype(bool)[None]
+    start = jnp.max(jnp.where(valid, position_ids, 0), axis=(0, 2)) + 1
+    return jnp.broadcast_to(start[None].astype(jnp.int32), (3, start.shape[0]))
 
 
 def audio_token_count(feature_len: int) -> int:
@@ -74,6 +100,10 @@ def rope_index(cfg: ThinkerConfig, input_ids, attention_mask=None, *, image_grid
     videos = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)
     audios = [] if audio_seqlens is None else [int(x) for x in np.asarray(audio_seqlens).reshape(-1)]
     spg = [] if second_per_grids is None else [float(x) for x in np.asarray(second_per_grids).reshape(-1)]
+    if len(videos) and len(spg) != len(videos):
+        raise InputError(f"video_second_per_grid: {len(videos)} video(s) need one value each (temporal_patch_size "
+                         f"/ fps of the sampled frames, e.g. 1.0 at 2 fps), got "
+                         f"{'none' if second_per_grids is None else len(spg)}")
     out = np.ones((3, b, t), np.int64)
     img_i = vid_i = aud_i = 0
     for r in range(b):
@@ -172,17 +202,14 @@ def rope_index(cfg: ThinkerConfig, input_ids, attention_mask=None, *, image_grid
 
 def media_rope_kwargs(mm: dict, audio_seqlens=None) -> dict:
     """:func:`rope_index`'s media arguments from processor outputs ``mm`` (``input_features`` /
-    ``feature_attention_mask``, image and video grids, ``video_second_per_grid`` (default 1.0 per
-    video), ``use_audio_in_video``); ``audio_seqlens`` when already known."""
+    ``feature_attention_mask``, image and video grids, ``video_second_per_grid`` (required with
+    videos, see :func:`rope_index`), ``use_audio_in_video``); ``audio_seqlens`` when already known."""
     if audio_seqlens is None:
         if mm.get("feature_attention_mask") is not None:
             audio_seqlens = np.asarray(mm["feature_attention_mask"]).sum(-1)
         elif mm.get("input_features") is not None:
             feats = np.asarray(mm["input_features"])
             audio_seqlens = [feats.shape[-1]] * feats.shape[0]
-    spg = mm.get("video_second_per_grid")
-    if mm.get("video_grid_thw") is not None and spg is None:
-        spg = [1.0] * len(np.asarray(mm["video_grid_thw"]).reshape(-1, 3))
     return dict(image_grid_thw=mm.get("image_grid_thw"), video_grid_thw=mm.get("video_grid_thw"),
-                audio_seqlens=audio_seqlens, second_per_grids=spg,
+                audio_seqlens=audio_seqlens, second_per_grids=mm.get("video_second_per_grid"),
                 use_audio_in_video=bool(mm.get("use_audio_in_video")))

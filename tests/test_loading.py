@@ -251,7 +251,7 @@ def test_bad_arguments(jax_model, tmp_path):
     cases = [
         (dict(do_sample=True, temperature=0.0), "temperature: must be > 0"),
         (dict(do_sample=True, top_p=1.5), r"top_p: must be in \(0, 1\]"),
-        (dict(do_sample=True, top_k=0), "top_k: expected an int >= 1"),
+        (dict(do_sample=True, top_k=-1), "top_k: expected an int >= 0"),
         (dict(max_new_tokens=0), "max_new_tokens: expected an int >= 1"),
         (dict(repetition_penalty=0.0), "repetition_penalty: must be > 0"),
         (dict(bogus=1), "unknown argument"),

@@ -110,7 +110,7 @@ def parse_chat_request(body, *, limits: ServeLimits, voices, allow_local_media: 
         raise RequestError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is None:
-        max_tokens = limits.max_tokens
+        max_tokens = None  # the checkpoint's generation config (capped at the server's limit) decides
     elif isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
         raise RequestError(400, f"max_tokens: expected an integer >= 1, got {mt!r}", param="max_tokens")
     elif mt > limits.max_tokens:
@@ -118,10 +118,12 @@ def parse_chat_request(body, *, limits: ServeLimits, voices, allow_local_media: 
                            param="max_tokens")
     else:
         max_tokens = mt
-    temperature = _num(body, "temperature", 0, 2, 1.0)
+    # fields left out (or null) stay None: the checkpoint's generation_config.json, then transformers'
+    # GenerationConfig defaults fill them in when the request starts (Engine); top_k 0 means no top-k
+    temperature = _num(body, "temperature", 0, 2, None)
     top_p = _num(body, "top_p", 0, 1, None, lo_open=True)
-    top_k = _num(body, "top_k", 1, None, None, integer=True)
-    rep = _num(body, "repetition_penalty", 0, None, 1.0, lo_open=True)
+    top_k = _num(body, "top_k", 0, None, None, integer=True)
+    rep = _num(body, "repetition_penalty", 0, None, None, lo_open=True)
     seed = body.get("seed")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") >> 1
@@ -131,9 +133,17 @@ def parse_chat_request(body, *, limits: ServeLimits, voices, allow_local_media: 
     so = body.get("stream_options") or {}
     if not isinstance(so, dict):
         raise RequestError(400, "stream_options: expected an object", param="stream_options")
-    do_sample = temperature > 0
-    params = GenParams(max_tokens=max_tokens, do_sample=do_sample, temperature=float(temperature) if do_sample else 1.0,
-                       top_k=top_k, top_p=top_p, repetition_penalty=float(rep), seed=int(seed),
+    # OpenAI's convention: temperature 0 is greedy, a positive one samples; top_p or top_k alone ask for
+    # sampling too; with none of them the checkpoint's do_sample decides
+    if temperature is not None:
+        do_sample = temperature > 0
+    elif top_p is not None or top_k is not None:
+        do_sample = True
+    else:
+        do_sample = None
+    params = GenParams(max_tokens=max_tokens, do_sample=do_sample,
+                       temperature=float(temperature) if do_sample and temperature is not None else None,
+                       top_k=top_k, top_p=top_p, repetition_penalty=None if rep is None else float(rep), seed=int(seed),
                        ignore_eos=_bool(body, "ignore_eos", False), talker_max_new_tokens=limits.max_audio_tokens)
     mods = body.get("modalities") or ["text"]
     if not isinstance(mods, list) or not set(mods) <= {"text", "audio"} or "text" not in mods:
@@ -165,7 +175,7 @@ def parse_chat_request(body, *, limits: ServeLimits, voices, allow_local_media: 
                                             limits.max_audio_tokens, integer=True)
         params.talker_min_new_tokens = _num(body, "talker_min_new_tokens", 0, params.talker_max_new_tokens, 0,
                                             integer=True)
-        params.talker_do_sample = _bool(body, "talker_do_sample", do_sample)
+        params.talker_do_sample = _bool(body, "talker_do_sample", do_sample)  # None: the thinker's, once known
         params.talker_temperature = float(_num(body, "talker_temperature", 0, 2, 0.9, lo_open=True))
         params.talker_top_k = _num(body, "talker_top_k", 1, None, 40, integer=True)
         params.talker_top_p = _num(body, "talker_top_p", 0, 1, 0.8, lo_open=True)
