@@ -24,6 +24,7 @@ from .generate import DecodeState, decode_loop, initial_state, make_sampling
 from .processor import TextProcessor, TextStreamer, is_batch_of_conversations, left_pad
 from .sharding import MeshJit, as_auto_mesh, outside_context_mesh, to_host, use_mesh
 from .tmrope import decode_start
+from .validate import check_finite
 
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
@@ -697,6 +698,9 @@ class OmniModel:
     def _check_sampling(self, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        for name, v in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+            if v is not None:
+                check_finite(v, name)
         if do_sample and not (temperature is not None and temperature > 0):
             raise InputError(f"temperature: must be > 0 when sampling, got {temperature!r}")
         if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0):
@@ -772,6 +776,7 @@ class OmniModel:
         max_new_tokens, do_sample, temperature = st["max_new_tokens"], st["do_sample"], st["temperature"]
         top_k, top_p, repetition_penalty = st["top_k"], st["top_p"], st["repetition_penalty"]
         self._check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+        check_seed(seed)
         if longest + max_new_tokens > limit:
             raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds "
                              f"max_position_embeddings ({limit})")
@@ -1053,6 +1058,12 @@ class OmniModel:
             self._loss_jit = jax.jit(lambda p, b: training.train_loss(p, b, cfg, impl=impl)[0])
         with use_mesh(self.mesh):
             return float(self._loss_jit(params, batch))
+
+
+def check_seed(seed) -> None:
+    """Seeds are integers that fit jax's 64-bit keys (with the offsets the talker and the DiT add)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2 ** 63) <= int(seed) < 2 ** 63 - 8:
+        raise InputError(f"seed: expected an integer in [-2**63, 2**63 - 8), got {seed!r}")
 
 
 def _noise_key(seed: int, row: int):

@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from .validate import finite_float
+
 
 def _setup_jax():
     import jax
@@ -53,12 +55,12 @@ def _add_generate(sub):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--greedy", action="store_true", help="greedy decoding, whatever the checkpoint's generation "
                                                          "config says")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--temperature", type=finite_float, default=None,
                    help="sample at this temperature (default: the checkpoint's generation config)")
-    p.add_argument("--top-p", type=float, default=None, help="sample with this top-p (default: the checkpoint's)")
+    p.add_argument("--top-p", type=finite_float, default=None, help="sample with this top-p (default: the checkpoint's)")
     p.add_argument("--top-k", type=int, default=None, help="sample with this top-k; 0: no top-k (default: the "
                                                             "checkpoint's, else 50)")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="default: the checkpoint's, else 1.0")
+    p.add_argument("--repetition-penalty", type=finite_float, default=None, help="default: the checkpoint's, else 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bfloat16; float32 for the "
                                                   "embedded model)")
@@ -185,7 +187,7 @@ def _add_serve(sub):
     p.add_argument("--max-audio-tokens", type=int, default=d.max_audio_tokens,
                    help="most codec ids per spoken reply (50 per second)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="beyond: 413")
-    p.add_argument("--max-media-seconds", type=float, default=d.max_media_seconds,
+    p.add_argument("--max-media-seconds", type=finite_float, default=d.max_media_seconds,
                    help="longest audio or video part; beyond: 413")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="largest image (or video frame) in pixels; beyond: 413")

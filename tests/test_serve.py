@@ -403,6 +403,12 @@ def test_bad_inputs_answer_alone(server):
         (400, user({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, text), None),
         (400, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 129}, None),
         (400, {"messages": []}, None),
+        (400, None, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
+        (400, None, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}'),
+        (400, None, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}'),
+        (400, None, b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100000 + b"]" * 100000
+         + b"}"),
+        (400, {"messages": [{"role": "user", "content": "caf\udce9"}]}, None),
         (413, user({"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                               + base64.b64encode(png(300, 300)).decode()}}, text),
          None),

@@ -74,13 +74,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_constant(name: str):
+    """JSON has no NaN or Infinity (Python's json module accepts them as an extension): refused."""
+    raise RequestError(400, f"the request body is not valid JSON ({name} is not a JSON number)")
+
+
 def _prepare(st: ServerState, raw: bytes):
     """Parse, decode media and run the processor (a worker thread: no JAX here)."""
     eng, model = st.engine, st.engine.model
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply") from None
     req = parse_chat_request(body, limits=eng.limits, voices=list(model.voices), speech_ok=eng.speech,
                              allow_local_media=st.allow_local_media)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import tempfile
 import time
@@ -72,7 +73,8 @@ def _num(body, name, lo, hi, default, *, lo_open=False, integer=False):
     if v is None:
         return default
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+    if isinstance(v, bool) or not ok or not math.isfinite(v) or (v <= lo if lo_open else v < lo) \
+            or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
         raise RequestError(400, f"{name}: expected {'an integer' if integer else 'a number'} in {rng}, got {v!r}",
                            param=name)
