@@ -102,6 +102,9 @@ def write_json(path: str | None, res: dict, keep: tuple[str, ...] = ()) -> None:
     beside the figures, such as ``bench/results_cpu_compare.json``'s ``profile_passes``)."""
     if not path:
         return
+    from omni_jax.validate import check_output_file
+
+    path = check_output_file(path, "--json")
     if keep:
         try:
             with open(path, encoding="utf-8") as f:

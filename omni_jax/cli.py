@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .validate import finite_float
+from .validate import check_output_file, finite_float
 
 
 def _setup_jax():
@@ -83,8 +83,8 @@ def cmd_generate(args) -> int:
     if args.stream and args.json:
         raise InputError("--stream and --json contradict each other (--json prints one object when the reply is "
                          "complete)")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise InputError(f"--out {args.out}: the directory does not exist")
+    if args.out:
+        args.out = check_output_file(args.out, "--out")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     for flag, value in (("--speaker", args.speaker), ("--talker-max-new-tokens", args.talker_max_new_tokens)):

@@ -1301,10 +1301,9 @@ def write_wav(path: str, audio: np.ndarray, sampling_rate: int = 24000) -> None:
 
     x = np.asarray(audio, np.float32).reshape(-1)
     pcm = (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise InputError(f"{path}: the directory {d} does not exist")
+    from .validate import check_output_file
+
+    path = check_output_file(path, "WAV")  # never replaces a device node, FIFO or directory
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with wave.open(tmp, "wb") as w:

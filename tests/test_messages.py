@@ -99,7 +99,7 @@ def test_cli_speaks_to_a_wav(tmp_path, capsys):
     assert "voices: Chelsie, Ethan" in capsys.readouterr().err
     assert not (tmp_path / "x.wav").exists()
     assert main(["generate", "--prompt", "Hi", "--out", "/no/such/dir/x.wav"]) == 2
-    assert "the directory does not exist" in capsys.readouterr().err
+    assert "the directory /no/such/dir does not exist" in capsys.readouterr().err
     # speech-only flags without --out would be ignored: refused before the model loads
     for extra in (["--speaker", "Ethan"], ["--talker-max-new-tokens", "30"]):
         assert main(["generate", "--prompt", "Hi", *extra]) == 2

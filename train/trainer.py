@@ -26,6 +26,7 @@ from omni_jax.api import bucket
 from omni_jax.errors import InputError
 from omni_jax.sharding import as_auto_mesh, mesh_spec, outside_context_mesh, use_mesh
 from omni_jax.training import model_params, train_loss
+from omni_jax.validate import check_output_dir
 
 from . import data as D
 from .lora import apply_lora, init_lora, lora_axes
@@ -157,6 +158,7 @@ class Trainer:
     # set-up
     def _check_run_dir(self):
         o = self.o
+        o.out = check_output_dir(o.out, "--out")  # a file there, or an unwritable parent: refused at once
         ck = os.path.join(o.out, "checkpoints")
         has = os.path.isdir(ck) and any(x.isdigit() for x in os.listdir(ck))
         if has and not o.resume:
