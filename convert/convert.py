@@ -43,6 +43,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -496,13 +497,49 @@ def _check_target(target: str, overwrite: bool, sources: Iterable[str], what: st
     return target
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_work(target: str) -> list[str]:
+    """Remove what killed runs left beside ``target``: ``.NAME.tmp-PID-*`` and ``.NAME.old-PID-*``
+    directories whose process ``PID`` is no longer alive on this machine (a live writer's are kept).
+    Returns the paths removed."""
+    parent = os.path.dirname(target) or "."
+    base = os.path.basename(target)
+    pat = re.compile(rf"^\.{re.escape(base)}\.(?:tmp|old)-(\d+)-")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pat.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            path = os.path.join(parent, name)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str):
     """Yield a fresh temporary directory beside ``target``; on success rename it onto ``target``
-    (replacing an old one only after the new one is complete); on any failure remove it."""
+    (replacing an old one only after the new one is complete); on any failure remove it.
+
+    The temporary directory is ``.NAME.tmp-PID-XXXX`` beside the target, on the same file system so the
+    final rename is atomic. A run killed with SIGKILL cannot clean up, so each run first removes the
+    ``.NAME.tmp-PID-*`` and ``.NAME.old-PID-*`` left by processes that are no longer alive."""
     parent = os.path.dirname(target) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    remove_stale_work(target)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-{os.getpid()}-", dir=parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -512,7 +549,7 @@ def atomic_directory(target: str):
         except OSError as e:  # disk full, permissions...: one clear line naming the target
             raise CheckpointError(f"{target}: cannot write ({e})") from e
         if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-{os.getpid()}-", dir=parent)
             os.rmdir(old)
             os.rename(target, old)
             try:

@@ -564,3 +564,32 @@ def test_relative_and_symlinked_paths(converted, jax_model, tmp_path, monkeypatc
     assert main(["export", "linked", "exported", "--quiet"]) == 0
     assert main(["convert", "exported", "again", "--quiet"]) == 0
     np.testing.assert_array_equal(omni_jax.load("again", dtype="float32").thinker_logits(ids), want)
+
+
+def test_a_killed_runs_work_is_removed_by_the_next_run(src, tmp_path):
+    """SIGKILL leaves ``.NAME.tmp-PID-*`` beside the target; the next convert or export removes those of
+    dead processes (a live writer's stay) before it starts."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".out.tmp-{dead.pid}-abcd"
+        (stale / "params").mkdir(parents=True)
+        (stale / "params" / "blob").write_bytes(b"x" * 1000)
+        stale_old = tmp_path / f".out.old-{dead.pid}-efgh"
+        stale_old.mkdir()
+        busy = tmp_path / f".out.tmp-{live.pid}-ijkl"
+        busy.mkdir()
+        other = tmp_path / f".other.tmp-{dead.pid}-mnop"  # another target's: not ours to judge
+        other.mkdir()
+        convert(src, str(tmp_path / "out"), progress=False, components=["talker"])
+        assert not stale.exists() and not stale_old.exists()
+        assert busy.is_dir() and other.is_dir()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [busy.name, other.name, "out"])
+    finally:
+        live.kill()
+        live.wait()
