@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -47,3 +48,31 @@ def test_invalid_utf8_line_is_named_then_skipped_or_fatal(tmp_path):
     logged = []
     recs, skipped = read_jsonl(str(path), on_error="skip", log=logged.append)
     assert len(recs) == 2 and skipped == 1 and "latin1.jsonl:2: not valid UTF-8" in logged[0]
+
+
+def test_a_non_finite_step_stops_the_run_with_the_last_good_state(tmp_path, capsys):
+    """A learning rate that blows the parameters up: the first step whose loss or gradient norm is not
+    finite stops the run with its step number, the state before it is checkpointed, and metrics.jsonl
+    holds only valid JSON lines of the good steps."""
+    import math
+
+    from train.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(4)))
+    out = tmp_path / "run"
+    status, err = _run(["--model", omni_jax.default_model_path(), "--data", str(data), "--out", str(out),
+                        "--steps", "6", "--batch-size", "2", "--lr", "1e30", "--warmup-steps", "0",
+                        "--max-grad-norm", "1e30", "--dtype", "float32", "--no-save-model", "--no-progress",
+                        "--save-every", "100"], capsys)
+    assert status == 2, err
+    line = err.strip().splitlines()[-1]
+    m = __import__("re").match(r"error: step (\d+): the loss is .* \(not finite\); training stopped\. "
+                               r"The last good state \(step (\d+)\) is in (\S+);", line)
+    assert m, line
+    bad, good = int(m.group(1)), int(m.group(2))
+    assert bad == good + 1 and good >= 1 and os.path.isdir(m.group(3)) and m.group(3).endswith(f"checkpoints/{good}")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for x in lines]
+    assert [r["step"] for r in recs] == list(range(1, good + 1))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in recs)

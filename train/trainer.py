@@ -11,6 +11,7 @@ A checkpoint holds the trainable parameters, the optimizer state and the data po
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -315,15 +316,21 @@ class Trainer:
     def _build_apply(self):
         tx = self.tx
 
-        def apply(trainable, opt_state, acc):
+        def apply(trainable, opt_state, acc, loss):
+            # a step whose loss or gradient is not finite leaves the state as it was (the run then stops
+            # with that state checkpointed): one bad batch must not poison the parameters
             gn = optax.global_norm(acc)
-            updates, opt_state = tx.update(acc, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, gn
+            updates, new_opt = tx.update(acc, opt_state, trainable)
+            new = optax.apply_updates(trainable, updates)
+            ok = jnp.isfinite(gn) & jnp.isfinite(loss)
+            keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(ok, a, b))
+            return keep(new, trainable), keep(new_opt, opt_state), gn
 
         if self.mesh is None:
             return jax.jit(apply, donate_argnums=(0, 1))
         tr, os_ = self._shardings(self.trainable), self._shardings(self.opt_state)
-        return jax.jit(apply, in_shardings=(tr, os_, tr), out_shardings=(tr, os_, self._replicated()),
+        rep = self._replicated()
+        return jax.jit(apply, in_shardings=(tr, os_, tr, rep), out_shardings=(tr, os_, rep),
                        donate_argnums=(0, 1))
 
     def _place(self, batch, shardings):
@@ -368,8 +375,11 @@ class Trainer:
                 acc, l, aux = fn(self.trainable, self.frozen, acc, self._place(batch, bs))
                 parts.append((l, aux))
             lr = float(self.schedule(self.step))
-            self.trainable, self.opt_state, gn = self._apply(self.trainable, self.opt_state, acc)
+            total = functools.reduce(jnp.add, [l for l, _ in parts])
+            self.trainable, self.opt_state, gn = self._apply(self.trainable, self.opt_state, acc, total)
         loss = sum(float(l) for l, _ in parts)
+        if not (math.isfinite(loss) and math.isfinite(float(gn))):
+            self._stop_non_finite(loss, float(gn))
         tl = sum(float(a["thinker_loss_sum"]) for _, a in parts)
         tt = sum(float(a.get("talker_loss_sum", 0.0)) for _, a in parts)
         self.step += 1
@@ -381,6 +391,18 @@ class Trainer:
             rec["talker_loss"] = tt / max(ntt, 1)
         self.history.append(rec)
         return rec
+
+    def _stop_non_finite(self, loss: float, gn: float):
+        """Stop the run at a step whose loss or gradient norm is not finite. The state was left as it was
+        before the step (see ``apply``), so it is checkpointed as the last good one and the metrics file
+        gets no line for the step (it stays valid JSON lines)."""
+        m = self._manager()
+        if m.latest_step() != self.step:
+            self.save()
+        where = os.path.join(self.o.out, "checkpoints", str(self.step))
+        raise InputError(f"step {self.step + 1}: the loss is {loss} and the gradient norm {gn} (not finite); "
+                         f"training stopped. The last good state (step {self.step}) is in {where}; "
+                         "a lower --lr or --max-grad-norm, or the data of this step, may be the cause")
 
     def evaluate(self) -> float:
         """Mean token loss over the eval set (thinker targets, plus talker targets when present)."""
