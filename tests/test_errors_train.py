@@ -76,3 +76,35 @@ def test_a_non_finite_step_stops_the_run_with_the_last_good_state(tmp_path, caps
     recs = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for x in lines]
     assert [r["step"] for r in recs] == list(range(1, good + 1))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in recs)
+
+
+def _damage(directory):
+    """Overwrite every file of a checkpoint with garbage of the same length."""
+    for dp, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(dp, f)
+            n = os.path.getsize(p)
+            with open(p, "wb") as fh:
+                fh.write(b"\x00garbage" * (n // 8 + 1))
+
+
+def test_resume_skips_a_corrupt_checkpoint_then_stops_with_one_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(4)))
+    out = tmp_path / "run"
+    argv = ["--model", omni_jax.default_model_path(), "--data", str(data), "--out", str(out), "--steps", "4",
+            "--batch-size", "2", "--dtype", "float32", "--no-save-model", "--no-progress", "--save-every", "2"]
+    assert _run(argv, capsys)[0] == 0
+    ck = out / "checkpoints"
+    assert sorted(int(x) for x in os.listdir(ck) if x.isdigit()) == [2, 4]
+    _damage(ck / "4")
+    status, err = _run(argv + ["--resume"], capsys)
+    assert status == 0, err
+    assert f"warning: checkpoint {ck / '4'} is unusable" in err and "resumed from step 2" in err
+    assert "Traceback" not in err
+    for step in ("2", "4"):
+        _damage(ck / step)
+    status, err = _run(argv + ["--resume"], capsys)
+    assert status == 2
+    assert err.strip().splitlines()[-1].startswith(f"error: --resume: no usable checkpoint in {ck}")
+    assert "Traceback" not in err

@@ -449,13 +449,26 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         m = self._manager()
-        step = m.latest_step()
-        if step is None:
+        steps = sorted(m.all_steps(), reverse=True)
+        if not steps:
             return None
         target = {"trainable": self.trainable, "opt_state": self.opt_state}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-        got = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                      meta=ocp.args.JsonRestore()))
+        got, unusable = None, []
+        for step in steps:  # the newest complete checkpoint that restores; a damaged one is named and skipped
+            try:
+                got = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                              meta=ocp.args.JsonRestore()))
+                break
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                where = os.path.join(self.o.out, "checkpoints", str(step))
+                unusable.append(where)
+                self.log(f"warning: checkpoint {where} is unusable ({type(e).__name__}: {msg})"
+                         + ("; trying an older one" if step != steps[-1] else ""))
+        if got is None:
+            raise InputError(f"--resume: no usable checkpoint in {os.path.join(self.o.out, 'checkpoints')} "
+                             f"({', '.join(unusable)} could not be restored); start a new run with another --out")
         self.trainable = got["state"]["trainable"]
         self.opt_state = got["state"]["opt_state"]
         if got["meta"]["examples"] != len(self.examples):
