@@ -8,7 +8,7 @@ import base64
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from omni_jax import InputError
@@ -60,6 +60,8 @@ def _parse(body):
 
 @SETTINGS
 @given(BODY)
+@example({"messages": [{"role": []}]})  # an unhashable role once raised TypeError (a 500)
+@example({"messages": [{"role": "user", "content": [{"type": {"a": 1}}]}]})
 def test_parse_answers_a_request_or_a_4xx(body):
     try:
         req = _parse(body)

@@ -202,7 +202,7 @@ def _messages(msgs, req: ChatRequest, limits: ServeLimits, allow_local: bool) ->
     out = []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             raise RequestError(400, f"{where}: expected an object with a role among {', '.join(ROLES)}",
                                param=where)
         c = m.get("content")
