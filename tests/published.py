@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from omni_jax.processor import left_pad
+
 # the published 3B thinker text model (36 layers there)
 TEXT = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=16,
             num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False,
@@ -195,12 +197,7 @@ def multimodal_inputs(seed: int = 0):
 
     rows = [text(4) + aud(audios[0]) + text(3) + img(grids[0]) + text(4),
             text(3) + img(grids[1]) + text(2) + aud(audios[1]) + text(5)]
-    t = max(len(r) for r in rows)
-    ids = np.zeros((2, t), np.int64)
-    mask = np.zeros((2, t), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
+    ids, mask = (np.asarray(x, np.int64) for x in left_pad(rows))
     fmask = np.zeros((2, max(audios)), np.int64)
     for i, n in enumerate(audios):
         fmask[i, :n] = 1
