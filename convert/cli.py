@@ -1,6 +1,7 @@
 """``omni-jax convert`` and ``omni-jax export`` subcommands.
 
-``omni_jax.cli`` adds them with :func:`add_subcommands`; each sets ``func(args) -> int``. Errors are
+``omni_jax.cli`` adds them with :func:`add_subcommands`, which it finds through the
+``omni_jax.commands`` entry-point group (pyproject.toml); each sets ``func(args) -> int``. Errors are
 :class:`~omni_jax.errors.OmniError` subclasses, which the CLI prints as one ``error: ...`` line
 (exit status 2; ``--debug`` shows the traceback). ``python -m convert.cli`` runs them standalone.
 """
@@ -63,7 +64,7 @@ def parse_size(text: str) -> int:
 
 
 def run_export(args) -> int:
-    from .convert import export
+    from .export import export
 
     t0 = time.time()
     index = export(args.converted_dir, args.hf_dir, overwrite=args.overwrite, progress=not args.quiet,

@@ -47,6 +47,9 @@ from .layers import activation as _activation
 from .sharding import constrain
 
 HF_PREFIX = "thinker.audio_tower."
+# Hugging Face key map (omni_jax.checkpoint.tree.hf_name): every parameter <- thinker.audio_tower.*, stacked over "layers"
+AUDIO_PREFIXES = {"": HF_PREFIX}
+AUDIO_STACK_NAMES = ("layers",)
 
 def activation(name: str):
     return _activation(name, "audio activation_function")
@@ -301,19 +304,3 @@ def encode_audio_padded(model: AudioEncoder, cfg: AudioConfig, input_features, f
                          "do not match ([B, mels, T] and [B, T])")
     flat = np.transpose(feats, (0, 2, 1))[m].T  # [mels, sum(L)], as transformers trims them
     return encode_audio(model, cfg, flat, m.sum(axis=1), impl, **kw)
-
-
-# --------------------------------------------------------------------------------------
-# loading
-
-
-def load_audio(ckpt, cfg: AudioConfig, dtype, consumed: set, *, mesh=None) -> AudioEncoder:
-    """The audio encoder from the HF keys ``thinker.audio_tower.*`` of ``ckpt``."""
-    from convert.hf import load_component  # convert depends on omni_jax, not the reverse, at import
-
-    jdtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: AudioEncoder(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    state = load_component(ckpt, state, prefixes={"": HF_PREFIX}, dtype=jdtype, mesh=mesh, consumed=consumed,
-                           sharding_prefix="audio/")
-    return nnx.merge(graphdef, state)

@@ -246,13 +246,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
-    from convert.cli import add_subcommands
-
-    add_subcommands(sub)  # convert, export
-    from train.cli import add_subcommand as add_train
-
-    add_train(sub)
+    _add_tool_commands(sub)
     return parser
+
+
+# Subcommands that tools installed beside the library provide, through the entry-point group
+# COMMANDS_GROUP (pyproject.toml): entry-point name -> (its subcommands, the package providing them).
+# The library never imports the tools; a tool that is missing gets a placeholder saying so.
+COMMANDS_GROUP = "omni_jax.commands"
+TOOL_COMMANDS = {"convert": (("convert", "export"), "omni_jax.convert"), "train": (("train",), "omni_jax.train")}
+
+
+def _add_tool_commands(sub) -> None:
+    from importlib.metadata import entry_points
+
+    added: set[str] = set()
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if ep.name in added:
+            continue  # the same tool installed twice
+        commands, package = TOOL_COMMANDS.get(ep.name, ((ep.name,), ep.value.split(":")[0]))
+        try:
+            add = ep.load()
+        except ImportError as e:
+            for name in commands:
+                _add_missing(sub, name, package, f"it cannot be imported: {e}")
+        else:
+            add(sub)
+        added.add(ep.name)
+    for ep_name, (commands, package) in TOOL_COMMANDS.items():
+        if ep_name not in added:
+            for name in commands:
+                _add_missing(sub, name, package, "it is not installed (pip install omni-jax provides it)")
+
+
+def _add_missing(sub, name: str, package: str, why: str) -> None:
+    """A subcommand whose package is absent: it accepts any arguments and fails with one clear line."""
+    def fail(args) -> int:
+        from .errors import InputError
+
+        raise InputError(f"'omni-jax {name}' needs the {package} package, but {why}")
+
+    # no option prefix: every argument (flags included) is taken as given, so the error below is the one seen
+    p = sub.add_parser(name, help=f"(unavailable: {package} is missing)", add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs="*")
+    p.set_defaults(func=fail)
 
 
 def main(argv=None) -> int:

@@ -94,9 +94,10 @@ def build_default_model(directory: str) -> None:
     """Write the default model's files into ``directory`` (which must exist and be empty)."""
     from flax import nnx
 
-    from convert.hf import THINKER_LM_PREFIXES, iter_hf_tensors
-    from convert.safetensors_io import write_file
-
+    from .checkpoint.components import COMPONENTS
+    from .checkpoint.hf import iter_hf_tensors
+    from .checkpoint.safetensors_io import write_file
+    from .checkpoint.torch_pickle import write_torch_pickle
     from .processor import CHATML_TEMPLATE
     from .thinker import ThinkerLM
 
@@ -112,25 +113,22 @@ def build_default_model(directory: str) -> None:
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token_id": [SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")],
                    "pad_token_id": SPECIAL_TOKENS.index("<|endoftext|>")}, f, indent=1)
-    from convert.convert import write_torch_pickle
-
     from .audio import AudioEncoder
-    from .talker import TALKER_PREFIXES, Talker
+    from .talker import Talker
     from .token2wav import Token2Wav
     from .vision import VisionEncoder
 
     rs = np.random.RandomState(0)
     tensors = {}
     parts = [
-        (lambda: ThinkerLM(cfg.thinker, dtype=jnp.float32, rngs=nnx.Rngs(0)), THINKER_LM_PREFIXES, ("layers",)),
-        (lambda: AudioEncoder(cfg.thinker.audio, dtype=jnp.float32, rngs=nnx.Rngs(1)),
-         {"": "thinker.audio_tower."}, ("layers",)),
-        (lambda: VisionEncoder(cfg.thinker.vision, dtype=jnp.float32, rngs=nnx.Rngs(2)), {"": "thinker.visual."},
-         ("blocks",)),
-        (lambda: Talker(cfg.talker, dtype=jnp.float32, rngs=nnx.Rngs(3)), TALKER_PREFIXES, ("layers",)),
-        (lambda: Token2Wav(cfg.token2wav, rngs=nnx.Rngs(4)), {"": "token2wav."}, ("transformer_blocks",)),
+        ("thinker", lambda: ThinkerLM(cfg.thinker, dtype=jnp.float32, rngs=nnx.Rngs(0))),
+        ("audio", lambda: AudioEncoder(cfg.thinker.audio, dtype=jnp.float32, rngs=nnx.Rngs(1))),
+        ("vision", lambda: VisionEncoder(cfg.thinker.vision, dtype=jnp.float32, rngs=nnx.Rngs(2))),
+        ("talker", lambda: Talker(cfg.talker, dtype=jnp.float32, rngs=nnx.Rngs(3))),
+        ("token2wav", lambda: Token2Wav(cfg.token2wav, rngs=nnx.Rngs(4))),
     ]
-    for make, prefixes, stacks in parts:
+    for name, make in parts:
+        prefixes, stacks = COMPONENTS[name].prefixes, COMPONENTS[name].stack_names  # the components' key maps
         # numpy initialisation: JAX's eager init compiles a program per parameter shape (minutes on CPU)
         _, state = nnx.split(nnx.eval_shape(make))
         state = _numpy_init(state, rs)
@@ -156,7 +154,7 @@ def _numpy_init(abstract_state, rs: np.random.RandomState):
     (norm scales), zeros for other vectors (biases, SnakeBeta's log-scale alpha and beta)."""
     from flax import nnx
 
-    from convert.hf import flatten_dict, set_path
+    from .checkpoint.tree import flatten_dict, set_path
 
     pure = nnx.to_pure_dict(abstract_state)
     for path, sds in list(flatten_dict(pure)):

@@ -21,6 +21,11 @@ from .decoder import DecoderLayers, DecoderShape, run_layers
 from .layers import Embed, Linear, RMSNorm
 from .rope import mrope_cos_sin
 
+# Hugging Face key map (omni_jax.checkpoint.tree.hf_name): lm_head/... <- thinker.lm_head.*, the rest
+# <- thinker.model.*; decoder layers stacked over "layers"
+THINKER_LM_PREFIXES = {"lm_head": "thinker.", "": "thinker.model."}
+THINKER_LM_STACK_NAMES = ("layers",)
+
 
 class ThinkerLM(nnx.Module):
     def __init__(self, cfg: ThinkerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):

@@ -46,6 +46,9 @@ from .rope import apply_rope, inv_freq
 from .sharding import constrain
 
 HF_PREFIX = "thinker.visual."
+# Hugging Face key map (omni_jax.checkpoint.tree.hf_name): every parameter <- thinker.visual.*, stacked over "blocks"
+VISION_PREFIXES = {"": HF_PREFIX}
+VISION_STACK_NAMES = ("blocks",)
 
 def _activation(name: str):
     return activation(name, "vision hidden_act")
@@ -315,19 +318,3 @@ def encode_vision(model: VisionEncoder, cfg: VisionConfig, pixel_values, grid_th
                       jnp.asarray(batch.positions), jnp.asarray(batch.window_ids), jnp.asarray(batch.frame_ids),
                       jnp.asarray(batch.restore), impl)
     return out[: batch.num_tokens]
-
-
-# --------------------------------------------------------------------------------------
-# loading
-
-
-def load_vision(ckpt, cfg: VisionConfig, dtype, consumed: set, *, mesh=None) -> VisionEncoder:
-    """The vision encoder from the HF keys ``thinker.visual.*`` of ``ckpt`` (stacked over ``blocks``)."""
-    from convert.hf import load_component
-
-    jdtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: VisionEncoder(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    state = load_component(ckpt, state, prefixes={"": HF_PREFIX}, dtype=jdtype, mesh=mesh, consumed=consumed,
-                           sharding_prefix="vision/", stack_names=("blocks",))
-    return nnx.merge(graphdef, state)

@@ -19,11 +19,14 @@ from flax import nnx
 
 from conftest import VOCAB, rel_err
 
-from convert import orbax_io as oio
+from omni_jax.checkpoint import orbax_io as oio
 from convert.cli import main as cli_main
-from convert.convert import convert, export, load_converted, load_converted_component, write_torch_pickle
-from convert.hf import flatten_dict
-from convert.safetensors_io import Checkpoint, write_file
+from convert.convert import convert
+from convert.export import export
+from omni_jax.checkpoint.loader import load_converted, load_converted_component
+from omni_jax.checkpoint.safetensors_io import Checkpoint, write_file
+from omni_jax.checkpoint.torch_pickle import write_torch_pickle
+from omni_jax.checkpoint.tree import flatten_dict
 
 EXTRA_KEY = "token2wav.code2wav_dit_model.rotary_embed.inv_freq"  # a buffer no module holds: passthrough
 
@@ -115,7 +118,7 @@ def bf16_src(src, tmp_path_factory):
 
 
 def test_convert_restores_exactly_what_hf_load_gives(src, converted, jax_model, hf_models):
-    from convert.safetensors_io import Checkpoint as Ckpt
+    from omni_jax.checkpoint.safetensors_io import Checkpoint as Ckpt
     from omni_jax.config import load_config
     from omni_jax.token2wav import dit_per_layer, load_token2wav
 
@@ -213,8 +216,8 @@ def test_restore_into_sharded_arrays(converted):
         from flax import nnx
         from omni_jax.config import load_config
         from omni_jax.sharding import make_mesh, param_sharding
-        from convert.convert import load_converted_component
-        from convert.hf import flatten_dict
+        from omni_jax.checkpoint.loader import load_converted_component
+        from omni_jax.checkpoint.tree import flatten_dict
         cfg = load_config({out!r})
         mesh = make_mesh("fsdp=2,tensor=2")
         checked = 0
@@ -308,7 +311,7 @@ def test_bf16_source_stays_bf16_and_loads_in_either_dtype(bf16_src, tmp_path):
     per tensor, even within one stacked parameter); it loads as float32 or bfloat16 with the values
     the Hugging Face directory loads with (token2wav in float32 either way) and exports back bit-exact."""
     import omni_jax
-    from convert.convert import COMPONENTS
+    from omni_jax.checkpoint.components import COMPONENTS
     from omni_jax.config import load_config
     from omni_jax.token2wav import dit_per_layer, load_token2wav
 

@@ -23,7 +23,8 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers.models.qwen2_5_omni import configuration_qwen2_5_omni as hf_cfg  # noqa: E402
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as hf  # noqa: E402
 
-from convert.safetensors_io import Checkpoint  # noqa: E402
+from omni_jax.checkpoint.loader import load_hf_component  # noqa: E402
+from omni_jax.checkpoint.safetensors_io import Checkpoint  # noqa: E402
 from omni_jax import audio as A  # noqa: E402
 from omni_jax import vision as V  # noqa: E402
 from omni_jax.config import AudioConfig, VisionConfig  # noqa: E402
@@ -74,7 +75,7 @@ def audio_case(request, tmp_path_factory):
     keys = _save(ref, A.HF_PREFIX, d)
     cfg = AudioConfig.from_dict(hcfg.to_dict())
     consumed: set = set()
-    model = A.load_audio(Checkpoint(str(d)), cfg, "float32", consumed)
+    model = load_hf_component(Checkpoint(str(d)), "audio", cfg, dtype="float32", consumed=consumed)
     lens = v["lens"]
     feats = np.random.default_rng(2).standard_normal((cfg.num_mel_bins, sum(lens))).astype(np.float32)
     with torch.no_grad():
@@ -140,7 +141,7 @@ def test_audio_bad_inputs(audio_case):
 def test_audio_bfloat16(audio_case):
     """The bf16 load path runs and stays close (its own looser check; float32 above is the parity one)."""
     c = audio_case
-    model = A.load_audio(Checkpoint(str(c["dir"])), c["cfg"], "bfloat16", set())
+    model = load_hf_component(Checkpoint(str(c["dir"])), "audio", c["cfg"], dtype="bfloat16", consumed=set())
     assert model.layers.fc1.kernel[...].dtype == jnp.bfloat16
     got = A.encode_audio(model, c["cfg"], c["feats"], c["lens"])
     assert got.dtype == jnp.bfloat16
@@ -155,11 +156,11 @@ def test_audio_loader_errors(tmp_path):
     save_file({k: v for k, v in sd.items() if k != missing}, str(tmp_path / "model.safetensors"))
     cfg = AudioConfig.from_dict(hcfg.to_dict())
     with pytest.raises(CheckpointError, match=r"layers\.1\.fc2\.weight"):
-        A.load_audio(Checkpoint(str(tmp_path)), cfg, "float32", set())
+        load_hf_component(Checkpoint(str(tmp_path)), "audio", cfg, dtype="float32", consumed=set())
     wrong = dataclasses.replace(cfg, encoder_ffn_dim=cfg.encoder_ffn_dim + 1)
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"layers\.0\.fc1\.(weight|bias)'.*shape"):
-        A.load_audio(Checkpoint(str(tmp_path)), wrong, "float32", set())
+        load_hf_component(Checkpoint(str(tmp_path)), "audio", wrong, dtype="float32", consumed=set())
 
 
 # --------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def vision_case(request, tmp_path_factory):
     keys = _save(ref, V.HF_PREFIX, d)
     cfg = VisionConfig.from_dict(hcfg.to_dict())
     consumed: set = set()
-    model = V.load_vision(Checkpoint(str(d)), cfg, "float32", consumed)
+    model = load_hf_component(Checkpoint(str(d)), "vision", cfg, dtype="float32", consumed=consumed)
     grids = np.array(v["grids"])
     width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
     pix = np.random.default_rng(4).standard_normal((int(grids.prod(-1).sum()), width)).astype(np.float32)
@@ -257,7 +258,7 @@ def test_vision_bad_inputs(vision_case):
 
 def test_vision_bfloat16(vision_case):
     c = vision_case
-    model = V.load_vision(Checkpoint(str(c["dir"])), c["cfg"], "bfloat16", set())
+    model = load_hf_component(Checkpoint(str(c["dir"])), "vision", c["cfg"], dtype="bfloat16", consumed=set())
     assert model.blocks.attn.q.kernel[...].dtype == jnp.bfloat16
     got = V.encode_vision(model, c["cfg"], c["pix"], c["grids"])
     assert got.dtype == jnp.bfloat16
@@ -272,8 +273,8 @@ def test_vision_loader_errors(tmp_path):
     save_file({k: v for k, v in sd.items() if k != missing}, str(tmp_path / "model.safetensors"))
     cfg = VisionConfig.from_dict(hcfg.to_dict())
     with pytest.raises(CheckpointError, match=r"blocks\.2\.attn\.proj\.bias"):
-        V.load_vision(Checkpoint(str(tmp_path)), cfg, "float32", set())
+        load_hf_component(Checkpoint(str(tmp_path)), "vision", cfg, dtype="float32", consumed=set())
     save_file(sd, str(tmp_path / "model.safetensors"))
     wrong = dataclasses.replace(cfg, out_hidden_size=cfg.out_hidden_size + 2)
     with pytest.raises(CheckpointError, match=r"merger\.mlp\.2\.(weight|bias)'.*shape"):
-        V.load_vision(Checkpoint(str(tmp_path)), wrong, "float32", set())
+        load_hf_component(Checkpoint(str(tmp_path)), "vision", wrong, dtype="float32", consumed=set())

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import omni_jax
-from omni_jax.api import _generation_config
+from omni_jax.generation_config import read_generation_config as _generation_config
 
 from conftest import VOCAB
 

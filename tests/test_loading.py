@@ -201,7 +201,7 @@ def test_index_cannot_name_files_outside(hf_models, tmp_path, how):
 
 
 def test_missing_and_unexpected_tensor(hf_models, tmp_path):
-    from convert.safetensors_io import SafetensorsFile, write_file
+    from omni_jax.checkpoint.safetensors_io import SafetensorsFile, write_file
 
     d = _copy(hf_models("gqa")[0], tmp_path / "missing")
     idx = os.path.join(d, "model.safetensors.index.json")

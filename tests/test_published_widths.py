@@ -311,7 +311,9 @@ def test_loss_and_gradients(ref, model):
     embedding's on the prompt's rows and 2048 others) against transformers' backward."""
     from flax import nnx
 
-    from convert.hf import THINKER_LM_PREFIXES, flatten_dict, hf_name, iter_hf_tensors
+    from omni_jax.checkpoint.hf import iter_hf_tensors
+    from omni_jax.checkpoint.tree import flatten_dict, hf_name
+    from omni_jax.thinker import THINKER_LM_PREFIXES
     from omni_jax import training as T
     from omni_jax.audio import HF_PREFIX as AUDIO
     from omni_jax.vision import HF_PREFIX as VISION

@@ -18,7 +18,8 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 
 import omni_jax  # noqa: E402
 from omni_jax.training import make_batch, model_params, train_loss  # noqa: E402
-from train.trainer import Options, Trainer  # noqa: E402
+# run as a script (sys.path[0] is tests/, not the repo root): the trainer by its installed name
+from omni_jax.train.trainer import Options, Trainer  # noqa: E402
 
 # "fsdp=8": an omni_jax.make_mesh spec (Auto axes); "explicit data=2,tensor=4": jax.make_mesh's default
 # mesh (Explicit axes, no fsdp axis) handed to Options as a Mesh, the trainer built and stepped inside

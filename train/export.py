@@ -1,8 +1,8 @@
 """The trained model as a converted omni-jax checkpoint (``RUN_DIR/model``).
 
 The base checkpoint's tensors are streamed into a Hugging Face directory with the trained
-components' tensors substituted (in the base tensor's dtype), which :func:`convert.convert.convert`
-turns into the converted format, every tensor kept in the dtype it was written in (conversion's
+components' tensors substituted (in the base tensor's dtype), which the conversion tool beside
+this package (``convert``) turns into the converted format, every tensor kept in the dtype it was written in (conversion's
 default; a float32 base stays float32): ``omni_jax.load(RUN_DIR/model)`` loads it and ``omni-jax export
 RUN_DIR/model HF_DIR`` gives a Hugging Face checkpoint back. Written atomically: the target
 appears whole or not at all.
@@ -17,10 +17,19 @@ import tempfile
 
 import numpy as np
 
-from convert.convert import COMPONENTS, _prefixes, convert, export
-from convert.hf import iter_hf_tensors
-from convert.orbax_io import is_converted
-from convert.safetensors_io import Checkpoint, write_file
+from omni_jax.checkpoint.components import COMPONENTS
+from omni_jax.checkpoint.hf import iter_hf_tensors
+from omni_jax.checkpoint.orbax_io import is_converted
+from omni_jax.checkpoint.safetensors_io import Checkpoint, write_file
+
+# The conversion tool is this package's sibling: omni_jax.convert beside omni_jax.train when installed,
+# the top-level convert/ beside train/ in a source checkout.
+if "." in __package__:
+    from ..convert.convert import convert
+    from ..convert.export import export
+else:
+    from convert.convert import convert
+    from convert.export import export
 
 SHARD_BYTES = 2 << 30
 
@@ -39,7 +48,7 @@ def write_model(model, params: dict, out_dir: str, *, progress: bool = True) -> 
         new = {}
         for name, tree in params.items():
             comp = COMPONENTS[name]
-            for key, arr in iter_hf_tensors(tree, _prefixes(comp), comp.stack_names):
+            for key, arr in iter_hf_tensors(tree, comp.prefixes, comp.stack_names):
                 new[key] = arr
         hf = os.path.join(tmp, "hf")
         os.makedirs(hf)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.hf import flatten_dict
+from omni_jax.checkpoint.tree import flatten_dict
 
 TARGETS = re.compile(r"^layers/(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj))/kernel$")
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from omni_jax.api import bucket
+from omni_jax.engine import bucket
 from omni_jax.errors import InputError
 from omni_jax.sharding import as_auto_mesh, mesh_spec, outside_context_mesh, use_mesh
 from omni_jax.training import model_params, train_loss

@@ -1,6 +1,9 @@
-"""Hugging Face key names <-> omni-jax parameter paths, and loading a component's parameters.
+"""Loading a component's parameters from Hugging Face keys, and the export direction.
 
-Our parameter paths mirror transformers' module names, so the mapping is mechanical:
+A component's key map (``prefixes``: first path element, or ``""`` for any, -> HF key prefix) lives
+beside its definition (``omni_jax.thinker.THINKER_LM_PREFIXES``, ``omni_jax.talker.TALKER_PREFIXES``,
+``omni_jax.audio.AUDIO_PREFIXES``, ``omni_jax.vision.VISION_PREFIXES``); the mapping of a parameter
+path to a key is :func:`omni_jax.checkpoint.tree.hf_name`:
 
 * ``.../kernel`` <- ``....weight`` transposed (torch Linear is ``[out, in]``, ours ``[in, out]``)
 * ``.../embedding`` <- ``....weight``; ``.../weight`` and ``.../bias`` unchanged
@@ -20,50 +23,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from omni_jax.errors import CheckpointError
-from omni_jax.sharding import param_sharding, put
-
+from ..errors import CheckpointError
+from ..sharding import param_sharding, put
 from .safetensors_io import Checkpoint
+from .tree import flatten_dict, hf_name, set_path, stack_index
 
-
-def flatten_dict(d, prefix=()):
-    """Yield ``(path tuple, leaf)`` for a nested dict (an ``nnx.to_pure_dict`` tree)."""
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from flatten_dict(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def set_path(d, path, value):
-    for k in path[:-1]:
-        d = d[k]
-    d[path[-1]] = value
-
-
-def stack_index(path: tuple, stack_names=("layers",)) -> int | None:
-    """Position of the stacked-layers element in ``path`` (its parameters carry a layer axis), or None."""
-    for j, p in enumerate(path[:-1]):
-        if str(p) in stack_names:
-            return j
-    return None
-
-
-def hf_name(path: tuple, prefixes: dict[str, str], layer: int | None = None,
-            stack_names=("layers",)) -> tuple[str, bool]:
-    """HF key for a parameter path (one layer of a stacked path), and whether it is transposed."""
-    parts = [str(p) for p in path]
-    top = parts[0]
-    prefix = prefixes.get(top, prefixes.get("", ""))
-    leaf = parts[-1]
-    transpose = leaf == "kernel"
-    suffix = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
-    body = parts[:-1]
-    if layer is not None:
-        j = stack_index(tuple(body) + ("",), stack_names)
-        j = 0 if j is None else j
-        body = [*body[:j + 1], str(layer), *body[j + 1:]]
-    return prefix + ".".join(body + [suffix]), transpose
+__all__ = ["load_component", "check_unexpected", "iter_hf_tensors"]
 
 
 def _convert(arr: np.ndarray, transpose: bool, dtype) -> np.ndarray:
@@ -128,9 +93,6 @@ def check_unexpected(ckpt: Checkpoint, consumed: set, allowed_prefixes: Iterable
         if key in consumed or key.startswith(allowed_prefixes) or (allowed and allowed(key)):
             continue
         raise CheckpointError(f"{ckpt.directory}: unexpected tensor '{key}' (not part of Qwen2.5-Omni)")
-
-
-THINKER_LM_PREFIXES = {"lm_head": "thinker.", "": "thinker.model."}
 
 
 def iter_hf_tensors(state: nnx.State, prefixes: dict[str, str], stack_names=("layers",)):

@@ -1,4 +1,4 @@
-"""The converted-checkpoint format (``omni-jax convert``) and restoring it, sharded.
+"""The converted-checkpoint format (written by ``omni-jax convert``) and restoring it, sharded.
 
 A converted directory ``OUT_DIR`` holds::
 
@@ -65,9 +65,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omni_jax.errors import CheckpointError
+from ..errors import CheckpointError
+from .tree import flatten_dict, set_path
 
-from .hf import flatten_dict, set_path
+__all__ = ["MANIFEST", "FORMAT", "FORMAT_VERSION", "PARAMS_DIR", "PASSTHROUGH_FILE", "COMPONENT_ORDER",
+           "checkpointer", "path_str", "tree_path", "split_axis", "item_shape", "stored_dtype", "nested",
+           "get_path", "is_converted", "read_manifest", "converted_components", "save_group",
+           "restore_group_numpy", "iter_component", "restore_component"]
 
 MANIFEST = "omni_jax_checkpoint.json"
 FORMAT = "omni-jax-orbax-checkpoint"
@@ -271,7 +275,7 @@ def _shardings(path: str, shape: tuple, mesh, stacked: bool):
 
     if mesh is None:
         return SingleDeviceSharding(jax.local_devices()[0]), None
-    from omni_jax.sharding import param_sharding
+    from ..sharding import param_sharding
 
     full = param_sharding(path, shape, mesh)
     spec = tuple(full.spec) + (None,) * (len(shape) - len(full.spec))
@@ -289,7 +293,7 @@ def restore_component(out_dir, component: str, abstract_state: nnx.State, *, dty
     ``"token2wav"``. ``dtype``: the dtype of the restored arrays (cast from the stored dtype);
     ``None`` keeps each abstract leaf's dtype. ``mesh``: arrays come back sharded by
     :func:`omni_jax.sharding.param_sharding` (path prefixed with the component's sharding prefix,
-    as :func:`convert.hf.load_component` does); ``None`` puts them on the default device.
+    as :func:`omni_jax.checkpoint.hf.load_component` does); ``None`` puts them on the default device.
     Each stored item is read by orbax directly in its sharded layout (each device reads its
     shards); layers and row blocks are written into a preallocated sharded array by a donated
     ``dynamic_update_slice``. Raises :class:`CheckpointError` naming the component, parameter
