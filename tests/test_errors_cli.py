@@ -50,6 +50,38 @@ def test_write_wav_never_replaces_a_device_node(tmp_path):
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(os.listdir(tmp_path)) == ["out.wav"]
 
 
+def test_a_failing_wav_write_is_one_error_with_nothing_left(tmp_path, monkeypatch):
+    """A write that fails after the checks (here: the disk fills up) is one InputError naming the
+    file; the previous file stays, no temporary is left, and no finaliser reports a second error
+    later (a half-built ``wave.Wave_write`` printed "Exception ignored in ... __del__")."""
+    import builtins
+    import errno
+    import gc
+    import sys
+
+    from omni_jax import InputError
+    from omni_jax.media import write_wav
+
+    out = tmp_path / "reply.wav"
+    write_wav(str(out), [0.0, 0.5])
+    before = out.read_bytes()
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: full() if "tmp" in str(f) else real_open(f, *a, **k))
+    monkeypatch.setattr(os, "fdopen", full)
+    with pytest.raises(InputError, match=f"{out}: cannot write \\(No space left on device\\)"):
+        write_wav(str(out), [0.25] * 100)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    gc.collect()
+    assert unraisable == []
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["reply.wav"]
+
+
 def test_train_out_naming_a_file(tmp_path, capsys):
     from train.cli import main as train_main
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as hf  # noqa: E402
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniToken2WavConfig  # noqa: E402
 
-from convert.safetensors_io import Checkpoint  # noqa: E402
+from omni_jax.checkpoint.safetensors_io import Checkpoint  # noqa: E402
 from omni_jax import streaming as st  # noqa: E402
 from omni_jax import token2wav as t2w  # noqa: E402
 from omni_jax.config import Token2WavConfig  # noqa: E402
