@@ -55,25 +55,42 @@ class DecodeState(NamedTuple):
     suppress: jax.Array  # [V] bool: ids never chosen (the talker's codec bos)
 
 
-def process_logits(logits, seen, sp: Sampling, do_sample: bool):
-    """Penalise, then (when sampling) temperature, top-k and top-p, as transformers does."""
-    pen = sp.repetition_penalty
-    penalised = jnp.where(logits < 0, logits * pen, logits / pen)
-    logits = jnp.where(seen, penalised, logits)
-    if not do_sample:
-        return logits
-    logits = logits / sp.temperature
-    v = logits.shape[-1]
+def penalise(logits, seen, penalty):
+    """transformers' repetition penalty on the ids in ``seen [B, V]`` (``penalty`` a scalar or ``[B, 1]``)."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def warp(logits, temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p, with per-row values (``[B]`` each), as transformers'
+    warpers: the logits to sample from (removed ids at -inf)."""
+    b, v = logits.shape
+    logits = logits / temperature[:, None]
     desc = jnp.sort(logits, axis=-1)[..., ::-1]
-    kth = jnp.take_along_axis(desc, jnp.clip(sp.top_k - 1, 0, v - 1)[None, None].repeat(logits.shape[0], 0), -1)
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, v - 1)[:, None], -1)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
     # top-p: drop the smallest tokens whose cumulative probability is <= 1 - top_p; keep >= 1
     order = jnp.argsort(logits, axis=-1)  # ascending
     sorted_logits = jnp.take_along_axis(logits, order, -1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = (cum <= 1.0 - sp.top_p).at[..., -1].set(False)
-    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    remove_sorted = (cum <= 1.0 - top_p[:, None]).at[..., -1].set(False)
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(b)[:, None], order].set(remove_sorted)
     return jnp.where(remove, -jnp.inf, logits)
+
+
+def sample(keys, logits):
+    """One categorical draw per row with its own key."""
+    return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, logits).astype(jnp.int32)
+
+
+def process_logits(logits, seen, sp: Sampling, do_sample: bool):
+    """Penalise, then (when sampling) temperature, top-k and top-p, as transformers does."""
+    logits = penalise(logits, seen, sp.repetition_penalty)
+    if not do_sample:
+        return logits
+    b = logits.shape[0]
+    row = lambda x: jnp.broadcast_to(x, (b,))  # noqa: E731  the request's values, one per row
+    return warp(logits, row(sp.temperature), row(sp.top_k), row(sp.top_p))
 
 
 def argmax_first(x):
@@ -91,9 +108,7 @@ def argmax_first(x):
 def choose(logits, seen, sp: Sampling, keys, do_sample: bool):
     """Next token per row ``[B]`` from float32 ``logits [B, V]``."""
     processed = process_logits(logits, seen, sp, do_sample)
-    if not do_sample:
-        return argmax_first(processed)
-    return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, processed).astype(jnp.int32)
+    return sample(keys, processed) if do_sample else argmax_first(processed)
 
 
 def step_keys(rng, n):
@@ -207,27 +222,14 @@ class RowState(NamedTuple):
 def choose_rows(logits, seen, sp: RowSampling, keys):
     """:func:`choose` with per-row sampling parameters: row ``b``'s token equals what ``choose``
     gives for that row alone with its own scalar parameters (same operations, same order)."""
-    pen = sp.repetition_penalty[:, None]
-    penalised = jnp.where(logits < 0, logits * pen, logits / pen)
-    logits = jnp.where(seen, penalised, logits)
+    logits = penalise(logits, seen, sp.repetition_penalty[:, None])
     greedy = argmax_first(logits)
 
-    def sample(_):
-        b, v = logits.shape
+    def draw(_):
         temp = jnp.where(sp.do_sample, sp.temperature, 1.0)
-        lg = logits / temp[:, None]
-        desc = jnp.sort(lg, axis=-1)[..., ::-1]
-        kth = jnp.take_along_axis(desc, jnp.clip(sp.top_k - 1, 0, v - 1)[:, None], -1)
-        lg = jnp.where(lg < kth, -jnp.inf, lg)
-        order = jnp.argsort(lg, axis=-1)
-        sorted_logits = jnp.take_along_axis(lg, order, -1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        remove_sorted = (cum <= 1.0 - sp.top_p[:, None]).at[..., -1].set(False)
-        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(b)[:, None], order].set(remove_sorted)
-        lg = jnp.where(remove, -jnp.inf, lg)
-        return jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys, lg).astype(jnp.int32)
+        return sample(keys, warp(logits, temp, sp.top_k, sp.top_p))
 
-    sampled = jax.lax.cond(jnp.any(sp.do_sample), sample, lambda _: greedy, None)
+    sampled = jax.lax.cond(jnp.any(sp.do_sample), draw, lambda _: greedy, None)
     return jnp.where(sp.do_sample, sampled, greedy)
 
 

@@ -71,31 +71,6 @@ def logits(model: Talker, cfg: TalkerConfig, embeds, position_ids, *, cache=None
     return jnp.einsum("...h,hv->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32), cache
 
 
-def reply_parts(tokens, hidden, n, embed_fn, eos_ids, eos_embed, pad_embed):
-    """The per-step talker inputs from the thinker's reply so far, as transformers builds them.
-
-    ``tokens [B, N]`` and ``hidden [B, N, E]`` are the thinker's buffers (token ``j`` and the hidden
-    state computed when it was fed, known for ``j < n - 1``); ``n`` (traced) tokens exist.
-    Returns ``(first [B, E], rest [B, N, E])``: the reply's first token (hidden + embedding), which
-    ends the talker prompt, and the inputs of the talker steps after it: tokens 1..n-2, then the
-    text-eos embedding, then text-pad; from each row's first EOS on, text-pad, with text-eos just
-    before it. Entries ``k < n - 2`` do not change as the reply grows (streaming reads them early).
-    """
-    b, cap = tokens.shape
-    reply = hidden + embed_fn(tokens).astype(hidden.dtype)
-    first = reply[:, 0]
-    e_dim = reply.shape[-1]
-    rest = jnp.concatenate([reply[:, 1:], jnp.broadcast_to(pad_embed, (b, 1, e_dim)).astype(reply.dtype)], axis=1)
-    k = jnp.arange(cap)[None, :]
-    j = jnp.arange(cap)[None, :]
-    is_eos = jnp.any(tokens[:, :, None] == jnp.asarray(eos_ids, jnp.int32)[None, None, :], axis=-1) & (j < n)
-    first_eos = jnp.clip(jnp.min(jnp.where(is_eos, j, n), axis=1), 1, n - 1)[:, None]
-    stop = jnp.minimum(first_eos, n - 1)
-    rest = jnp.where((k >= stop)[..., None], pad_embed.astype(rest.dtype), rest)
-    rest = jnp.where((k == stop - 1)[..., None], eos_embed.astype(rest.dtype), rest)
-    return first, rest
-
-
 def rope_view(cfg: TalkerConfig):
     """The attributes :func:`omni_jax.tmrope.rope_index` reads, taken from the talker's config."""
     from types import SimpleNamespace

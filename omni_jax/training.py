@@ -34,6 +34,7 @@ from flax import nnx
 from . import thinker as th
 from .config import OmniConfig
 from .decoder import is_per_layer
+from .engine import REPLY_EOS, REPLY_TOKEN, reply_kind
 from .errors import InputError
 from .layers import unstack_layers
 
@@ -192,7 +193,7 @@ def talker_layout(config: OmniConfig, input_ids, attention_mask, replies, mm: di
     the speaker bos embedding (+ codec pad); the first reply token (hidden + embedding, + codec
     bos); then, with each following code's input adding the previous code's embedding, reply
     tokens 1 .. reply_len - 2 (hidden + embedding), the text-eos embedding, and text-pad
-    embeddings (as :func:`omni_jax.talker.reply_parts` gives them). Targets: the codes, each at the
+    embeddings (:func:`omni_jax.engine.reply_kind`, the rule inference feeds the talker by). Targets: the codes, each at the
     position that predicts it.
     """
     from .talker import rope_view
@@ -253,14 +254,17 @@ def talker_layout(config: OmniConfig, input_ids, attention_mask, replies, mm: di
         src[r, off + lp + 1] = r * t + s
         codec_in[r, off + lp] = cfg.tts_codec_pad_token_id
         codec_in[r, off + lp + 1] = cfg.tts_codec_start_token_id
-        # step j = 1 .. k-1 takes reply input j - 1 after the first: reply token j, then text eos, then text pad
+        # step j = 1 .. k-1 takes reply entry j - 1 (engine.reply_kind, as inference feeds it; the
+        # reply's EOS is its token m - 1, so entries from m - 1 on are text-pad): reply token j, then
+        # text eos, then text pad
         for j in range(1, k):
             col = off + lp + 1 + j
-            if j <= m - 2:
+            what = reply_kind(j - 1, m - 1)
+            if what == REPLY_TOKEN:
                 kind[r, col], src[r, col] = HIDDEN, r * t + s + j
             else:
                 kind[r, col] = TEXT
-                extra[r, col] = cfg.tts_text_end_token_id if j == m - 1 else cfg.tts_text_pad_token_id
+                extra[r, col] = cfg.tts_text_end_token_id if what == REPLY_EOS else cfg.tts_text_pad_token_id
             codec_in[r, col] = c[j - 1]
         tlabels[r, off + lp + 1 + np.arange(k)] = c
         tpos[:, r, off:off + lp + 2] = ppos[:, r, lp_max - lp - 2:]

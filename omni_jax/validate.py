@@ -13,6 +13,8 @@ import numbers
 import os
 import stat
 
+import numpy as np
+
 from .errors import InputError
 
 
@@ -78,3 +80,76 @@ def check_output_dir(path, what: str = "output directory") -> str:
         return path
     _writable_parent(path, what)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# model inputs
+
+def check_token_ids(input_ids, attention_mask, *, vocab_size: int, max_positions: int):
+    """``(input_ids int32 [B, T], attention_mask int32 [B, T])`` from what a caller passed (1-D is one
+    row; no mask is all ones), or an :class:`InputError` naming what is wrong."""
+    if input_ids is None:
+        raise InputError("input_ids: required (or pass messages=...)")
+    try:
+        ids = np.asarray(input_ids)
+    except Exception:
+        raise InputError("input_ids: not an array of token ids") from None
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
+        raise InputError(f"input_ids: expected a non-empty int array [batch, length], got shape {ids.shape} "
+                         f"and dtype {ids.dtype}")
+    v = vocab_size
+    if ids.min() < 0 or ids.max() >= v:
+        raise InputError(f"input_ids: token ids must be in [0, {v}) (vocab_size); got {ids.min()}..{ids.max()}")
+    if attention_mask is None:
+        mask = np.ones(ids.shape, np.int32)
+    else:
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask: shape {mask.shape} does not match input_ids {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise InputError("attention_mask: values must be 0 or 1")
+        mask = mask.astype(np.int32)
+    if (mask.sum(1) == 0).any():
+        raise InputError("attention_mask: a row has no unmasked token")
+    limit = max_positions
+    if int(mask.sum(1).max()) > limit:
+        raise InputError(f"prompt of {int(mask.sum(1).max())} tokens is longer than max_position_embeddings "
+                         f"({limit})")
+    return ids.astype(np.int32), mask
+
+
+def check_position_ids(position_ids, shape):
+    """Position ids ``[3, B, T]`` (a ``[B, T]`` array is the same for the three rope sections)."""
+    pos = np.asarray(position_ids)
+    if pos.ndim == 2:
+        pos = np.broadcast_to(pos[None], (3, *pos.shape))
+    if pos.shape != (3, *shape):
+        raise InputError(f"position_ids: expected shape [3, {shape[0]}, {shape[1]}], got {list(pos.shape)}")
+    return pos.astype(np.int32)
+
+
+def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
+    """Sampling settings a generation can run with, or an :class:`InputError` naming the bad one."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    for name, v in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if v is not None:
+            check_finite(v, name)
+    if do_sample and not (temperature is not None and temperature > 0):
+        raise InputError(f"temperature: must be > 0 when sampling, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0):
+        raise InputError(f"top_k: expected an int >= 0 (0: no top-k) or None, got {top_k!r}")
+    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+        raise InputError(f"top_p: must be in (0, 1], got {top_p!r}")
+    if not (repetition_penalty is not None and repetition_penalty > 0):
+        raise InputError(f"repetition_penalty: must be > 0, got {repetition_penalty!r}")
+
+
+def check_seed(seed) -> None:
+    """Seeds are integers that fit jax's 64-bit keys (with the offsets the talker and the DiT add)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2 ** 63) <= int(seed) < 2 ** 63 - 8:
+        raise InputError(f"seed: expected an integer in [-2**63, 2**63 - 8), got {seed!r}")

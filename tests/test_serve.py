@@ -309,11 +309,14 @@ def test_32_concurrent_streams_equal_offline(server):
             assert codes is None and audio is None
 
 
-def test_disconnect_frees_the_slot(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_frees_the_slot(server, stream):
+    """A client that goes away mid-reply, streamed or not, has its request cancelled and its slot
+    freed at the engine's next step; the server goes on serving."""
     engine = server["engine"]
     done_before = engine.metrics.counters[("requests_total", (("status", "cancelled"),))]
-    body = dict(model="omni-test", messages=[{"role": "user", "content": "Tell me a long story"}], max_tokens=128,
-                temperature=0, seed=0, stream=True, ignore_eos=True)
+    body = json.dumps(dict(model="omni-test", messages=[{"role": "user", "content": "Tell me a long story"}],
+                           max_tokens=128, temperature=0, seed=0, stream=stream, ignore_eos=True)).encode()
     # the engine parks itself right after its first text step: on a loaded machine the tiny model could
     # otherwise finish all 128 tokens before this thread gets to pause it (the request would leave its slot)
     emitted = threading.Event()
@@ -326,19 +329,20 @@ def test_disconnect_frees_the_slot(server):
             emitted.set()
 
     engine._emit_text = emit_then_park
-    try:
-        with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"}) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):  # the first chunk comes once the request holds a slot
-                    break
-            assert emitted.wait(30)
-            engine.pause()  # parked (it asked itself); hold it while the client goes away
-            del engine._emit_text
-            req = next(q for q in engine.slots if q is not None)
-            assert not req.text_done and len(req.token_ids) < 128
+    host, port = server["url"].split("//")[1].split(":")
+    client = socket.create_connection((host, int(port)), timeout=60)
+    try:  # a raw HTTP/1.1 client, closed while the reply is being generated
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                       + b"\r\n\r\n" + body)
+        assert emitted.wait(30)
+        engine.pause()  # parked (it asked itself); hold it while the client goes away
+        del engine._emit_text
+        req = next(q for q in engine.slots if q is not None)
+        assert not req.text_done and len(req.token_ids) < 128
     finally:
         engine.__dict__.pop("_emit_text", None)
+        client.close()
     deadline = time.time() + 30
     while not req.cancelled and time.time() < deadline:
         time.sleep(0.02)

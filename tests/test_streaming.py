@@ -37,12 +37,12 @@ def test_stream_speaks_while_thinking(model):
     assert "".join(e.text for e in events) == full.text[0]
     np.testing.assert_array_equal(events[-1].codec_ids, full.codec_ids[0])
     # the audio is the documented chunked decode of those codes with the same noise
-    from omni_jax.api import _noise_key
+    from omni_jax.engine import noise_key
     from omni_jax.streaming import StreamingToken2Wav
 
     voice = model.voices["Chelsie"]
     ref = StreamingToken2Wav(model.token2wav_params, model.config.token2wav, voice.cond, voice.ref_mel,
-                             key=_noise_key(0, 0))
+                             key=noise_key(0, 0))
     chunks = ref.push(full.codec_ids[0]) + ref.finish()
     wav = np.concatenate([e.audio for e in audio])
     np.testing.assert_allclose(wav, np.concatenate(chunks), rtol=1e-5, atol=1e-6)
@@ -54,13 +54,13 @@ def test_talker_after_the_text_runs_chunk_by_chunk(model, monkeypatch):
     each chunk's audio yielded before the next step (not every remaining id first, then all the
     audio at once: the stream fell behind playback that way)."""
     log = []  # ("advance", codes after the call) and ("audio", samples), in the order they happened
-    real = model._talker_advance
+    real = model.talker_advance
 
     def advance(run, gen, final, limit=None):
         real(run, gen, final, limit)
         log.append(("advance", int(run.state.n), final is None))
 
-    monkeypatch.setattr(model, "_talker_advance", advance)
+    monkeypatch.setattr(model, "talker_advance", advance)
     for e in model.stream(messages=CONV, **KW):
         if e.kind == "audio":
             log.append(("audio", len(e.audio), None))

@@ -180,7 +180,7 @@ def test_dit_bucket_keeps_padding_below_a_third():
 
     from omni_jax import layers
 
-    half_octave_bucket = functools.partial(layers.half_octave_bucket, minimum=32)  # the DiT's codes (api._speak)
+    half_octave_bucket = functools.partial(layers.half_octave_bucket, minimum=32)  # the DiT's codes (speech.speak)
     assert [half_octave_bucket(n) for n in (1, 32, 33, 48, 49, 65, 97, 128, 129, 300, 385)] == \
         [32, 32, 48, 48, 64, 96, 128, 128, 192, 384, 512]
     for n in range(1, 3000):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import VOICE_BOS, rel_err
-from convert.hf import THINKER_LM_PREFIXES, iter_hf_tensors
+from omni_jax.checkpoint.hf import iter_hf_tensors
+from omni_jax.thinker import THINKER_LM_PREFIXES
 from omni_jax import training as T
 from test_multimodal import _inputs
 

@@ -91,7 +91,7 @@ def _prepare(st: ServerState, raw: bytes):
     req = parse_chat_request(body, limits=eng.limits, voices=list(model.voices), speech_ok=eng.speech,
                              allow_local_media=st.allow_local_media)
     try:
-        enc = model._encode_messages(req.messages, req.use_audio_in_video)
+        enc = model.encode_messages(req.messages, req.use_audio_in_video)
     except OmniError as e:
         raise RequestError(400, str(e)) from None
     finally:

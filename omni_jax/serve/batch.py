@@ -3,10 +3,10 @@
 A :class:`SlotBatch` holds one :class:`~omni_jax.generate.RowState` of ``B`` rows ("slots") with a
 cache of ``S`` slots per row and a ``N``-token buffer, for the thinker or the talker. A request
 is prefilled alone with the model's own prefill (:meth:`OmniModel.prefill` /
-:meth:`OmniModel._talker_start`, so the first token is the offline one), then its batch-1
+:meth:`OmniModel.talker_start`, so the first token is the offline one), then its batch-1
 state is written into a free row (:meth:`SlotBatch.insert`, a jitted dynamic_update_slice with
 the row index traced: no compile per row). :meth:`SlotBatch.step` runs the jitted per-row decode
-loop (:func:`omni_jax.generate.decode_rows`) for up to ``k`` steps over the rows the scheduler
+loop (:meth:`OmniModel.decode_rows_fn`: omni_jax.engine's per-row programs) for up to ``k`` steps over the rows the scheduler
 names (the occupied rows that still decode), not over all ``B``: it copies them, padded with free
 rows to the occupancy bucket (the smallest power of two >= their count, at most ``B``: 1, 2, 4,
 ..., ``B``), into a bucket-sized sub-batch (:func:`omni_jax.generate.take_rows`), decodes it and
@@ -27,12 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from .. import thinker as th
-from ..generate import DecodeState, RowSampling, RowState, decode_rows, put_rows, take_rows
-
-INT_BIG = np.int32(2 ** 30)
+from ..generate import DecodeState, RowSampling, RowState, put_rows, take_rows
 
 
 def empty_state(b: int, cache_shape, cache_dtype, n_tokens: int, vocab: int, hidden_dim: int, hidden_dtype):
@@ -177,70 +173,3 @@ def sampling_row(temperature, top_k, top_p, repetition_penalty, do_sample, vocab
     """Per-row sampling values, as :func:`omni_jax.generate.make_sampling` sets them."""
     return (np.float32(temperature if do_sample else 1.0), np.int32(min(int(top_k), vocab) if top_k else vocab),
             np.float32(1.0 if top_p is None else top_p), np.float32(repetition_penalty), np.bool_(do_sample))
-
-
-def thinker_step_fn(model_obj):
-    """``step(params, state, n_steps, eos, pad)``: the thinker's per-row decode chunk."""
-    gdef, tcfg, impl = model_obj._graphdef, model_obj.config.thinker.text, model_obj.attention
-
-    def step(params, state: RowState, n_steps, eos, pad, rows=None):
-        model = nnx.merge(gdef, params)
-
-        def one(s: RowState):  # as OmniModel's step_fn, with per-row cache slots
-            emb = th.embed(model, s.last[:, None])
-            h, cache = th.hidden_states(model, tcfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
-                                        kv_valid=s.kv_valid, impl=impl)
-            return th.lm_logits(model, h[:, 0]), cache, h[:, 0]
-
-        budget = jnp.full(state.n.shape, INT_BIG, jnp.int32)
-        return decode_rows(one, state, n_steps, budget, eos_ids=eos, pad_id=pad)
-
-    return step
-
-
-def talker_step_fn(model_obj):
-    """``step(tparams, state, params, thinker_view, n_steps, eos, pad, suppress, thinker_eos, extra,
-    rows=None)``: the talker's per-row decode chunk (``thinker_view`` has all ``B`` rows; ``rows``
-    selects those of ``state``'s sub-batch). Row ``b`` feeds, at its step ``k`` (its ``n - 1``), the reply
-    input that :func:`omni_jax.talker.reply_parts` builds (thinker token ``k + 1``'s hidden state +
-    embedding; then text-eos, then text-pad), computed from the thinker's buffers of the same row,
-    and steps only while that input is final (``k < n_thinker - 2``, or the thinker has finished) —
-    what :meth:`OmniModel.stream` does for one conversation."""
-    from .. import talker as tk
-
-    tgdef, cfg, impl = model_obj.talker[0], model_obj.config.talker, model_obj.attention
-    gdef = model_obj._graphdef
-
-    def step(tparams, state: RowState, params, th_tokens, th_hidden, th_n, th_finished, th_eos_on, n_steps, eos, pad,
-             suppress, thinker_eos, extra_ids, rows=None):
-        if rows is not None:  # the thinker rows of this sub-batch
-            th_tokens, th_hidden, th_n, th_finished, th_eos_on = (
-                jnp.take(x, rows, axis=0) for x in (th_tokens, th_hidden, th_n, th_finished, th_eos_on))
-        tmodel = nnx.merge(tgdef, tparams)
-        model = nnx.merge(gdef, params)
-        ex = th.embed(model, extra_ids)  # text bos (speaker), text eos, text pad
-        b, cap = th_tokens.shape
-        rows = jnp.arange(b)
-        j = jnp.arange(cap)[None, :]
-        n = th_n[:, None]
-        is_eos = jnp.any(th_tokens[:, :, None] == thinker_eos[None, None, :], axis=-1) & (j < n) & th_eos_on[:, None]
-        first_eos = jnp.clip(jnp.min(jnp.where(is_eos, j, n), axis=1), 1, th_n - 1)
-        stop = jnp.minimum(first_eos, th_n - 1)
-        final = jnp.where(th_finished, INT_BIG, th_n - 2)
-        budget = jnp.clip(final - (state.n - 1), 0, INT_BIG)
-
-        def one(s: RowState):
-            k = jnp.minimum(s.n - 1, cap - 1)
-            jj = jnp.minimum(k + 1, cap - 1)
-            hid = th_hidden[rows, jj]
-            reply = hid + th.embed(model, th_tokens[rows, jj]).astype(hid.dtype)
-            inp = jnp.where((k >= stop)[:, None], ex[2].astype(reply.dtype), reply)
-            inp = jnp.where((k == stop - 1)[:, None], ex[1].astype(reply.dtype), inp)
-            emb = (tmodel.embed_tokens(s.last) + inp)[:, None]
-            logits, cache = tk.logits(tmodel, cfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
-                                      kv_valid=s.kv_valid, impl=impl)
-            return logits[:, 0], cache, logits[:, 0, :0]
-
-        return decode_rows(one, state, n_steps, budget, eos_ids=eos, pad_id=pad, suppress=suppress)
-
-    return step

@@ -37,16 +37,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from ..api import _noise_key, bucket
+from ..engine import ThinkerReply, bucket, noise_key
 from ..errors import OmniError
 from ..sharding import outside_context_mesh
-from .batch import SlotBatch, empty_state, occupancy_bucket, sampling_row, talker_step_fn, thinker_step_fn
+from .batch import SlotBatch, empty_state, occupancy_bucket, sampling_row
 
 log = logging.getLogger("omni_jax.serve")
 
@@ -263,7 +262,7 @@ class Engine:
         b = lim.max_batch
         st = empty_state(b, (shape.num_hidden_layers, self.pb + self.nb, shape.num_key_value_heads, shape.head_dim),
                          model.dtype, self.nb, tcfg.vocab_size, tcfg.hidden_size if self.speech else 0, model.dtype)
-        self.thinker = SlotBatch(st, thinker_step_fn(model), eos=eos_arr, pad=pad, mesh=model.mesh)
+        self.thinker = SlotBatch(st, model.decode_rows_fn("thinker"), eos=eos_arr, pad=pad, mesh=model.mesh)
         self.talker = None
         if self.speech:
             c = model.config.talker
@@ -273,7 +272,7 @@ class Engine:
             self.t_eos = [c.tts_codec_pad_token_id, c.tts_codec_end_token_id]
             suppress = np.zeros((c.vocab_size,), bool)
             suppress[c.tts_codec_start_token_id] = True
-            self.talker = SlotBatch(tst, talker_step_fn(model), eos=np.asarray(self.t_eos, np.int32),
+            self.talker = SlotBatch(tst, model.decode_rows_fn("talker"), eos=np.asarray(self.t_eos, np.int32),
                                     pad=c.tts_codec_pad_token_id, suppress=suppress, mesh=model.mesh)
             self.t_extra = np.asarray([0, c.tts_text_end_token_id, c.tts_text_pad_token_id], np.int32)
         self.slots: list[ServeRequest | None] = [None] * b
@@ -338,10 +337,11 @@ class Engine:
     def compile_counts(self) -> dict:
         m = self.model
         out = {f"thinker_{k}": v for k, v in self.thinker.compiles().items()}
-        out["thinker_prefill"] = m._prefill_jit._cache_size()
+        counts = m.compile_counts()
+        out["thinker_prefill"] = counts["prefill"]
         if self.talker is not None:
             out.update({f"talker_{k}": v for k, v in self.talker.compiles().items()})
-            out["talker_prefill"] = m._talker_prefill_jit._cache_size()
+            out["talker_prefill"] = counts["talker_prefill"]
         return out
 
     # ------------------------------------------------------------------ scheduler thread
@@ -390,7 +390,7 @@ class Engine:
     def _talker_step(self, rows):
         m, tb, ts = self.model, self.talker, self.thinker.state
         view = (ts.tokens, ts.hidden, ts.n, ts.done | (ts.n >= ts.max_new), ts.eos_on)
-        tb.step(rows, before=(m.talker[1],), after=(m.params, *view, np.int32(self.limits.talker_steps_per_call),
+        tb.step(rows, before=(m.talker_params,), after=(m.params, *view, np.int32(self.limits.talker_steps_per_call),
                                                   tb.eos, tb.pad, tb.suppress, self.thinker.eos, self.t_extra))
 
     def precompile(self):
@@ -467,7 +467,7 @@ class Engine:
 
             voice = m.voices[p.voice]
             req.vocoder = StreamingToken2Wav(m.token2wav_parts, m.config.token2wav, voice.cond, voice.ref_mel,
-                                             key=_noise_key(p.seed, 0), impl=m.attention)
+                                             key=noise_key(p.seed, 0), impl=m.attention)
         if any(q is not None and q.sent > 0 for q in self.slots):
             self.metrics.inc("joins_running_batch_total")  # joined rows that were already decoding
         self.slots[r] = req
@@ -521,16 +521,12 @@ class Engine:
                 continue
             if n[r] >= 2:
                 p = req.params
-                toks, hid, nn = self.thinker.take_row(r)
-                view = SimpleNamespace(state=SimpleNamespace(tokens=toks, hidden=hid, n=nn), eos=req.gen.eos,
-                                       talker_inputs=req.gen.talker_inputs, aligned_ids=req.gen.aligned_ids,
-                                       aligned_mask=req.gen.aligned_mask)
-                run = m._talker_start(view, speaker_bos=m.voices[p.voice].bos_token, mm=req.gen.mm, seed=p.seed,
-                                      talker_max_new_tokens=lim.max_audio_tokens,
-                                      talker_min_new_tokens=p.talker_min_new_tokens,
-                                      talker_do_sample=p.talker_do_sample, talker_top_k=p.talker_top_k,
-                                      talker_top_p=p.talker_top_p, talker_temperature=p.talker_temperature,
-                                      talker_repetition_penalty=p.talker_repetition_penalty)
+                run = m.talker_start(req.gen, reply=ThinkerReply(*self.thinker.take_row(r)), speaker=p.voice,
+                                     seed=p.seed, talker_max_new_tokens=lim.max_audio_tokens,
+                                     talker_min_new_tokens=p.talker_min_new_tokens,
+                                     talker_do_sample=p.talker_do_sample, talker_top_k=p.talker_top_k,
+                                     talker_top_p=p.talker_top_p, talker_temperature=p.talker_temperature,
+                                     talker_repetition_penalty=p.talker_repetition_penalty)
                 req.gen.talker_inputs = None  # no longer needed
                 tb.insert(r, run.state, max_new=p.talker_max_new_tokens, min_new=p.talker_min_new_tokens,
                           eos_on=True, sp_row=sampling_row(p.talker_temperature, p.talker_top_k, p.talker_top_p,
