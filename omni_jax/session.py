@@ -1,0 +1,793 @@
+"""Multi-turn conversations over one thinker KV cache: :class:`Session` (``model.session(...)``).
+
+A session keeps the conversation (``messages``, the list ``OmniModel.generate(messages=...)``
+takes) and a KV cache whose slots ``[0, n)`` hold the keys and values of ``n`` token ids
+(:attr:`Session.cached_ids`). Each time the conversation changes, the whole conversation is
+rendered with the checkpoint's chat template (media placeholders expanded, TMRoPE positions from
+:func:`omni_jax.tmrope.rope_index`), its ids and positions are compared with the cached ones, and
+only the tokens after their longest common prefix are prefilled, at the slot where the prefix
+ends (:func:`omni_jax.engine.thinker_extend`). Normally that is the new user turn plus the
+generation prompt; it is also how the assistant's reply joins the history: the reply is stored as
+its decoded text, rendered as the template renders it (``<|im_start|>assistant\\n`` text
+``<|im_end|>\\n``), so the cache always holds what a from-scratch prefill of the conversation
+would hold, and a session's greedy replies are those of ``generate`` on the conversation so far.
+Slots past ``n`` hold stale or padding entries; a query never attends to a slot after its own
+(the causal slot mask), and each is rewritten before it is used.
+
+Media embeddings (audio, images) are kept per item, so a prefill that starts inside or before a
+media span can place them again. With a talker, each cached token's post-norm hidden state and
+input embedding are kept beside the cache too: a spoken reply's talker prompt is the whole
+conversation, as in ``generate(return_audio=True)``. Streaming audio (:meth:`Session.append_audio`) prefills each
+complete chunk of the audio encoder as soon as it exists; see docs/realtime.md for the chunk
+algorithm and the log-mel clamp policy.
+
+Cache growth: the cache has ``bucket(needed, minimum_slots)`` slots (the next power of two, at
+least 256 by default); when a prefill or a reply needs more, it is reallocated at the next bucket
+and the old slots are copied in (one copy per doubling). The context limit is
+``max_position_embeddings`` or the session's ``max_context`` when smaller: a turn or a reply that
+would pass it raises :class:`~omni_jax.errors.InputError` naming the limit; nothing is truncated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import media
+from .decoder import init_cache, is_per_layer
+from .engine import PROGRAMS, SessionCache, bucket
+from .errors import InputError
+from .generate import make_sampling
+from .processor import TextStreamer, validate_messages
+from .sharding import use_mesh
+from .tmrope import rope_index
+from .validate import check_sampling, check_seed
+
+MIN_SLOTS = 256  # the smallest cache a session allocates
+
+
+@dataclass
+class Reply:
+    """An assistant reply of :meth:`Session.respond`: its ``text`` (as stored in the history),
+    the ids generated (``token_ids``, the EOS id included when one was produced) and why it ended:
+    ``"stop"`` (an EOS id), ``"length"`` (``max_new_tokens``) or ``"cancelled"``; with
+    ``return_audio``, the speech's ``codec_ids`` and ``audio``."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    codec_ids: np.ndarray | None = None  # with return_audio: the talker's codec ids
+    audio: np.ndarray | None = None  # with return_audio and token2wav weights: float32, 24 kHz
+
+    @property
+    def cancelled(self) -> bool:
+        return self.finish_reason == "cancelled"
+
+
+@dataclass
+class _Media:
+    """One media item of the conversation, in order of appearance: its kind, its feature length
+    (audio frames) or grid (image), and its encoder output ``emb [n, E]`` (n placeholder tokens)."""
+
+    kind: str
+    emb: Any
+    frames: int = 0
+    grid: tuple | None = None
+
+
+@dataclass
+class _AudioTurn:
+    """A user turn whose audio is arriving (:meth:`Session.append_audio`)."""
+
+    message: dict  # the user message, its audio part last (filled in at the end)
+    buf: np.ndarray  # float32 samples received (the first ``n`` entries)
+    n: int = 0
+    frames: list = field(default_factory=list)  # log10 mel frames [mels, k] (float64, unclamped), in order
+    n_frames: int = 0  # frames computed (each final: its window lies inside the received audio)
+    chunks: int = 0  # complete encoder chunks encoded and prefilled
+    running_max: float = -np.inf  # max log10 mel over the frames of the chunks encoded so far
+    embs: list = field(default_factory=list)  # encoder outputs of those chunks
+    chunk_max: list = field(default_factory=list)  # the running maximum each chunk was floored with
+    chunk_slot: list = field(default_factory=list)  # the cache slot of each chunk's first token
+
+
+class Session:
+    """A conversation with cache reuse. Make one with :meth:`omni_jax.OmniModel.session`.
+
+    ``add_user`` appends a user message and prefills it; ``append_audio`` / ``end_user_turn``
+    stream a spoken user turn; ``respond`` (or ``respond_stream``) generates the assistant's reply
+    (text, and speech with ``return_audio=True``) and appends it to the history; ``cancel`` stops
+    a reply being generated, keeping what was produced. ``messages`` is the conversation as
+    ``generate(messages=...)`` takes it. ``audio_clamp`` chooses how streamed audio applies the
+    feature extractor's per-utterance log-mel floor (``"running"`` or ``"exact"``, see
+    docs/realtime.md); ``minimum_slots`` is the smallest cache allocated.
+    """
+
+    def __init__(self, model, *, system: str | None = None, max_context: int | None = None, seed: int = 0,
+                 minimum_slots: int = MIN_SLOTS, audio_clamp: str = "running"):
+        if model.processor is None:
+            raise InputError(f"{model.path}: this checkpoint has no tokenizer.json, so a session (chat messages) "
+                             "cannot be used")
+        limit = int(model.config.thinker.text.max_position_embeddings)
+        if max_context is not None:
+            if not isinstance(max_context, (int, np.integer)) or isinstance(max_context, bool) or max_context < 1:
+                raise InputError(f"max_context: expected a positive int, got {max_context!r}")
+            if max_context > limit:
+                raise InputError(f"max_context ({max_context}) exceeds the model's max_position_embeddings ({limit})")
+        check_seed(seed)
+        if not isinstance(minimum_slots, (int, np.integer)) or isinstance(minimum_slots, bool) or minimum_slots < 1:
+            raise InputError(f"minimum_slots: expected a positive int, got {minimum_slots!r}")
+        if audio_clamp not in ("running", "exact"):
+            raise InputError(f"audio_clamp: expected 'running' or 'exact', got {audio_clamp!r}")
+        self.audio_clamp = audio_clamp
+        self.model = model
+        self.limit = int(max_context) if max_context is not None else limit
+        self.limit_name = "max_context" if max_context is not None else "max_position_embeddings"
+        self.seed = int(seed)
+        self.minimum_slots = int(minimum_slots)
+        self.messages: list[dict] = []
+        self._media: list[_Media] = []
+        self._ids: list[int] = []  # token ids whose keys/values are in cache slots [0, n)
+        self._pos = np.zeros((3, 0), np.int32)
+        self._kv: SessionCache | None = None
+        self._logits = None  # next-token logits after exactly self._ids (device [1, V]) or None
+        self._open: _AudioTurn | None = None
+        self._cancel = False
+        self.last_reply: Reply | None = None
+        self.prefilled_tokens = 0  # tokens run through the thinker by prefills (not decode steps), in all
+        tc = model.config.thinker
+        self._tc = tc
+        self._acfg, self._vcfg = media.processor_configs(model.path)
+        self._chunk_frames = 2 * tc.audio.n_window  # the audio encoder's attention window, in frames
+        if not hasattr(model, "_session_programs"):
+            cfg = dict(graphdef=model._graphdef, cfg=tc.text, impl=model.attention)
+            model._session_programs = (PROGRAMS["thinker_extend"].bind(model.mesh, **cfg),
+                                       PROGRAMS["thinker_begin"].bind(model.mesh, dtype=model.dtype))
+        self._extend_jit, self._begin_jit = model._session_programs
+        # with a talker, every cached token's post-norm hidden state and input embedding (media
+        # positions zeroed) are kept beside the cache, slot by slot: the talker's prompt for a spoken reply
+        self._speech = model.talker is not None and bool(model.voices)
+        self._hid = self._emb = None  # [1, slots, E] each, or None
+        if system is not None:
+            if not isinstance(system, str):
+                raise InputError(f"system: expected a string, got {type(system).__name__}")
+            self.messages.append({"role": "system", "content": system})
+            ids, pos = self._render(self.messages, add_generation_prompt=False)
+            self._sync(ids, pos, need_logits=False)
+
+    # ------------------------------------------------------------------------------------
+    # the conversation
+
+    @property
+    def cached_ids(self) -> np.ndarray:
+        """The token ids whose keys and values the cache holds, slot by slot (int32 ``[n]``)."""
+        return np.asarray(self._ids, np.int32)
+
+    @property
+    def cache_slots(self) -> int:
+        """Slots of the KV cache as now allocated (0 before the first prefill)."""
+        return 0 if self._kv is None else int(self._kv.cache["k"][0].shape[1])
+
+    def rendered(self, add_generation_prompt: bool = False) -> str:
+        """The conversation as the chat template renders it (media placeholders not expanded)."""
+        return self.model.processor.apply_chat_template(self.messages, add_generation_prompt=add_generation_prompt)
+
+    def add_user(self, text: str | None = None, *, audio=None, sampling_rate: int | None = None, image=None,
+                 content: list | None = None) -> None:
+        """Append a user message and prefill it (with the generation prompt) into the cache.
+
+        Either ``content`` (a string or a list of typed parts, as in ``messages``), or any of
+        ``text``, ``audio`` (a path or an array, with ``sampling_rate`` for arrays) and ``image``
+        (a path, PIL image or HWC uint8 array), laid out as parts in the order audio, image, text.
+        Video parts are not supported in sessions. The media are read and encoded here."""
+        if self._open is not None:
+            raise InputError("add_user: a streamed audio turn is open; call end_user_turn() first")
+        if content is None:
+            parts = []
+            if audio is not None:
+                parts.append({"type": "audio", "audio": audio, "sampling_rate": sampling_rate})
+            if image is not None:
+                parts.append({"type": "image", "image": image})
+            if text is not None:
+                parts.append({"type": "text", "text": text})
+            if not parts:
+                raise InputError("add_user: give text, audio, image or content")
+            content = parts if (audio is not None or image is not None) else text
+        elif text is not None or audio is not None or image is not None:
+            raise InputError("add_user: pass either content or text/audio/image, not both")
+        message = {"role": "user", "content": content}
+        validate_messages([message])
+        items = self._encode_media(message)
+        self._append_and_sync(message, items)
+
+    def _append_and_sync(self, message: dict, items: list) -> None:
+        """Append ``message`` (whose media ``items`` are encoded) and prefill the conversation with
+        the generation prompt; on an error (the context limit) the history is left as it was."""
+        self.messages.append(message)
+        self._media.extend(items)
+        try:
+            ids, pos = self._render(self.messages, add_generation_prompt=True)
+            self._sync(ids, pos, need_logits=True)
+        except Exception:
+            self.messages.pop()
+            del self._media[len(self._media) - len(items):]
+            raise
+
+    def _encode_media(self, message: dict) -> list[_Media]:
+        """Read and encode the media parts of ``message`` (one :class:`_Media` per part, in order)."""
+        model, tc = self.model, self._tc
+        content = message["content"]
+        out = []
+        if isinstance(content, str):
+            return out
+        for j, part in enumerate(content):
+            kind = part["type"]
+            where = f"content[{j}]"
+            if kind == "audio":
+                if model.audio is None:
+                    raise InputError(f"{where}: {model.path} has no audio encoder (thinker.audio_tower)")
+                if part.get("audio") is None:
+                    raise InputError(f"{where}: an audio part needs 'audio' (a path or an array)")
+                wav = media.load_audio(part["audio"], part.get("sampling_rate"))
+                feats, length = media.log_mel(wav, self._acfg, pad=False, name=where)
+                out.append(_Media("audio", self._encode_audio(feats, length), frames=length))
+            elif kind == "image":
+                if model.vision is None:
+                    raise InputError(f"{where}: {model.path} has no vision encoder (thinker.visual)")
+                if part.get("image") is None:
+                    raise InputError(f"{where}: an image part needs 'image' (a path, PIL image or array)")
+                from .vision import encode_vision
+
+                px = media.image_inputs([media.load_image(part["image"])], self._vcfg)
+                grid = np.asarray(px["image_grid_thw"])
+                emb = encode_vision(model.vision, tc.vision, np.asarray(px["pixel_values"]), grid, model.attention,
+                                    mesh=model.mesh)
+                out.append(_Media("image", jnp.asarray(emb, model.dtype), grid=tuple(int(g) for g in grid[0])))
+            elif kind == "video":
+                raise InputError(f"{where}: video parts are not supported in sessions")
+        return out
+
+    def _encode_audio(self, feats: np.ndarray, length: int):
+        """Encoder output ``[tokens, E]`` of one audio's features ``[mels, length]``."""
+        from .audio import encode_audio
+
+        model = self.model
+        emb = encode_audio(model.audio, self._tc.audio, feats[:, :length], np.asarray([length]), model.attention,
+                           mesh=model.mesh)
+        return jnp.asarray(emb, model.dtype)
+
+    # ------------------------------------------------------------------------------------
+    # rendering and prefilling
+
+    def _render(self, messages: list, add_generation_prompt: bool, items: list | None = None):
+        """Token ids (list) and TMRoPE positions ``[3, T]`` of ``messages``, as ``encode_messages``
+        lays them out (the same template, placeholder expansion and tokenizer)."""
+        proc, tc = self.model.processor, self._tc
+        items = self._media if items is None else items
+        text = proc.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        frames = [m.frames for m in items if m.kind == "audio"]
+        grids = [m.grid for m in items if m.kind == "image"]
+        expanded = media.expand_placeholders(text, audio_lengths=frames, image_grids=grids,
+                                             merge_size=tc.vision.spatial_merge_size,
+                                             position_id_per_seconds=tc.position_id_per_seconds,
+                                             seconds_per_chunk=tc.seconds_per_chunk)
+        ids = proc.encode(expanded)
+        pos = rope_index(tc, np.asarray(ids, np.int64)[None], None,
+                         image_grid_thw=np.asarray(grids) if grids else None,
+                         audio_seqlens=np.asarray(frames) if frames else None)[:, 0]
+        return ids, pos
+
+    def _check_limit(self, n: int, what: str) -> None:
+        if n > self.limit:
+            raise InputError(f"{what} needs {n} tokens of context, more than the session's context limit "
+                             f"{self.limit_name} ({self.limit})")
+
+    def _sync(self, ids: list, pos: np.ndarray, *, need_logits: bool) -> None:
+        """Make the cache hold ``ids`` (with positions ``pos``): prefill what follows the longest
+        common prefix with the cached ids and positions. With ``need_logits`` the next-token logits
+        after ``ids`` are computed (re-running the last token when nothing else is new)."""
+        n = len(ids)
+        self._check_limit(n + (1 if need_logits else 0), "the conversation")
+        old = self._ids
+        p = 0
+        m = min(len(old), n)
+        if m:
+            same = (np.asarray(old[:m]) == np.asarray(ids[:m])) & np.all(self._pos[:, :m] == pos[:, :m], axis=0)
+            p = m if same.all() else int(np.argmin(same))
+        if p == n and len(old) == n and (self._logits is not None or not need_logits):
+            return
+        if p == n and need_logits:
+            p = n - 1  # everything is cached, but not the logits after it: feed the last token again
+        if p == n:  # a prefix of the cached ids: drop the rest
+            self._ids, self._pos, self._logits = list(ids), np.asarray(pos, np.int32), None
+            return
+        self._prefill(ids[p:], pos[:, p:], p, self._media_rows(ids, p, n))
+        self._ids, self._pos = list(ids), np.asarray(pos, np.int32)
+
+    def _media_rows(self, ids: list, a: int, b: int):
+        """The media embeddings of slots ``[a, b)`` of ``ids``: ``(rows [M, E], index [M])`` with
+        indices relative to ``a``; each media item's placeholder run is found in order."""
+        tc = self._tc
+        arr = np.asarray(ids)
+        ph = np.isin(arr, [tc.audio_token_id, tc.image_token_id])
+        starts = np.flatnonzero(ph & ~np.concatenate([[False], ph[:-1]]))
+        if len(starts) != len(self._media):
+            raise InputError(f"the conversation has {len(starts)} media placeholder runs for {len(self._media)} "
+                             "media items (placeholder tokens in the text?)")
+        rows, idx = [], []
+        for item, s in zip(self._media, starts.tolist()):
+            k = int(item.emb.shape[0])
+            lo, hi = max(a, s), min(b, s + k)
+            if lo < hi:
+                rows.append(item.emb[lo - s:hi - s])
+                idx.append(np.arange(lo, hi) - a)
+        if not rows:
+            return None
+        return jnp.concatenate(rows, axis=0), np.concatenate(idx)
+
+    def _ensure_slots(self, needed: int) -> None:
+        """Allocate the cache, or grow it to ``bucket(needed)`` slots (copying the old ones in)."""
+        have = self.cache_slots
+        if have >= needed:
+            return
+        model = self.model
+        slots = bucket(needed, self.minimum_slots)
+        e = self._tc.text.hidden_size
+        if self._kv is None:
+            t = self._tc.text
+            from .thinker import decoder_shape
+
+            cache = init_cache(decoder_shape(t), 1, slots, model.dtype, per_layer=is_per_layer(model.params))
+            if self._speech:
+                self._hid = self._emb = jnp.zeros((1, slots, e), model.dtype)
+        else:
+            def grow(c):
+                ax = c.ndim - 3  # [.., B, S, KVH, D]
+                return jnp.pad(c, [(0, 0)] * ax + [(0, slots - have), (0, 0), (0, 0)])
+
+            cache = jax.tree.map(grow, self._kv.cache)
+            if self._speech:
+                self._hid, self._emb = (jnp.pad(x, [(0, 0), (0, slots - have), (0, 0)]) for x in (self._hid, self._emb))
+        self._kv = SessionCache(cache)
+
+    def _prefill(self, ids: list, pos: np.ndarray, start: int, mm) -> None:
+        """Prefill ``ids`` (positions ``pos [3, T]``; media rows ``mm``) at slot ``start``; keeps the
+        logits after the last one."""
+        model = self.model
+        t = len(ids)
+        tb = bucket(t)
+        self._ensure_slots(start + tb)  # the padded tail is written too
+        ids_b = np.zeros((1, tb), np.int32)
+        ids_b[0, :t] = ids
+        pos_b = np.empty((3, 1, tb), np.int32)
+        pos_b[:, 0, :t] = pos
+        pos_b[:, 0, t:] = pos[:, -1:] + 1 + np.arange(tb - t)[None]
+        e = self._tc.text.hidden_size
+        if mm is None:
+            mm_embeds, mm_idx = jnp.zeros((0, e), model.dtype), np.zeros((0,), np.int32)
+        else:
+            rows, idx = mm
+            mb = bucket(len(idx))
+            mm_idx = np.full((mb,), tb, np.int32)  # padding entries point past the end: dropped
+            mm_idx[:len(idx)] = idx
+            mm_embeds = jnp.concatenate([rows.astype(model.dtype), jnp.zeros((mb - len(idx), e), model.dtype)])
+        kv, self._kv = self._kv, None  # donated
+        self.prefilled_tokens += t
+        with use_mesh(model.mesh):
+            self._kv, self._logits, extra = self._extend_jit(model.params, kv, ids_b, pos_b, mm_embeds, mm_idx,
+                                                             np.int32(start), np.int32(t - 1), self._speech)
+        if extra is not None:
+            self._keep_talker_inputs(start, extra[0][:, :t], extra[1][:, :t])
+
+    def _keep_talker_inputs(self, start: int, hid, emb) -> None:
+        """Store the hidden states and embeddings ``[1, t, E]`` of the tokens at slots ``[start, start + t)``."""
+        self._hid = jax.lax.dynamic_update_slice(self._hid, hid.astype(self._hid.dtype), (0, start, 0))
+        self._emb = jax.lax.dynamic_update_slice(self._emb, emb.astype(self._emb.dtype), (0, start, 0))
+
+    def next_token_logits(self) -> np.ndarray:
+        """float32 ``[V]``: the thinker's logits for the assistant's first reply token, given the
+        conversation so far (what :meth:`respond` starts from)."""
+        if self._open is not None:
+            self.end_user_turn()
+        ids, pos = self._render(self.messages, add_generation_prompt=True)
+        self._sync(ids, pos, need_logits=True)
+        return np.asarray(self._logits[0], np.float32)
+
+    # ------------------------------------------------------------------------------------
+    # streamed audio
+
+    def append_audio(self, samples, sampling_rate: int = 16000, *, text: str | None = None) -> None:
+        """Add samples of the user's speech (mono, any chunking) to the open user turn, opening one if
+        none is open (``text``: a text part placed before the audio in that turn). Each complete
+        chunk of the audio encoder (``2 * n_window`` feature frames, 2 s) is encoded and prefilled
+        as soon as its frames are final; :meth:`end_user_turn` does the rest."""
+        rate = self._acfg.sampling_rate
+        if sampling_rate != rate:
+            raise InputError(f"append_audio: sampling_rate {sampling_rate}: streamed audio must be at {rate} Hz "
+                             "(resample it first; chunks resampled one by one do not join exactly)")
+        x = np.asarray(samples)
+        if x.ndim != 1:
+            raise InputError(f"append_audio: expected a 1-D mono waveform, got shape {x.shape}")
+        if np.issubdtype(x.dtype, np.integer):
+            x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
+        elif not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"append_audio: expected a numeric array, got dtype {x.dtype}")
+        x = x.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise InputError("append_audio: the audio contains NaN or infinite samples")
+        if self._open is None:
+            self._begin_audio_turn(text)
+        elif text is not None:
+            raise InputError("append_audio: text is given only with the first samples of a turn")
+        turn = self._open
+        cap = self._acfg.n_samples - self._acfg.n_fft
+        if turn.n + len(x) > cap:
+            raise InputError(f"append_audio: the turn's audio passes {cap / rate:.2f} s, the longest the audio "
+                             f"feature extractor takes in one piece (chunk_length {self._acfg.chunk_length} s)")
+        if turn.n + len(x) > len(turn.buf):
+            grown = np.zeros(max(2 * len(turn.buf), turn.n + len(x)), np.float32)
+            grown[:turn.n] = turn.buf[:turn.n]
+            turn.buf = grown
+        turn.buf[turn.n:turn.n + len(x)] = x
+        turn.n += len(x)
+        hop, half = self._acfg.hop_length, self._acfg.n_fft // 2
+        # frame f reads samples [f * hop - half, f * hop + half): final once they have all arrived
+        final = (turn.n - half - 1) // hop + 1 if turn.n > half else 0
+        final = min(final, self._acfg.nb_max_frames)
+        if final > turn.n_frames:
+            turn.frames.append(self._log_mel(turn, turn.n_frames, final))
+            turn.n_frames = final
+        w = self._chunk_frames
+        while (turn.chunks + 1) * w <= turn.n_frames:
+            self._stream_chunk(turn)
+
+    def _begin_audio_turn(self, text: str | None) -> None:
+        parts = [] if text is None else [{"type": "text", "text": text}]
+        message = {"role": "user", "content": parts + [{"type": "audio", "audio": None, "sampling_rate": None}]}
+        validate_messages([message])
+        # the conversation with this turn, its audio given any length: the ids before its first
+        # placeholder (up to and including <|audio_bos|>) do not depend on that length
+        probe = _Media("audio", None, frames=self._chunk_frames)
+        ids, pos = self._render(self.messages + [message], False, items=self._media + [probe])
+        first = int(np.flatnonzero(np.asarray(ids) == self._tc.audio_token_id)[-media.audio_token_count(
+            self._chunk_frames)])
+        self._sync(ids[:first], pos[:, :first], need_logits=False)
+        self._logits = None
+        self._open = _AudioTurn(message=message, buf=np.zeros(self._acfg.sampling_rate * 4, np.float32))
+
+    def _log_mel(self, turn: _AudioTurn, f0: int, f1: int) -> np.ndarray:
+        """log10 mel power ``[mels, f1 - f0]`` (float64, before the clamp) of frames ``[f0, f1)`` of the
+        turn's audio, computed as the whole-utterance feature extractor computes them: a centred
+        STFT (reflected at the start; zeros after the audio's end, which only the final frames of a
+        finished turn read), periodic Hann window, power, Slaney mel filters, ``log10`` with a 1e-10
+        floor. A frame depends only on the samples its window covers, so frames computed as audio
+        arrives equal those of the whole utterance."""
+        cfg = self._acfg
+        n_fft, hop, half = cfg.n_fft, cfg.hop_length, cfg.n_fft // 2
+        x = turn.buf[:turn.n].astype(np.float64)
+        j = np.arange(f0 * hop, (f1 - 1) * hop + n_fft)  # indices into the padded signal
+        src = np.where(j < half, half - j, j - half)  # reflect at the start, then the audio itself
+        sig = np.where(src < turn.n, x[np.minimum(src, turn.n - 1)], cfg.padding_value)
+        frames = np.lib.stride_tricks.sliding_window_view(sig, n_fft)[::hop][:f1 - f0]
+        window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)
+        spec = np.fft.rfft(frames * window, n=n_fft, axis=-1)
+        return np.log10(np.maximum((spec.real ** 2 + spec.imag ** 2) @ _mel_filters(cfg), 1e-10)).T
+
+    def _features(self, turn: _AudioTurn, f0: int, f1: int, floor_max: float) -> np.ndarray:
+        """float32 features ``[mels, f1 - f0]``: the log-mel frames floored at ``floor_max - 8``, then
+        ``(x + 4) / 4``, the feature extractor's normalisation."""
+        spec = np.concatenate(turn.frames, axis=1)[:, f0:f1] if len(turn.frames) > 1 else turn.frames[0][:, f0:f1]
+        return ((np.maximum(spec, floor_max - 8.0) + 4.0) / 4.0).astype(np.float32)
+
+    def _stream_chunk(self, turn: _AudioTurn) -> None:
+        """Encode complete chunk ``turn.chunks`` (its frames floored with the running maximum over the
+        chunks so far) and prefill its placeholder tokens after the cached ones."""
+        if len(turn.frames) > 1:
+            turn.frames = [np.concatenate(turn.frames, axis=1)]
+        w = self._chunk_frames
+        f0 = turn.chunks * w
+        turn.running_max = max(turn.running_max, float(turn.frames[0][:, f0:f0 + w].max()))
+        emb = self._encode_audio(self._features(turn, f0, f0 + w, turn.running_max), w)
+        k = int(emb.shape[0])
+        start = len(self._ids)
+        self._check_limit(start + k, "the streamed audio turn")
+        pos = self._pos[:, -1:] + 1 + np.arange(k)[None]  # audio positions are text-like: one per token
+        self._prefill([self._tc.audio_token_id] * k, pos, start, (emb, np.arange(k)))
+        self._ids += [self._tc.audio_token_id] * k
+        self._pos = np.concatenate([self._pos, pos.astype(np.int32)], axis=1)
+        self._logits = None
+        turn.embs.append(emb)
+        turn.chunk_max.append(turn.running_max)
+        turn.chunk_slot.append(start)
+        turn.chunks += 1
+
+    def end_user_turn(self) -> None:
+        """Close the streamed user turn: compute its last frames (the audio's end is now known),
+        encode what follows the chunks already prefilled, floored with the whole turn's maximum,
+        append the message to the history and prefill the rest of the turn and the generation
+        prompt."""
+        turn = self._open
+        if turn is None:
+            raise InputError("end_user_turn: no streamed user turn is open (call append_audio first)")
+        if turn.n == 0:
+            raise InputError("end_user_turn: the turn's audio is empty")
+        cfg = self._acfg
+        hop, half = cfg.hop_length, cfg.n_fft // 2
+        length = min(-(-turn.n // hop), cfg.nb_max_frames)
+        live = min(cfg.nb_max_frames, (turn.n + half) // hop + 2)  # frames that read any sample
+        if live > turn.n_frames:
+            turn.frames.append(self._log_mel(turn, turn.n_frames, live))
+            turn.n_frames = live
+        if len(turn.frames) > 1:
+            turn.frames = [np.concatenate(turn.frames, axis=1)]
+        whole_max = float(turn.frames[0].max())  # frames past `live` are exactly -10, never above
+        w = self._chunk_frames
+        redo = turn.chunks
+        if self.audio_clamp == "exact":
+            # the first chunk whose features the whole turn's floor changes: a value below
+            # whole_max - 8 that the chunk's own (lower) running floor let through
+            for k in range(turn.chunks):
+                if turn.chunk_max[k] < whole_max and (turn.frames[0][:, k * w:(k + 1) * w] < whole_max - 8.0).any():
+                    redo = k
+                    break
+            if redo < turn.chunks:  # forget the chunks from there on: prefilled again below
+                slot = turn.chunk_slot[redo]
+                self._ids, self._pos, self._logits = self._ids[:slot], self._pos[:, :slot], None
+        f0 = redo * w
+        embs = list(turn.embs[:redo])
+        if length > f0:
+            embs.append(self._encode_audio(self._features(turn, f0, length, whole_max), length - f0))
+        e = self._tc.text.hidden_size
+        emb = jnp.concatenate(embs, axis=0) if embs else jnp.zeros((0, e), self.model.dtype)
+        expect = media.audio_token_count(length)
+        if emb.shape[0] != expect:
+            raise AssertionError(f"streamed audio: {emb.shape[0]} embeddings for {expect} tokens")
+        message = turn.message
+        message["content"][-1] = {"type": "audio", "audio": turn.buf[:turn.n].copy(),
+                                  "sampling_rate": cfg.sampling_rate}
+        self._open = None
+        self._append_and_sync(message, [_Media("audio", emb, frames=length)])
+
+    def discard_user_turn(self) -> None:
+        """Drop the open streamed user turn (a false start, or audio past the context limit): nothing
+        of it joins the history, and the cache entries it prefilled are rewritten by the next turn."""
+        if self._open is None:
+            raise InputError("discard_user_turn: no streamed user turn is open")
+        self._open = None
+        self._logits = None
+
+    # ------------------------------------------------------------------------------------
+    # replies
+
+    def cancel(self) -> None:
+        """Stop the reply being generated at the next step boundary (from a callback or another
+        thread); the history keeps the tokens produced until then."""
+        self._cancel = True
+
+    def respond(self, max_new_tokens: int | None = None, *, on_text: Callable[[str], Any] | None = None,
+                **kwargs) -> Reply:
+        """Generate the assistant's reply to the conversation and append it to the history.
+
+        Arguments as :meth:`respond_stream`: sampling as :meth:`omni_jax.OmniModel.generate`
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``,
+        ``eos_token_id``; None takes the checkpoint's generation config), ``return_audio``,
+        ``speaker`` and ``talker_*`` for speech, ``steps_per_event`` thinker tokens between events.
+        ``on_text(delta)`` is called with each text delta (it may call :meth:`cancel`). Returns the
+        :class:`Reply` (with ``codec_ids`` and ``audio`` when speech was asked for)."""
+        for ev in self.respond_stream(max_new_tokens, **kwargs):
+            if ev.kind == "text" and on_text is not None and ev.text:
+                on_text(ev.text)
+        return self.last_reply
+
+    def respond_stream(self, max_new_tokens: int | None = None, *, do_sample=None, temperature=None, top_k=None,
+                       top_p=None, repetition_penalty=None, seed: int | None = None, eos_token_id=None,
+                       steps_per_event: int = 8, return_audio: bool = False, speaker: str = "Chelsie",
+                       **talker_kwargs) -> Iterator:
+        """Yield :class:`omni_jax.StreamEvent` s of the reply (``text`` deltas; with ``return_audio``
+        also ``audio`` chunks, float32 at 24 kHz; then ``done``) while it is generated; at the end (or
+        on :meth:`cancel`) the reply is appended to the history and kept in :attr:`last_reply`.
+
+        Speech runs as :meth:`omni_jax.OmniModel.stream` runs it: the talker (``talker_*`` arguments
+        as in ``generate``) advances over the reply tokens whose inputs are final, its prompt being
+        the whole conversation's hidden states and embeddings (kept beside the cache), and its codec
+        ids go through :class:`omni_jax.streaming.StreamingToken2Wav` (codec ids only, in ``done``'s
+        ``codec_ids``, when the checkpoint has no token2wav weights). A cancelled reply stops its
+        speech too."""
+        from .outputs import StreamEvent
+
+        t0 = time.perf_counter()
+        model = self.model
+        unknown = set(talker_kwargs) - TALKER_ARGS
+        if unknown:
+            raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
+        if return_audio:
+            model._check_speech(speaker, talker_kwargs.get("talker_max_new_tokens", 4096))
+        if not isinstance(steps_per_event, (int, np.integer)) or steps_per_event < 1:
+            raise InputError(f"steps_per_event: expected a positive int, got {steps_per_event!r}")
+        if self._open is not None:
+            self.end_user_turn()
+        if not self.messages:
+            raise InputError("respond: the conversation is empty (add a user message first)")
+        ids, pos = self._render(self.messages, add_generation_prompt=True)
+        n = len(ids)
+        st = model.sampling_settings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                     prompt_length=n, longest_prompt=n)
+        if max_new_tokens is None:
+            if self.limit - n < 1:
+                raise InputError(f"the conversation of {n} tokens leaves no room for a reply under the session's "
+                                 f"context limit {self.limit_name} ({self.limit})")
+            st["max_new_tokens"] = min(st["max_new_tokens"], self.limit - n)
+        max_new = st["max_new_tokens"]
+        check_sampling(max_new, st["do_sample"], st["temperature"], st["top_k"], st["top_p"],
+                       st["repetition_penalty"])
+        if n + max_new > self.limit:
+            raise InputError(f"the conversation of {n} tokens + max_new_tokens {max_new} exceeds the session's "
+                             f"context limit {self.limit_name} ({self.limit})")
+        seed = self.seed if seed is None else seed
+        check_seed(seed)
+        self._sync(ids, pos, need_logits=True)
+        eos = eos_token_id if eos_token_id is not None else model.generation_config["eos_token_id"]
+        eos = [int(eos)] if isinstance(eos, (int, np.integer)) else [int(x) for x in eos]
+        eos_arr = np.full((max(1, len(eos)),), -1, np.int32)
+        eos_arr[:len(eos)] = eos
+        pad = np.int32(model.generation_config["pad_token_id"])
+        vocab = self._tc.text.vocab_size
+        sp = make_sampling(st["temperature"], st["top_k"], st["top_p"], st["repetition_penalty"], vocab)
+        do = bool(st["do_sample"])
+        rng = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seed)), i))(jnp.arange(1))
+        seen = np.zeros((1, vocab), bool)
+        seen[0, np.asarray(ids)] = True
+        self._ensure_slots(n + max_new)
+        kv, self._kv = self._kv, None  # donated to the decode state
+        next_pos = (pos[:, -1:] + 1).astype(np.int32)
+        hidden_dim = self._tc.text.hidden_size if self._speech else 0
+        with use_mesh(model.mesh):
+            state = self._begin_jit(self._logits, kv, seen, next_pos, np.int32(n), sp, rng, np.int32(max_new),
+                                    eos_arr, pad, bucket(max_new), do, hidden_dim)
+        self._logits = None
+        self._cancel = False
+        gen = talk = vocoder = None
+        if return_audio:
+            gen, talk, vocoder = self._speech_parts(state, ids, eos, max_new, speaker, seed, talker_kwargs)
+        streamer = TextStreamer(model.processor)
+        produced: list[int] = []
+        audio: list[np.ndarray] = []
+        reason = "length"
+
+        def audio_events(chunks):
+            for a in chunks:
+                if len(a):
+                    audio.append(np.asarray(a, np.float32))
+                    yield StreamEvent("audio", audio=audio[-1], t=time.perf_counter() - t0)
+
+        try:
+            while True:
+                k = int(state.n)
+                new = [int(x) for x in np.asarray(state.tokens[0, len(produced):k])]
+                produced += new
+                hit = [i for i, x in enumerate(new) if x in eos]
+                if hit:
+                    new = new[:hit[0]]
+                if new or hit:
+                    yield StreamEvent("text", text=streamer.push(new), token_ids=new, t=time.perf_counter() - t0)
+                if any(x in eos for x in produced):
+                    reason = "stop"
+                    break
+                if k >= max_new:
+                    break
+                if self._cancel:
+                    reason = "cancelled"
+                    break
+                if talk is not None and k >= 2:
+                    yield from audio_events(talk(k - 2))
+                with use_mesh(model.mesh):
+                    state = model._decode_jit(model.params, state, np.int32(steps_per_event), sp, eos_arr, pad, do)
+                if gen is not None:
+                    gen.state = state
+        finally:
+            self._finish_reply(state, ids, pos, next_pos, produced, eos, reason)
+        tail = streamer.flush()
+        if tail:
+            yield StreamEvent("text", text=tail, t=time.perf_counter() - t0)
+        codec_ids = None
+        if talk is not None and reason != "cancelled":
+            # the thinker is done; the talker goes on alone, one steady vocoder chunk of codes per call
+            step = vocoder.cf // vocoder.rep if vocoder is not None else None
+            while True:
+                yield from audio_events(talk(None, step))
+                if talk.run is None or talk.run.finished:
+                    break
+            if vocoder is not None:
+                yield from audio_events(vocoder.finish())
+            codec_ids = talk.run.codes()[0] if talk.run is not None else np.zeros((0,), np.int32)
+        self.last_reply.codec_ids = codec_ids
+        self.last_reply.audio = np.concatenate(audio) if audio else None
+        yield StreamEvent("done", token_ids=produced, codec_ids=codec_ids, t=time.perf_counter() - t0)
+
+    def _finish_reply(self, state, ids, pos, next_pos, produced, eos, reason) -> None:
+        """Take the cache back from the decode state and append the reply (what was produced) to the
+        history; the cache holds every produced token but the last (chosen, not yet fed)."""
+        model = self.model
+        self._kv = SessionCache(state.cache)
+        fed = produced[:-1]
+        n = len(ids)
+        self._ids = list(ids) + fed
+        self._pos = np.concatenate([np.asarray(pos, np.int32), next_pos + np.arange(len(fed), dtype=np.int32)[None]],
+                                   axis=1)
+        if self._speech and fed:
+            emb = model._embed_jit(model.params, np.asarray([fed], np.int32))
+            self._keep_talker_inputs(n, state.hidden[:, :len(fed)], emb)
+        cut = next((i for i, x in enumerate(produced) if x in eos), len(produced))
+        text = model.processor.decode(produced[:cut])
+        self.messages.append({"role": "assistant", "content": text})
+        self.last_reply = Reply(text=text, token_ids=produced, finish_reason=reason)
+        self._cancel = False
+
+    def _speech_parts(self, state, ids, eos, max_new, speaker, seed, talker_kwargs):
+        """The talker side of a spoken reply: a :class:`omni_jax.Generation` view of the reply being
+        decoded (the conversation as its prompt, left-padded to a bucket as ``prefill`` lays it out),
+        a ``talk(final, limit)`` function that advances the talker and returns new audio chunks, and
+        the streaming vocoder (None without token2wav weights)."""
+        from .outputs import Generation
+        from .engine import noise_key
+        from .processor import left_pad
+
+        model = self.model
+        n = len(ids)
+        tb = bucket(n)
+        ids_l, mask_l = left_pad([ids], tb)
+        padl = [(0, 0), (tb - n, 0), (0, 0)]
+        inputs = {"prompt_hidden": jnp.pad(self._hid[:, :n], padl), "prompt_embeds": jnp.pad(self._emb[:, :n], padl)}
+        frames = [m.frames for m in self._media if m.kind == "audio"]
+        grids = [m.grid for m in self._media if m.kind == "image"]
+        mm = {"image_grid_thw": np.asarray(grids) if grids else None,
+              "feature_attention_mask": (np.arange(max(frames))[None] < np.asarray(frames)[:, None]).astype(np.int32)
+              if frames else None}
+        gen = Generation(state=state, prompt_ids=np.asarray([ids]), eos=eos, max_new_tokens=max_new,
+                         talker_inputs=inputs, aligned_ids=ids_l, aligned_mask=mask_l, mm=mm)
+        vocoder = None
+        if model.token2wav_params is not None:
+            from .streaming import StreamingToken2Wav
+
+            voice = model.voices[speaker]
+            vocoder = StreamingToken2Wav(model.token2wav_parts, model.config.token2wav, voice.cond, voice.ref_mel,
+                                         key=noise_key(seed, 0), impl=model.attention)
+
+        def talk(final, limit=None):
+            if talk.run is None:
+                talk.run = model.talker_start(gen, speaker=speaker, seed=seed, **talker_kwargs)
+                if talk.run is None:
+                    return []
+            model.talker_advance(talk.run, gen, final, limit)
+            codes = talk.run.codes()[0]
+            new = codes[talk.run.taken:]
+            talk.run.taken = len(codes)
+            return vocoder.push(new) if (vocoder is not None and len(new)) else []
+
+        talk.run = None
+        return gen, talk, vocoder
+
+
+TALKER_ARGS = {"talker_max_new_tokens", "talker_min_new_tokens", "talker_do_sample", "talker_top_k", "talker_top_p",
+               "talker_temperature", "talker_repetition_penalty", "talker_eos_token_id"}
+
+
+_MEL: dict = {}
+
+
+def _mel_filters(cfg) -> np.ndarray:
+    """``[n_fft // 2 + 1, mels]`` float64: the feature extractor's Slaney mel filters, 0 to 8 kHz."""
+    key = (cfg.sampling_rate, cfg.n_fft, cfg.feature_size)
+    if key not in _MEL:
+        import librosa
+
+        fb = librosa.filters.mel(sr=cfg.sampling_rate, n_fft=cfg.n_fft, n_mels=cfg.feature_size, fmin=0.0,
+                                 fmax=8000.0, htk=False, norm="slaney", dtype=np.float64)
+        _MEL[key] = np.ascontiguousarray(fb.T)
+    return _MEL[key]

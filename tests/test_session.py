@@ -1,0 +1,266 @@
+"""Multi-turn sessions (omni_jax.session) on the embedded default model, float32: a session's greedy
+replies equal ``generate`` on the whole conversation from scratch, turn after turn; the cache holds
+exactly the template's rendering of the conversation; streamed audio equals whole-utterance audio
+within the documented bound (docs/realtime.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import omni_jax
+from omni_jax import InputError
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return omni_jax.load(omni_jax.default_model_path(), dtype="float32")
+
+
+def scratch(model, conv, max_new=MAX_NEW):
+    """Greedy reply ids of ``generate`` on ``conv`` from scratch (cut after the first EOS)."""
+    out = model.generate(messages=conv, max_new_tokens=max_new)
+    ids = [int(x) for x in out.sequences[0, out.prompt_length:]]
+    eos = model.generation_config["eos_token_id"]
+    cut = next((i + 1 for i, x in enumerate(ids) if x in eos), len(ids))
+    return ids[:cut]
+
+
+def prompt_ids(model, conv):
+    return [int(x) for x in model.encode_messages(conv)["input_ids"][0]]
+
+
+def test_turns_match_generate_from_scratch(model):
+    s = model.session(system="You are a helpful assistant.", minimum_slots=32)
+    conv = [{"role": "system", "content": "You are a helpful assistant."}]
+    slots = []
+    for text in ["Hello there, how are you?", "Tell me about Paris in the spring.", "And London?"]:
+        before = s.prefilled_tokens
+        s.add_user(text)
+        conv.append({"role": "user", "content": text})
+        whole = prompt_ids(model, conv)
+        # the cache holds exactly the whole conversation's prompt, and this turn prefilled only part of it
+        assert s.cached_ids.tolist() == whole
+        if len(conv) > 2:
+            assert s.prefilled_tokens - before < len(whole) // 2
+        reply = s.respond(max_new_tokens=MAX_NEW)
+        assert reply.token_ids == scratch(model, conv)
+        assert reply.finish_reason in ("stop", "length")
+        conv.append({"role": "assistant", "content": reply.text})
+        assert s.messages == conv
+        slots.append(s.cache_slots)
+    # the history renders as the chat template renders the whole conversation, each reply as
+    # <|im_start|>assistant\n{text}<|im_end|>\n
+    rendered = model.processor.apply_chat_template(conv, add_generation_prompt=False)
+    assert s.rendered() == rendered
+    assert rendered.endswith("<|im_start|>assistant\n" + conv[-1]["content"] + "<|im_end|>\n")
+    # the cache grew by reallocation (32 slots at first), keeping what it held
+    assert slots[-1] > 32 and s.cache_slots & (s.cache_slots - 1) == 0
+
+
+def test_context_limit(model):
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        model.session(max_context=model.config.thinker.text.max_position_embeddings + 1)
+    s = model.session(max_context=48)
+    with pytest.raises(InputError, match=r"max_context \(48\)"):
+        s.add_user("word " * 60)
+    assert s.messages == [] and s.cached_ids.tolist() == []  # the failed turn left nothing behind
+    s.add_user("Hi")
+    n = len(s.cached_ids)
+    with pytest.raises(InputError, match=r"max_context \(48\)"):
+        s.respond(max_new_tokens=48 - n + 1)
+    reply = s.respond(max_new_tokens=48 - n)  # exactly at the limit is allowed
+    assert len(reply.token_ids) <= 48 - n
+    assert [m["role"] for m in s.messages] == ["user", "assistant"]
+
+
+def test_cancel_keeps_what_was_produced(model):
+    s = model.session()
+    conv = [{"role": "user", "content": "Count from one to twenty."}]
+    s.add_user(conv[0]["content"])
+    seen = []
+    for ev in s.respond_stream(max_new_tokens=32, steps_per_event=2):
+        if ev.kind == "text":
+            seen += ev.token_ids
+            if len(seen) >= 5:
+                s.cancel()
+    reply = s.last_reply
+    full = scratch(model, conv, 32)
+    assert reply.finish_reason == "cancelled" and reply.cancelled
+    assert reply.token_ids == seen == full[:len(seen)] and 5 <= len(seen) < len(full)
+    truncated = model.processor.decode(seen)
+    assert s.messages[-1] == {"role": "assistant", "content": truncated}
+    conv.append({"role": "assistant", "content": truncated})
+    conv.append({"role": "user", "content": "Go on."})
+    s.add_user("Go on.")
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+    assert s.respond(max_new_tokens=MAX_NEW).token_ids == scratch(model, conv)
+
+
+def test_image_turn_positions_continue(model):
+    """An image's TMRoPE positions (t, h, w over its grid) make later positions jump past the image's
+    largest; a session's prefills and decode steps continue from there as generate does."""
+    img = (np.random.default_rng(0).random((84, 112, 3)) * 255).astype(np.uint8)
+    conv = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is this?"}]}]
+    s = model.session()
+    s.add_user(content=conv[0]["content"])
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+    for follow in ("And?", None):
+        reply = s.respond(max_new_tokens=MAX_NEW)
+        assert reply.token_ids == scratch(model, conv)
+        conv.append({"role": "assistant", "content": reply.text})
+        if follow:
+            conv.append({"role": "user", "content": follow})
+            s.add_user(follow)
+            assert s.cached_ids.tolist() == prompt_ids(model, conv)
+
+
+def speech_like(seconds: float, loud_at: float, quiet: float = 0.05, noise: float = 0.002, seed: int = 0) -> np.ndarray:
+    """16 kHz vowel-like audio: syllables of harmonics under a pitch glide, ``quiet`` times softer
+    than one loud syllable at ``loud_at`` seconds (where the utterance's maximum log-mel value
+    lies), over white noise of amplitude ``noise``."""
+    rng = np.random.default_rng(seed)
+    sr = 16000
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    x = sum(rng.uniform(0.2, 1.0) / k * np.sin(k * phase) for k in range(1, 12))
+    env = 0.3 + 0.7 * np.abs(np.sin(2 * np.pi * 2.5 * t))
+    env = env * np.where(np.abs(t - loud_at) < 0.2, 1.0, quiet)  # everything but the loud syllable quieter
+    x = 0.1 * x * env + noise * rng.standard_normal(len(t))
+    return x.astype(np.float32)
+
+
+def stream_in(model, wav, sizes_seed=0, max_piece=3000, audio_clamp="running"):
+    s = model.session(audio_clamp=audio_clamp)
+    rng = np.random.default_rng(sizes_seed)
+    i = 0
+    while i < len(wav):
+        k = int(rng.integers(1, max_piece))
+        s.append_audio(wav[i:i + k])
+        i += k
+    return s
+
+
+def whole_logits(model, conv):
+    enc = model.encode_messages(conv)
+    return model.thinker_logits(enc["input_ids"], enc["attention_mask"], input_features=enc["input_features"],
+                                feature_attention_mask=enc["feature_attention_mask"])[0, -1]
+
+
+def test_streamed_audio_loudest_first_is_exact(model):
+    """With the utterance's maximum in its first chunk the running-max floor is the whole-utterance
+    floor, so streaming changes nothing but rounding: greedy ids equal, logits within 1e-4."""
+    wav = speech_like(2.7, loud_at=0.5)
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": wav, "sampling_rate": 16000}]}]
+    s = stream_in(model, wav)
+    audio_id = model.config.thinker.audio_token_id
+    # the first 2 s chunk was encoded and prefilled while the user was still speaking
+    assert int(np.sum(s.cached_ids == audio_id)) == 50
+    s.end_user_turn()
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+    ref = whole_logits(model, conv)
+    got = s.next_token_logits()
+    assert np.abs(got - ref).max() < 1e-4
+    # another chunking of the same audio gives the same numbers
+    other = stream_in(model, wav, sizes_seed=1, max_piece=700)
+    other.end_user_turn()
+    np.testing.assert_allclose(other.next_token_logits(), got, rtol=0, atol=1e-5)
+    assert s.respond(max_new_tokens=MAX_NEW).token_ids == scratch(model, conv)
+    assert s.messages[0]["content"][0]["audio"].shape == wav.shape
+
+
+def test_streamed_audio_loudest_late_within_bound(model):
+    """With the maximum after the first chunk, the first chunk is floored at its own maximum - 8
+    (docs/realtime.md, "the log-mel clamp"): a start 40 dB below the loudest syllable moves the
+    logits by more than rounding, within the documented bound (1% of the logit range), greedy ids
+    equal; and a second text turn reuses the cache as before."""
+    wav = speech_like(4.6, loud_at=3.5, quiet=0.01, noise=1e-4)
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": wav, "sampling_rate": 16000}]}]
+    s = stream_in(model, wav)
+    s.end_user_turn()
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+    ref = whole_logits(model, conv)
+    diff = np.abs(s.next_token_logits() - ref).max()
+    assert 1e-4 < diff < 0.01 * (ref.max() - ref.min())
+    reply = s.respond(max_new_tokens=MAX_NEW)
+    assert reply.token_ids == scratch(model, conv)
+    conv.append({"role": "assistant", "content": reply.text})
+    conv.append({"role": "user", "content": "Thanks."})
+    s.add_user("Thanks.")
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+
+
+def test_streamed_audio_exact_clamp(model):
+    """``audio_clamp="exact"``: at the end of the turn the chunks whose features the whole turn's
+    floor changes are encoded and prefilled again, so a turn whose start is 50 dB quieter than its
+    loudest syllable (where the running floor changes the greedy ids) gives the whole utterance's
+    numbers."""
+    wav = speech_like(4.6, loud_at=3.5, quiet=0.003, noise=1e-5)
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": wav, "sampling_rate": 16000}]}]
+    ref = whole_logits(model, conv)
+    running = stream_in(model, wav)
+    running.end_user_turn()
+    assert np.abs(running.next_token_logits() - ref).max() > 0.01  # the running floor matters here
+    s = stream_in(model, wav, audio_clamp="exact")
+    s.end_user_turn()
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+    assert np.abs(s.next_token_logits() - ref).max() < 1e-4
+    assert s.respond(max_new_tokens=MAX_NEW).token_ids == scratch(model, conv)
+
+
+@pytest.fixture(scope="module")
+def codes_model():
+    """The default model without its token2wav weights: spoken replies give codec ids only (no vocoder
+    compile in this file; the streamed vocoder is StreamingToken2Wav's, tested in test_streaming)."""
+    m = omni_jax.load(omni_jax.default_model_path(), dtype="float32")
+    m.token2wav_params = None
+    return m
+
+
+def test_spoken_replies_match_generate(codes_model):
+    """With return_audio, the talker's prompt is the whole conversation (hidden states and embeddings
+    kept beside the cache), so each turn's codec ids equal generate(return_audio=True)'s."""
+    m = codes_model
+    kw = dict(talker_do_sample=False, talker_max_new_tokens=24, talker_min_new_tokens=12)
+    s = m.session()
+    conv = []
+    for text in ["Hello", "How are you today?"]:
+        s.add_user(text)
+        conv.append({"role": "user", "content": text})
+        reply = s.respond(max_new_tokens=MAX_NEW, return_audio=True, **kw)
+        out = m.generate(messages=conv, max_new_tokens=MAX_NEW, return_audio=True, **kw)
+        assert reply.token_ids == scratch(m, conv)
+        assert len(reply.codec_ids) >= 12
+        np.testing.assert_array_equal(reply.codec_ids, out.codec_ids[0])
+        conv.append({"role": "assistant", "content": reply.text})
+    with pytest.raises(InputError, match="speaker"):
+        s.respond(return_audio=True, speaker="Nobody")
+    with pytest.raises(InputError, match="unknown argument"):
+        s.respond(talker_speed=2)
+
+
+def test_session_input_errors(model):
+    s = model.session()
+    with pytest.raises(InputError, match="16000 Hz"):
+        s.append_audio(np.zeros(100, np.float32), sampling_rate=8000)
+    with pytest.raises(InputError, match="no streamed user turn"):
+        s.end_user_turn()
+    with pytest.raises(InputError, match="conversation is empty"):
+        s.respond()
+    with pytest.raises(InputError, match="video"):
+        s.add_user(content=[{"type": "video", "video": np.zeros((2, 28, 28, 3), np.uint8), "fps": 2.0}])
+    s.add_user("Hi")
+    with pytest.raises(InputError, match="NaN"):
+        s.append_audio(np.array([0.0, np.nan], np.float32))
+    with pytest.raises(InputError, match="audio_clamp"):
+        model.session(audio_clamp="none")
+    # a discarded streamed turn leaves nothing behind: the next text turn is the conversation without it
+    s.append_audio(np.zeros(40000, np.float32))
+    assert int(np.sum(s.cached_ids == model.config.thinker.audio_token_id)) == 50
+    s.discard_user_turn()
+    s.add_user("Again")
+    conv = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Again"}]
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
