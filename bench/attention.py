@@ -1,6 +1,6 @@
 """Attention kernels against XLA and cuDNN on a GPU.
 
-    python -m bench.attention [--json out.json] [--quick] [--no-check] [--sweep]
+    python -m bench attention [--json out.json] [--quick] [--no-check] [--sweep]
                               [--only sweep prefill bwd dit decode decode_sweep]
 
 * a correctness check of the Pallas kernels against the XLA reference on this device
@@ -17,8 +17,8 @@
 * ``--sweep``: Triton tile parameters of the causal prefill at 8k, and JAX's own Pallas-Triton
   flash attention as a yardstick.
 
-Results of the H100 runs: ``bench/results_h100_attention.json``; correctness on the device:
-``python -m bench.gpu_check``.
+Results of the H100 runs: ``bench/results/h100_attention.json``; correctness on the device:
+``python -m bench gpu_check``.
 
 Needs a GPU; on CPU it says so and exits 0. Timings are medians of ``--reps`` runs after a
 warm-up; bf16 inputs with float32 softmax; the DiT case uses JAX's default float32 matmul
@@ -320,7 +320,7 @@ def main(argv=None):
 
     key = jax.random.PRNGKey(0)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-           "machine": f"{platform.node()}, {os.cpu_count()} CPU cores", "command": "python -m bench.attention " +
+           "machine": f"{platform.node()}, {os.cpu_count()} CPU cores", "command": "python -m bench attention " +
            " ".join(sys.argv[1:] if argv is None else argv),
            "precision": "bf16 inputs, float32 softmax (prefill, decode); float32 with default (TF32) "
                         "matmul precision (DiT band)", "rows": []}

@@ -1,6 +1,6 @@
 """Side by side with transformers on the same random-weight model, in one run.
 
-    python -m bench.compare --config bench/configs/cpu_small.json --json bench/results_cpu_compare.json
+    python -m bench compare --config bench/configs/cpu_small.json --json bench/results/cpu_compare.json
 
 One checkpoint (thinker, talker, token2wav and a ``spk_dict.pt`` voice) is built with
 transformers' ``Qwen2_5OmniForConditionalGeneration`` and saved with ``save_pretrained``;
@@ -31,9 +31,9 @@ transformers' talker runs with its attention mask restored (:func:`bench.util.ta
 ``generate`` in transformers >= 5.18 drops an all-ones mask, and the talker skips its TMRoPE
 positions and codec pad/bos embeddings without one), so "codes equal" compares the same model.
 
-GPU mode (issue 9 point 3, transformers on the same GPU and workload in the same call):
+GPU mode (transformers on the same GPU and workload in the same call):
 
-    python -m bench.compare --device gpu --config bench/configs/gpu_3b_thinker.json --json out.json
+    python -m bench compare --device gpu --config bench/configs/gpu_3b_thinker.json --json out.json
 
 runs the thinker rows only (the config has no talker: token2wav has ``bench.gpu_token2wav
 --torch``), both sides in ``--dtype`` (default bfloat16) on the GPU, omni-jax with its default
@@ -260,7 +260,7 @@ def _rel(a, b) -> float:
 
 
 def _decode_target(device: str, ratio: float, frac: float) -> dict:
-    """Issue 9's batch-1 decode target: on CPU 3x transformers and 80% of the bandwidth roofline, on
+    """The batch-1 decode target: on CPU 3x transformers and 80% of the bandwidth roofline, on
     a GPU 75% of the roofline."""
     if device == "cpu":
         return dict(target=">= 3x transformers and >= 80% of the bandwidth roofline",
@@ -417,11 +417,11 @@ def speech_rows(cfg, model, tm, bw, mm) -> dict:
         model.decode_steps(gen, new)
         jax.block_until_ready(gen.state.tokens)
         t = time.perf_counter()
-        run = model._talker_start(gen, speaker_bos=voice.bos_token, mm=gen.mm, seed=0, talker_do_sample=False,
-                                  talker_max_new_tokens=n_codes, talker_min_new_tokens=n_codes)
+        run = model.talker_start(gen, speaker="Chelsie", seed=0, talker_do_sample=False,
+                                 talker_max_new_tokens=n_codes, talker_min_new_tokens=n_codes)
         jax.block_until_ready(run.state.tokens)
         t1 = time.perf_counter()
-        model._talker_advance(run, gen, None)
+        model.talker_advance(run, gen, None)
         jax.block_until_ready(run.state.tokens)
         t2 = time.perf_counter()
         return t1 - t, t2 - t1, run.codes()[0]
@@ -769,7 +769,7 @@ def print_table(res: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.compare")
+    p = argparse.ArgumentParser(prog="python -m bench compare")
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "cpu_small.json"))
     p.add_argument("--json", default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the two peak-memory processes")

@@ -1,6 +1,6 @@
 """Peak resident memory of ``omni-jax convert`` (and ``export``) on a large synthetic checkpoint.
 
-    python -m bench.convert_memory --size-gb 8 --shards 16 [--dtype bfloat16] [--export] [--json out.json]
+    python -m bench convert_memory --size-gb 8 --shards 16 [--dtype bfloat16] [--export] [--json out.json]
 
 Builds a thinker-only Qwen2.5-Omni checkpoint of about ``--size-gb`` GB of bfloat16 tensors in
 ``--shards`` safetensors shards (7B widths from 6 GB up: hidden 3584, MLP 18944, vocab 152064,
@@ -56,9 +56,10 @@ def hf_tensors(cfg: dict) -> list[tuple[str, tuple]]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from convert.convert import build_abstract
-    from convert.hf import THINKER_LM_PREFIXES, flatten_dict, hf_name, stack_index
+    from omni_jax.checkpoint.components import build_abstract
+    from omni_jax.checkpoint.tree import flatten_dict, hf_name, stack_index
     from omni_jax.config import OmniConfig
+    from omni_jax.thinker import THINKER_LM_PREFIXES
 
     ocfg = OmniConfig.from_dict(cfg)
     _, state = build_abstract(ocfg, "thinker", jnp.bfloat16)
@@ -87,7 +88,7 @@ def _chunks(shape, rng_block: np.ndarray, salt: int):
 def build_checkpoint(directory: str, size_gb: float, shards: int, widths: str | None = None) -> dict:
     import ml_dtypes
 
-    from convert.convert import SafetensorsWriter
+    from omni_jax.checkpoint.safetensors_io import SafetensorsWriter
 
     cfg, layers = synthetic_config(size_gb, widths)
     tensors = hf_tensors(cfg)
@@ -135,7 +136,8 @@ def sample():
         peak[0] = max(peak[0], proc.memory_info().rss)
         time.sleep(0.05)
 import jax, orbax.checkpoint, flax  # noqa: F401  (imports counted in the baseline)
-from convert.convert import convert, export
+from convert.convert import convert
+from convert.export import export
 base = proc.memory_info().rss
 th = threading.Thread(target=sample, daemon=True); th.start()
 op, src, dst, dtype = sys.argv[1:5]
@@ -160,7 +162,7 @@ def run_child(op: str, src: str, dst: str, dtype: str) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.convert_memory", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench convert_memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gb", type=float, default=8.0)
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

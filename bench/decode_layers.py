@@ -6,9 +6,9 @@
   :func:`omni_jax.layers.unstack_layers`), the KV cache still stacked ``[L, B, S, KVH, D]``;
 * ``per_layer``: per-layer weights and per-layer KV cache buffers (what a loaded model runs).
 
-    python -m bench.decode_layers                      # the CPU small config's talker and thinker stacks
-    python -m bench.decode_layers --slots 4096         # a long cache: the cache layout's share
-    python -m bench.decode_layers --layers 36 --json out.json
+    python -m bench decode_layers                      # the CPU small config's talker and thinker stacks
+    python -m bench decode_layers --slots 4096         # a long cache: the cache layout's share
+    python -m bench decode_layers --layers 36 --json out.json
 
 Why: a scan slices layer ``l``'s weights out of the stacked arrays with a dynamic slice; on
 XLA:CPU that slice is a copy, so every decode step reads each weight, writes it, and reads it
@@ -98,7 +98,7 @@ def measure(spec: dict, *, steps: int, slots: int, bw: float) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.decode_layers")
+    p = argparse.ArgumentParser(prog="python -m bench decode_layers")
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "cpu_small.json"))
     p.add_argument("--layers", type=int, default=None, help="override the depth (compile time grows with it)")
     p.add_argument("--steps", type=int, default=64)

@@ -2,8 +2,8 @@
 weights, codes, speaker and noise in omni-jax and in transformers (torch CPU, same threads),
 for several reply lengths, float32.
 
-    python -m bench.dit_length                         # 64, 250, 500 codes (1.3 s, 5 s, 10 s of audio)
-    python -m bench.dit_length --codes 64 1000 --json out.json
+    python -m bench dit_length                         # 64, 250, 500 codes (1.3 s, 5 s, 10 s of audio)
+    python -m bench dit_length --codes 64 1000 --json out.json
 
 Why: the DiT attends over the whole reply with a block-band mask (each query block sees at most
 ``look_back + 1 + look_ahead`` blocks of 24 frames). Computed densely, as transformers does
@@ -117,7 +117,7 @@ def measure(model, cfg, jmodel, n_codes: int, steps: int, dense: bool, seed: int
 def main(argv=None):
     import torch
 
-    p = argparse.ArgumentParser(prog="python -m bench.dit_length")
+    p = argparse.ArgumentParser(prog="python -m bench dit_length")
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "cpu_small.json"))
     p.add_argument("--codes", type=int, nargs="+", default=[64, 250, 500])
     p.add_argument("--ode-steps", type=int, default=4)

@@ -1,6 +1,6 @@
 """Correctness of the Pallas attention kernels on the device they will run on.
 
-    python -m bench.gpu_check [--json out.json] [--model] [--small]
+    python -m bench gpu_check [--json out.json] [--model] [--small]
 
 Kernel (``omni_jax.kernels.attention``) against the XLA reference (``xla_attention``) on fresh
 random inputs, relative L2 error of the output and of dQ, dK, dV: causal (with left padding,
@@ -199,7 +199,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", choices=["f32", "bf16"], default=["f32", "bf16"])
     a = ap.parse_args(argv)
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-           "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.gpu_check " + " ".join(argv or sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d"), "command": "python -m bench gpu_check " + " ".join(argv or sys.argv[1:]),
            "rows": []}
     print({k: v for k, v in out.items() if k != "rows"}, flush=True)
 

@@ -1,6 +1,6 @@
-"""Peak device memory of a long thinker prefill (issue 9: 25k tokens at 3B under 14 GB).
+"""Peak device memory of a long thinker prefill (the target: 25k tokens at 3B under 14 GB).
 
-    python -m bench.gpu_memory [--preset 3b] [--tokens 25000] [--attention pallas] [--json out.json]
+    python -m bench gpu_memory [--preset 3b] [--tokens 25000] [--attention pallas] [--json out.json]
 
 Random weights at the published shape (``bench.__main__.random_model``), bfloat16, one row of
 ``--tokens`` random ids, ``model.prefill(ids, max_new_tokens=8)`` then one decode step. Reports
@@ -56,7 +56,7 @@ def run(preset="3b", tokens=25000, attention="pallas", dtype="bfloat16") -> dict
     gib = 2 ** 30
     return dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d"), preset=preset, dtype=dtype, attention=attention, tokens=tokens,
-                command=f"python -m bench.gpu_memory --preset {preset} --tokens {tokens} --attention {attention}",
+                command=f"python -m bench gpu_memory --preset {preset} --tokens {tokens} --attention {attention}",
                 param_GiB=round(pbytes / gib, 3), init_s=round(init_s, 1),
                 peak_after_init_GiB=round(after_init.get("peak_bytes_in_use", -1) / gib, 3),
                 peak_GiB=round(st.get("peak_bytes_in_use", -1) / gib, 3),
@@ -66,7 +66,7 @@ def run(preset="3b", tokens=25000, attention="pallas", dtype="bfloat16") -> dict
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_memory")
+    p = argparse.ArgumentParser(prog="python -m bench gpu_memory")
     p.add_argument("--preset", default="3b")
     p.add_argument("--tokens", type=int, default=25000)
     p.add_argument("--attention", default="pallas")

@@ -56,17 +56,17 @@ except Exception as e:
 EOF
     ;;
 1)
-    step decode_layers 150 "$PY" -m bench.decode_layers --json "$OUT/gpu_decode_layers.json"
+    step decode_layers 150 "$PY" -m bench decode_layers --json "$OUT/gpu_decode_layers.json"
     step thinker_3b 420 "$PY" -m bench thinker --preset 3b --batch 1 8 --json "$OUT/gpu_3b_thinker.json"
     ;;
 2)
-    step compare_gpu 590 "$PY" -m bench.compare --device gpu --config bench/configs/gpu_3b_thinker.json \
+    step compare_gpu 590 "$PY" -m bench compare --device gpu --config bench/configs/gpu_3b_thinker.json \
         --json "$OUT/gpu_compare.json"
     ;;
 3)
-    step gpu_stream 300 "$PY" -m bench.gpu_stream --preset 3b --json "$OUT/gpu_stream_3b.json"
+    step gpu_stream 300 "$PY" -m bench gpu_stream --preset 3b --json "$OUT/gpu_stream_3b.json"
     # 250 codes (5 s of audio) at float32 and TF32, both sides; the JSON is rewritten after each row
-    step token2wav 280 "$PY" -m bench.gpu_token2wav --codes 250 --torch --json "$OUT/gpu_token2wav.json"
+    step token2wav 280 "$PY" -m bench gpu_token2wav --codes 250 --torch --json "$OUT/gpu_token2wav.json"
     ;;
 *)
     echo "usage: bash bench/gpu_session.sh check|1|2|3" >&2

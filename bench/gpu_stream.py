@@ -1,7 +1,7 @@
 """First-audio latency and real-time factor of ``model.stream`` at a published shape with random
 weights, on an accelerator:
 
-    python -m bench.gpu_stream --preset 3b --json out.json
+    python -m bench gpu_stream --preset 3b --json out.json
 
 Thinker and talker in bfloat16, Token2Wav in float32; a 32-token prompt (ids, no tokenizer), 64 text
 tokens without EOS, the talker (greedy, kept to codec ids) held to >= 120 of them. One run compiles; the second is measured.
@@ -24,7 +24,7 @@ def random_full_model(preset: str):
 
     import omni_jax
     from bench.util import random_module
-    from omni_jax.api import OmniModel
+    from omni_jax import OmniModel
     from omni_jax.attention import default_impl
     from omni_jax.decoder import to_per_layer
     from omni_jax.talker import Talker
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     from .streaming import stream_figures
 
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_stream")
+    p = argparse.ArgumentParser(prog="python -m bench gpu_stream")
     p.add_argument("--preset", default="3b")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ev = list(model.stream(ids, **kw))
     res = dict(preset=args.preset, device=str(jax.devices()[0].device_kind), date=time.strftime("%Y-%m-%d"),
                precision="thinker/talker bfloat16, token2wav float32", first_run_s=round(compile_s, 2),
-               **stream_figures(ev), command="python -m bench.gpu_stream --preset " + args.preset)
+               **stream_figures(ev), command="python -m bench gpu_stream --preset " + args.preset)
     print(json.dumps(res))
     write_json(args.json, res)
     return 0

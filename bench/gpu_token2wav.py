@@ -1,7 +1,7 @@
 """Token2wav real-time factor (DiT + BigVGAN), random weights, float32 and TF32, against the
 matmul throughput the device measures in the same run.
 
-    python -m bench.gpu_token2wav [--preset 3b|default] [--codes 250 500]
+    python -m bench gpu_token2wav [--preset 3b|default] [--codes 250 500]
         [--precision highest tensorfloat32] [--attention pallas|xla] [--torch] [--json out.json]
 
 The DiT (published: 22 layers, 1024 wide, 16 heads, 10 ODE steps with classifier-free guidance,
@@ -218,7 +218,7 @@ def ratios(rows: list) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_token2wav")
+    p = argparse.ArgumentParser(prog="python -m bench gpu_token2wav")
     p.add_argument("--preset", default="3b", choices=["3b", "7b", "default"],
                    help="token2wav shapes: published (3b and 7b share them) or the embedded default model's")
     p.add_argument("--codes", type=int, nargs="+", default=[250, 500])
@@ -243,7 +243,7 @@ def main(argv=None):
                date=time.strftime("%Y-%m-%d"), preset=a.preset,
                precision="float32 at each row's matmul precision (highest: true float32; tensorfloat32: TF32)",
                matmul_limit_tflops={pr: _sig(x / 1e12) for pr, x in limits.items()},
-               command="python -m bench.gpu_token2wav " + " ".join(sys.argv[1:] if argv is None else argv), rows=[])
+               command="python -m bench gpu_token2wav " + " ".join(sys.argv[1:] if argv is None else argv), rows=[])
     timers = [jax_timer(cfg, a.attention, a.reps)]
     if a.torch:
         try:

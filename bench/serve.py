@@ -1,7 +1,7 @@
 """Load generator for ``omni-jax serve`` on loopback, against the same requests run one by one offline.
 
     python -m bench serve [--model DIR] [--concurrency 1 8 32] [--requests 32] [--duration 120]
-                          [--max-tokens 16] [--audio-every 4] [--json bench/results_cpu_serve.json]
+                          [--max-tokens 16] [--audio-every 4] [--json bench/results/cpu_serve.json]
 
 Starts the server in-process on 127.0.0.1 (uvicorn, a free port), compiles the decode programs of
 every occupancy bucket (:meth:`Engine.precompile`) and warms the rest up with one untimed round
@@ -141,7 +141,7 @@ def main(argv=None):
     p.add_argument("--audio-every", type=int, default=4, help="every N-th request asks for speech (0: none)")
     p.add_argument("--talker-tokens", type=int, default=40, help="codec ids per spoken reply")
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results_cpu_serve.json"))
+    p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "cpu_serve.json"))
     args = p.parse_args(argv)
 
     import jax

@@ -1,6 +1,6 @@
 """Streaming speech latency: time to first text, time to first audio, real-time factor.
 
-    python -m bench.streaming [--model DIR] [--json out.json]
+    python -m bench streaming [--model DIR] [--json out.json]
 
 Runs ``model.stream(..., return_audio=True)`` once to compile, then measures a second run (the
 embedded default model when no ``--model``). RTF = wall time of the stream / seconds of audio it
@@ -70,7 +70,7 @@ def run(model_dir=None, max_new_tokens=64, talker_max_new_tokens=250) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.streaming")
+    p = argparse.ArgumentParser(prog="python -m bench streaming")
     p.add_argument("--model", default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--talker-max-new-tokens", type=int, default=250)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .util import write_json
+from .util import check_json_target, write_json
 
 
 def measure_bandwidth(nbytes=1 << 28, reps=10) -> float:
@@ -44,7 +44,7 @@ def random_model(preset: str, dtype: str):
     from flax import nnx
 
     import omni_jax
-    from omni_jax.api import OmniModel, _dtype
+    from omni_jax import OmniModel
     from omni_jax.attention import default_impl
     from omni_jax.thinker import ThinkerLM
 
@@ -54,7 +54,7 @@ def random_model(preset: str, dtype: str):
         cfg = default_config()
     else:
         cfg = omni_jax.preset(preset)
-    dt = _dtype(dtype)
+    dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
     from omni_jax.decoder import to_per_layer
 
     # per-layer buffers (as load() keeps them), freeing the stacked arrays as they are sliced
@@ -108,24 +108,16 @@ def bench_thinker(args) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "train":  # python -m bench train ...: training throughput (bench/train.py)
-        from .train import main as train_main
-
-        return train_main(argv[1:])
-    if argv and argv[0] == "serve":  # python -m bench serve ...: the server load generator (bench/serve.py)
-        from .serve import main as serve_main
-
-        return serve_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m bench")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("thinker", help="thinker prefill/decode throughput vs the hardware limit")
+    q = argparse.ArgumentParser(prog="python -m bench thinker",
+                                description="thinker prefill/decode throughput vs the hardware limit")
     q.add_argument("--preset", default="3b")
     q.add_argument("--dtype", default="bfloat16")
     q.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     q.add_argument("--prompt", type=int, default=512)
     q.add_argument("--new", type=int, default=128)
     q.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    args = q.parse_args(argv)
+    check_json_target(args.json)
     res = bench_thinker(args)
     print(f"{res['device']} ({res['backend']}, jax {res['jax']}), {res['preset']} thinker, {res['dtype']}, "
           f"attention={res['attention']}; copy {res['copy_bandwidth_GBs']} GB/s, matmul {res['matmul_TFLOPs']} TFLOP/s")

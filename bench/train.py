@@ -1,7 +1,7 @@
 """Training throughput: omni-jax's train step against a plain transformers training loop on the
 same random-weight thinker, in one run (CPU), and MFU on an accelerator.
 
-    python -m bench train --config bench/configs/cpu_small.json --batch 4 --seq 256 --json bench/results_cpu_train.json
+    python -m bench train --config bench/configs/cpu_small.json --batch 4 --seq 256 --json bench/results/cpu_train.json
     python -m bench train --preset 3b --dtype bfloat16 --batch 8 --seq 2048 --no-torch   # GPU/TPU: MFU
 
 Both sides run the same step: forward, token cross-entropy on every position, backward, AdamW

@@ -95,11 +95,20 @@ def talker_mask_restored(full):
         "transformers' talker call path has changed")
 
 
+def check_json_target(path: str | None) -> None:
+    """Refuse a ``--json`` target that cannot be written (a directory, a device, a missing or
+    read-only parent) before any measuring starts, with omni_jax's one-line error."""
+    if path:
+        from omni_jax.validate import check_output_file
+
+        check_output_file(path, "--json")
+
+
 def write_json(path: str | None, res: dict, keep: tuple[str, ...] = ()) -> None:
     """Write a bench result to ``path`` (nothing when ``path`` is None), atomically: a temporary
     file renamed over ``path``, so a failed write leaves the previous file, not half a new one.
     ``keep``: top-level keys carried over from the file already at ``path`` (records kept by hand
-    beside the figures, such as ``bench/results_cpu_compare.json``'s ``profile_passes``)."""
+    beside the figures, such as ``bench/results/cpu_compare.json``'s ``profile_passes``)."""
     if not path:
         return
     from omni_jax.validate import check_output_file

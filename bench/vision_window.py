@@ -2,8 +2,8 @@
 window's length either side of each block, :func:`omni_jax.attention.xla_band_attention`) against
 the dense segment-masked formulation it replaced, same weights and image, one process.
 
-    python -m bench.vision_window                      # 448x448 and 1288x728 images, 4 of 32 blocks
-    python -m bench.vision_window --sizes 644x476 --depth 8 --json out.json
+    python -m bench vision_window                      # 448x448 and 1288x728 images, 4 of 32 blocks
+    python -m bench vision_window --sizes 644x476 --depth 8 --json out.json
 
 Published vision widths (1280 wide, 16 heads, MLP 3420, 112-pixel windows) with ``--depth`` blocks
 (the last one full attention, as every 8th block of the published 32), random weights, float32 on
@@ -31,7 +31,7 @@ def main(argv=None):
     from omni_jax import preset
     from omni_jax.vision import VisionEncoder, encode_vision
 
-    p = argparse.ArgumentParser(prog="python -m bench.vision_window")
+    p = argparse.ArgumentParser(prog="python -m bench vision_window")
     p.add_argument("--sizes", nargs="+", default=["448x448", "1288x728"], help="image sizes WxH in pixels "
                    "(multiples of 28)")
     p.add_argument("--depth", type=int, default=4)

@@ -138,7 +138,7 @@ def test_stream_figures_from_events():
     import numpy as np
 
     from bench.streaming import stream_figures
-    from omni_jax.api import StreamEvent
+    from omni_jax import StreamEvent
 
     def audio(t, seconds):
         return StreamEvent("audio", audio=np.zeros(int(seconds * 24000), np.float32), t=t)
@@ -194,3 +194,37 @@ def test_paired_alternates_the_sides_and_keeps_each_best():
 
     assert _paired(jx, pt, 3) == (1.0, 4.0)
     assert calls == ["jax", "torch"] * 3
+
+
+def test_bench_entry_lists_and_dispatches_every_benchmark(capsys):
+    """``python -m bench`` lists every benchmark module of the package, each one resolves to a
+    module with a ``main``, and an unknown name is one error line and exit 2."""
+    import importlib
+    import pathlib
+
+    from bench.__main__ import BENCHMARKS, main
+
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    here = pathlib.Path(__file__).resolve().parents[1] / "bench"
+    modules = {p.stem for p in here.glob("*.py")} - {"__init__", "__main__", "util"}
+    assert {m for m, _, _ in BENCHMARKS.values()} == modules  # nothing left out of the entry
+    for name, (mod, _, _) in BENCHMARKS.items():
+        assert name in listing
+        assert callable(importlib.import_module(f"bench.{mod}").main)
+    assert main(["no-such-bench"]) == 2
+    assert "no benchmark named 'no-such-bench'" in capsys.readouterr().err
+
+
+def test_bench_json_target_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """A ``--json`` path that cannot be written (here a directory) is refused before the benchmark
+    runs: its main is never called."""
+    import bench.thinker
+    from bench.__main__ import main
+
+    called = []
+    monkeypatch.setattr(bench.thinker, "main", lambda argv: called.append(argv))
+    assert main(["thinker", "--json", str(tmp_path)]) == 2
+    assert called == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--json" in err and len(err.strip().splitlines()) == 1
