@@ -63,7 +63,7 @@ def run(args) -> dict:
                  "date": time.strftime("%Y-%m-%d"), "command": "python -m bench train " + " ".join(args.argv)}
     with tempfile.TemporaryDirectory() as d:
         if args.preset:
-            from . import __main__ as bm
+            from . import thinker as bm
 
             model = bm.random_model(args.preset, "float32")  # float32 master weights; compute in --dtype
             tm = None

@@ -134,7 +134,7 @@ def write_json(path: str | None, res: dict, keep: tuple[str, ...] = ()) -> None:
 
 def random_module(make, seed: int = 0):
     """The NNX module ``make()`` builds, with random weights. On a CPU the weights are drawn with
-    numpy into the abstract module (``default_model._numpy_init``) and put on the device: the
+    numpy into the abstract module (``default_model.numpy_init``) and put on the device: the
     module's own JAX initialisers compile a program per parameter shape, which took 25 s for a
     tiny DiT + BigVGAN on this project's 2-core CPU (numpy: 1 s). Elsewhere the module is built
     as it is (fast on an accelerator; numpy draws every weight on one CPU core)."""
@@ -144,8 +144,8 @@ def random_module(make, seed: int = 0):
 
     if jax.default_backend() != "cpu":
         return make()
-    from omni_jax.default_model import _numpy_init
+    from omni_jax.default_model import numpy_init
 
     graphdef, state = nnx.split(nnx.eval_shape(make))
-    state = jax.tree.map(jax.numpy.asarray, _numpy_init(state, np.random.RandomState(seed)))
+    state = jax.tree.map(jax.numpy.asarray, numpy_init(state, np.random.RandomState(seed)))
     return nnx.merge(graphdef, state)

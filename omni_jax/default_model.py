@@ -131,7 +131,7 @@ def build_default_model(directory: str) -> None:
         prefixes, stacks = COMPONENTS[name].prefixes, COMPONENTS[name].stack_names  # the components' key maps
         # numpy initialisation: JAX's eager init compiles a program per parameter shape (minutes on CPU)
         _, state = nnx.split(nnx.eval_shape(make))
-        state = _numpy_init(state, rs)
+        state = numpy_init(state, rs)
         for key, arr in iter_hf_tensors(state, prefixes, stacks):
             a = np.array(arr, np.float32)
             if key.endswith("norm.weight") or key.endswith("bias"):
@@ -149,7 +149,7 @@ def build_default_model(directory: str) -> None:
         f.write("omni-jax embedded default model: tiny, random weights. Its output is noise.\n")
 
 
-def _numpy_init(abstract_state, rs: np.random.RandomState):
+def numpy_init(abstract_state, rs: np.random.RandomState):
     """Random values for an abstract NNX state: scaled normals for matrices, ones for 1-D weights
     (norm scales), zeros for other vectors (biases, SnakeBeta's log-scale alpha and beta)."""
     from flax import nnx
