@@ -11,6 +11,10 @@ import os
 import tempfile
 
 os.environ.setdefault("OMNI_JAX_CACHE", tempfile.mkdtemp(prefix="omni-jax-test-cache-"))
+# libtpu (in the test extra, for ahead-of-time TPU compilation) takes an exclusive lock per process and
+# queries a metadata server: let the parallel test workers each load it, and skip the query off-TPU
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 

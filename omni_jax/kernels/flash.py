@@ -47,6 +47,8 @@ are transposed to ``[B, KVH, T, D]`` there, since Mosaic tiles the last two dims
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Optional
@@ -79,6 +81,9 @@ class Cfg:
     exp2: bool = True  # softmax in base 2: scores pre-multiplied by scale * log2(e), exp2 per element
     precision: Optional[str] = None  # float32 dots on GPU: "tf32" or "tf32x3" (None: the dtype's default)
     bwd: Optional[tuple[int, int, int, int]] = None  # backward (bq, bk, num_warps, num_stages), if not the same
+    band_size: int = 0  # band block size in slots (for the cost estimate only)
+    group: int = 1  # query heads per KV head (rows = tokens x group; for the cost estimate only)
+    vmem_limit: int = 0  # TPU: the scoped VMEM limit the Mosaic compile may use (0: the compiler's default)
 
     def for_bwd(self) -> "Cfg":
         if self.bwd is None:
@@ -87,7 +92,29 @@ class Cfg:
         return dataclasses.replace(self, bq=bq, bk=bk, num_warps=w, num_stages=st, bwd=None)
 
 
+# the kernel platform forced by :func:`target_platform` (None: follow jax.default_backend())
+_TARGET = contextvars.ContextVar("omni_jax_pallas_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+    """Within this context, kernels traced without an explicit ``platform=`` lower for ``platform``
+    (``"tpu"``, ``"gpu"``, ``"interpret"``) whatever the default backend: ahead-of-time compilation
+    for a TPU topology from a CPU host traces on the CPU, where the default would be interpret mode
+    (plain JAX ops, no Mosaic kernel in the program)."""
+    if platform not in (None, "tpu", "gpu", "interpret"):
+        raise ValueError(f"kernel platform '{platform}' is not one of 'tpu', 'gpu', 'interpret'")
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
 def current_platform() -> str:
+    forced = _TARGET.get()
+    if forced is not None:
+        return forced
     b = jax.default_backend()
     if b in ("gpu", "cuda", "rocm"):
         return "gpu"
@@ -373,15 +400,42 @@ def _compiler_params(cfg: Cfg, nd: int):
     if cfg.platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * nd)
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * nd,
+                                    vmem_limit_bytes=cfg.vmem_limit or None)
     return None
 
 
-def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
+def _visible_fraction(cfg: Cfg, rows: int, g: int, tk: int) -> float:
+    """The share of the ``rows x tk`` score tiles a kernel computes, estimated from the mask's static
+    structure (the kernels skip invisible key blocks): causal prefill from slot 0, ``(Tq + 1) / 2``
+    keys per query; a block band, its ``(look_back + 1 + look_ahead)`` blocks; one query (decode),
+    the whole cache (an upper bound: the kernel stops at the last visible key). Key padding and
+    segment ids are data, so they do not enter the estimate."""
+    frac = 1.0
+    tq = max(1, rows // max(g, 1))
+    if cfg.causal and tq > 1:
+        frac = min(frac, (tq + 1) / (2 * tk))
+    if cfg.band is not None and cfg.band_size:
+        frac = min(frac, (cfg.band[0] + 1 + cfg.band[1]) * cfg.band_size / tk)
+    return max(frac, 1.0 / max(tk, 1))
+
+
+def _cost(cfg: Cfg, b, kvh, rows, tk, d, dots: int, operands, g: int = 1):
+    """``pl.CostEstimate`` of one attention kernel: ``dots`` products of ``rows x tk x d`` per
+    (batch, KV head), one exponential per visible score, and every operand read or written once.
+    Without it XLA counts a custom call as free, and the compiled program's cost analysis (and its
+    scheduling) would leave attention out."""
+    frac = _visible_fraction(cfg, rows, g, tk)
+    scores = b * kvh * rows * tk * frac
+    nbytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in operands)
+    return pl.CostEstimate(flops=int(2 * dots * scores * d), transcendentals=int(scores), bytes_accessed=int(nbytes))
+
+
+def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name, cost=None):
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_compiler_params(cfg, len(grid)), interpret=cfg.platform == "interpret",
-        name=name)
+        name=name, cost_estimate=cost)
 
 
 def _rng_spec(cfg):
@@ -421,7 +475,8 @@ def _fwd(cfg: Cfg, q, k, v, meta_q, meta_k, rng_q):
     out_specs = [pl.BlockSpec((None, None, None, cfg.bq, d), lambda b, h, i, s: (b, h, s, nq - 1 - i, 0)),
                  pl.BlockSpec((None, None, None, cfg.bq, 1), lambda b, h, i, s: (b, h, s, nq - 1 - i, 0))]
     kern = functools.partial(_fwd_kernel, cfg=cfg, names=names, per_split=per)
-    return _call(kern, cfg, (b, kvh, nq, s), in_specs, out_specs, out_shape, "omni_flash_fwd")(
+    cost = _cost(cfg, b, kvh, rq, tk, d, 2, [q, k, v, *out_shape], cfg.group)
+    return _call(kern, cfg, (b, kvh, nq, s), in_specs, out_specs, out_shape, "omni_flash_fwd", cost)(
         rng_q, q, k, v, *[meta_q[n][..., None] for n in names], *[meta_k[n][:, None, :] for n in names])
 
 
@@ -440,7 +495,8 @@ def _bwd(cfg: Cfg, q, k, v, do, lse, delta, meta_q, meta_k, rng_q, rng_k):
     in_specs += [pl.BlockSpec((None, cfg.bq, 1), lambda b, h, i: (b, nq - 1 - i, 0)) for _ in names]
     in_specs += [pl.BlockSpec((None, 1, tk), lambda b, h, i: (b, 0, 0)) for _ in names]
     dq = _call(functools.partial(_dq_kernel, cfg=cfg, names=names), cfg, (b, kvh, nq), in_specs,
-               [rowspec()], [jax.ShapeDtypeStruct(q.shape, q.dtype)], "omni_flash_dq")(
+               [rowspec()], [jax.ShapeDtypeStruct(q.shape, q.dtype)], "omni_flash_dq",
+               _cost(cfg, b, kvh, rq, tk, d, 3, [q, k, v, do, q], cfg.group))(
         rng_q, q, k, v, do, lse, delta, *qm, *km)[0]
     # dK, dV: grid over key blocks, loop over query blocks (the whole GQA group is in the rows)
     fullrow = lambda w: pl.BlockSpec((None, None, rq, w), lambda b, h, j: (b, h, 0, 0))
@@ -451,7 +507,8 @@ def _bwd(cfg: Cfg, q, k, v, do, lse, delta, meta_q, meta_k, rng_q, rng_k):
     dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, names=names), cfg, (b, kvh, nk), in_specs,
                    [_kv_spec(cfg, cfg.bk, d, True)] * 2,
                    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                   "omni_flash_dkv")(rng_k, q, k, v, do, lse, delta, *qm, *km)
+                   "omni_flash_dkv", _cost(cfg, b, kvh, rq, tk, d, 4, [q, k, v, do, k, v], cfg.group))(
+        rng_k, q, k, v, do, lse, delta, *qm, *km)
     return dq, dk, dv
 
 
@@ -496,7 +553,7 @@ def _choose(n, pref, lo):
 
 def _defaults(platform, d, dtype):
     """Per-platform tiles. GPU bfloat16 figures are from the H100 sweep in ``bench/attention.py``
-    (8k causal prefill, 16 heads / 2 KV heads, head dim 128; ``bench/results_h100_attention.json``):
+    (8k causal prefill, 16 heads / 2 KV heads, head dim 128; ``bench/results/h100_attention.json``):
     256-row query blocks, 64-key blocks, 8 warps, 3 pipeline stages forward; the backward keeps
     128 x 64 (its dQ / dK,dV accumulators double the register load)."""
     if platform == "gpu":
@@ -521,6 +578,22 @@ def _f32_precision(platform, dtype):
     val = jcfg.default_matmul_precision.value
     val = str(getattr(val, "name", val)).lower() if val is not None else "default"
     return "tf32x3" if val in ("highest", "float32", "f32_f32_f32", "tensorfloat32x3") else "tf32"
+
+
+# the most scoped VMEM the TPU kernels ask for (v5e, v6e and v5p cores have 128 / 128 / 95 MiB)
+TPU_VMEM_CAP = 90 << 20
+
+
+def tpu_vmem_bytes(tk: int, d: int, itemsize: int, rq: int = 0, n_meta: int = 3) -> int:
+    """VMEM a TPU kernel call holds, conservatively: K and V of one (batch, KV head) whole and double
+    buffered with the head dim padded to 128 lanes, the per-key metadata rows (``[1, Tk]`` int32
+    blocks padded to 8 sublanes), and for the dK/dV kernel the whole query rows (q, dO and their
+    float32 statistics). The default scoped limit (16 MiB on v5e, 32 MiB on v6e) is below what a
+    32k-slot cache needs; the kernels raise it to this (:data:`TPU_VMEM_CAP` at most)."""
+    lanes = -(-d // 128) * 128
+    kv = 4 * tk * lanes * itemsize + 2 * n_meta * 8 * tk * 4
+    rows = 2 * rq * (2 * lanes * itemsize + 2 * 128 * 4) if rq else 0
+    return kv + rows
 
 
 def _prepare(q, k, v, mask, scale, platform, block_q, block_k, splits_for_decode, num_warps=None,
@@ -562,7 +635,8 @@ def _prepare(q, k, v, mask, scale, platform, block_q, block_k, splits_for_decode
     cfg = Cfg(causal=bool(mask.causal), band=band, scale=scale, bq=bq, bk=bk, platform=platform,
               splits=splits, num_warps=num_warps or dflt["num_warps"],
               num_stages=num_stages or dflt["num_stages"], exp2=dflt["exp2"] if exp2 is None else bool(exp2),
-              precision=_f32_precision(platform, q.dtype), bwd=bwd)
+              precision=_f32_precision(platform, q.dtype), bwd=bwd, band_size=int(band_size) if band else 0,
+              group=g, vmem_limit=_vmem_limit(platform, tk_pad, d, q.dtype.itemsize, rq_pad))
     meta = build_meta(mask, b, tq, tk, g, rq_pad, tk_pad, band_size)
     rng_q, rng_k = _block_ranges(meta, cfg)
     if bwd is not None:
@@ -575,6 +649,14 @@ def _prepare(q, k, v, mask, scale, platform, block_q, block_k, splits_for_decode
     if platform == "tpu":
         kk, vv = kk.transpose(0, 2, 1, 3), vv.transpose(0, 2, 1, 3)
     return cfg, meta, rng_q, rng_k, qr, kk, vv
+
+
+def _vmem_limit(platform, tk, d, itemsize, rq) -> int:
+    """The scoped VMEM limit of a TPU call (0 elsewhere, or where the default 16 MiB suffices)."""
+    if platform != "tpu":
+        return 0
+    need = tpu_vmem_bytes(tk, d, itemsize, rq) + (4 << 20)  # the q/o blocks and Mosaic's own scratch
+    return 0 if need <= (16 << 20) else int(min(need, TPU_VMEM_CAP))
 
 
 def _finish(o_rows, lse, q, v, mask):
