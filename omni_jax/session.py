@@ -43,6 +43,7 @@ from .decoder import init_cache, is_per_layer
 from .engine import PROGRAMS, SessionCache, bucket
 from .errors import InputError
 from .generate import make_sampling
+from .media.audio import frames_log_mel
 from .processor import TextStreamer, validate_messages
 from .sharding import use_mesh
 from .tmrope import rope_index
@@ -474,9 +475,7 @@ class Session:
         src = np.where(j < half, half - j, j - half)  # reflect at the start, then the audio itself
         sig = np.where(src < turn.n, x[np.minimum(src, turn.n - 1)], cfg.padding_value)
         frames = np.lib.stride_tricks.sliding_window_view(sig, n_fft)[::hop][:f1 - f0]
-        window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)
-        spec = np.fft.rfft(frames * window, n=n_fft, axis=-1)
-        return np.log10(np.maximum((spec.real ** 2 + spec.imag ** 2) @ _mel_filters(cfg), 1e-10)).T
+        return frames_log_mel(frames, cfg).T
 
     def _features(self, turn: _AudioTurn, f0: int, f1: int, floor_max: float) -> np.ndarray:
         """float32 features ``[mels, f1 - f0]``: the log-mel frames floored at ``floor_max - 8``, then
@@ -776,18 +775,3 @@ class Session:
 
 TALKER_ARGS = {"talker_max_new_tokens", "talker_min_new_tokens", "talker_do_sample", "talker_top_k", "talker_top_p",
                "talker_temperature", "talker_repetition_penalty", "talker_eos_token_id"}
-
-
-_MEL: dict = {}
-
-
-def _mel_filters(cfg) -> np.ndarray:
-    """``[n_fft // 2 + 1, mels]`` float64: the feature extractor's Slaney mel filters, 0 to 8 kHz."""
-    key = (cfg.sampling_rate, cfg.n_fft, cfg.feature_size)
-    if key not in _MEL:
-        import librosa
-
-        fb = librosa.filters.mel(sr=cfg.sampling_rate, n_fft=cfg.n_fft, n_mels=cfg.feature_size, fmin=0.0,
-                                 fmax=8000.0, htk=False, norm="slaney", dtype=np.float64)
-        _MEL[key] = np.ascontiguousarray(fb.T)
-    return _MEL[key]

@@ -60,8 +60,9 @@ def test_thinker_prefill_and_decode_compile_for_v5e(tpu):
 def test_talker_compiles_for_v5e(tpu):
     bt, cfg, mesh, b = tpu
     n = cfg.talker.num_hidden_layers
-    _check(bt, b, b.talker_prefill(128, 64), "talker", n)
-    _check(bt, b, b.talker_decode(128, 64), "talker", n)
+    pre = _check(bt, b, b.talker_prefill(128, 64), "talker", n)
+    dec = _check(bt, b, b.talker_decode(128, 64), "talker", n)
+    assert pre["pallas_kernels"] == dec["pallas_kernels"] == n  # one kernel per talker layer in each
 
 
 def test_dit_solve_compiles_for_v5e(tpu):

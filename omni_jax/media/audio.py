@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import InputError
 from ._naming import _name
-from .settings import _processor_settings, _Settings, _unknown_keys, _warn_ignored
+from .settings import _Settings, _unknown_keys, _warn_ignored, settings_from_dir
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,7 @@ class AudioFeatureConfig:
     def from_dir(cls, directory: str | None) -> "AudioFeatureConfig":
         """The settings in a checkpoint directory (as :func:`omni_jax.media.processor_configs` reads
         them); defaults without any."""
-        found, unknown = _processor_settings(directory)
-        _warn_ignored(unknown, list(found.values()))
-        return cls._from_found(found)
+        return settings_from_dir(cls, directory)
 
 
 def _to_mono(x: np.ndarray, what: str) -> np.ndarray:
@@ -240,13 +238,21 @@ def _log_mel_frames(x: np.ndarray, num_frames: int, cfg: AudioFeatureConfig) -> 
         parts.append(sig[-half - 1:-1][::-1])
     padded = np.concatenate(parts)[:need]
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop][:num_frames]
-    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
-    mel = _mel_filters(cfg)
     out = np.empty((num_frames, cfg.feature_size), np.float64)
     for s in range(0, num_frames, 4096):
-        spec = np.fft.rfft(frames[s:s + 4096] * window, n=n_fft, axis=-1)
-        out[s:s + 4096] = np.log10(np.maximum((spec.real ** 2 + spec.imag ** 2) @ mel, 1e-10))
+        out[s:s + 4096] = frames_log_mel(frames[s:s + 4096], cfg)
     return out.T
+
+
+def frames_log_mel(frames: np.ndarray, cfg: AudioFeatureConfig) -> np.ndarray:
+    """log10 mel power ``[N, feature_size]`` (float64) of STFT frames ``[N, n_fft]``: periodic
+    Hann window, power spectrum, Slaney mel filters, ``log10`` with a 1e-10 floor (before the
+    per-utterance clamp). A frame's value depends on its own samples only, so a streaming caller
+    computing frames as audio arrives gets the whole utterance's values."""
+    n_fft = cfg.n_fft
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    spec = np.fft.rfft(frames * window, n=n_fft, axis=-1)
+    return np.log10(np.maximum((spec.real ** 2 + spec.imag ** 2) @ _mel_filters(cfg), 1e-10))
 
 
 def log_mel(audio: np.ndarray, cfg: AudioFeatureConfig | None = None, *, pad: bool = True,

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ._naming import _name
-from .settings import _processor_settings, _Settings, _unknown_keys, _warn_ignored
+from .settings import _Settings, _unknown_keys, _warn_ignored, settings_from_dir
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -151,9 +151,7 @@ class VisionProcessConfig:
     def from_dir(cls, directory: str | None) -> "VisionProcessConfig":
         """The settings in a checkpoint directory (as :func:`omni_jax.media.processor_configs` reads
         them); defaults without any."""
-        found, unknown = _processor_settings(directory)
-        _warn_ignored(unknown, list(found.values()))
-        return cls._from_found(found)
+        return settings_from_dir(cls, directory)
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,

@@ -230,3 +230,11 @@ def _warn_ignored(unknown: dict[str, list[str]], settings: Sequence[_Settings]) 
         items = list(dict.fromkeys(items))  # a flat file read for several components names a setting once
         if items:
             warnings.warn(f"{path}: omni-jax does not apply these processor settings: {'; '.join(items)}")
+
+
+def settings_from_dir(cls, directory: str | None):
+    """One settings class's values in a checkpoint directory (``cls._from_found`` of what the files
+    hold: the class's defaults where they say nothing), warning once about settings not applied."""
+    found, unknown = _processor_settings(directory)
+    _warn_ignored(unknown, list(found.values()))
+    return cls._from_found(found)
