@@ -10,9 +10,9 @@ HBM, FLOPs and bytes from ``compiled.cost_analysis()``, the number of Mosaic ker
 ``max(FLOPs / peak, bytes / HBM bandwidth)`` from published chip figures. These are compiled
 estimates, not runs.
 
-    python -m bench.tpu --preset 7b --topology v5e:2x2 --mesh tensor=4 --json bench/results/tpu_v5e_2x2_7b.json
-    python -m bench.tpu --preset 3b --topology v6e:1x1 --mesh tensor=1 --only prefill,decode
-    python -m bench.tpu --kernels --topology v5e:2x2 --mesh tensor=4      # the attention kernels alone
+    python -m bench tpu --preset 7b --topology v5e:2x2 --mesh tensor=4 --json bench/results/tpu_v5e_2x2_7b.json
+    python -m bench tpu --preset 3b --topology v6e:1x1 --mesh tensor=1 --only prefill,decode
+    python -m bench tpu --kernels --topology v5e:2x2 --mesh tensor=4      # the attention kernels alone
 
 Programs (``--only`` takes their kinds): ``prefill`` (thinker prefill, batch 1, per prompt bucket,
 with the talker's inputs collected), ``decode`` (the thinker's on-device decode loop per batch, one
@@ -875,7 +875,7 @@ def print_fits(rows, file=sys.stdout):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.tpu", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench tpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="7b", help="3b, 7b or default (the embedded tiny model)")
     ap.add_argument("--topology", default="v5e:2x2", help="e.g. v5e:2x2, v6e:2x2, v5p:2x2x1, v4:2x2x1, v5e:1x1")
     ap.add_argument("--mesh", default="tensor=4", help="mesh spec over the topology's chips, e.g. fsdp=2,tensor=2")
@@ -910,7 +910,7 @@ def main(argv=None) -> int:
     print(f"{a.topology} ({len(mesh.devices.flat)} of its chips in mesh {dict(mesh.shape)}), "
           f"{mesh.devices.flat[0].device_kind}; {versions()}", file=sys.stderr)
     res = {"date": time.strftime("%Y-%m-%d"), "topology": a.topology, "mesh": a.mesh, "chip": dataclasses.asdict(chip),
-           "versions": versions(), "command": "python -m bench.tpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "versions": versions(), "command": "python -m bench tpu " + " ".join(argv if argv is not None else sys.argv[1:]),
            "note": "compiled estimates, not runs: memory from compiled.memory_analysis(), FLOPs and bytes from "
                    "compiled.cost_analysis() (per chip), time = max(FLOPs / peak, bytes / HBM bandwidth)"}
     if a.kernels:
