@@ -11,10 +11,14 @@ import os
 import tempfile
 
 os.environ.setdefault("OMNI_JAX_CACHE", tempfile.mkdtemp(prefix="omni-jax-test-cache-"))
-# libtpu (in the test extra, for ahead-of-time TPU compilation) takes an exclusive lock per process and
-# queries a metadata server: let the parallel test workers each load it, and skip the query off-TPU
+# The suite runs on the CPU (its reference is transformers on torch's CPU). libtpu, in the test extra
+# for ahead-of-time TPU compilation, would otherwise be initialised as a backend on a host without a
+# TPU and log its failure to every process's stderr (the CLI tests read stderr); compiling for a TPU
+# topology (tests/test_tpu_compile.py) does not need the TPU backend. JAX_PLATFORMS set by the caller
+# wins. libtpu takes an exclusive lock per process: let parallel test workers each load it.
+if not any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 
