@@ -17,10 +17,12 @@ __all__ = ["check_target", "remove_stale_work", "atomic_directory", "progress_ba
 
 
 def check_target(target: str, overwrite: bool, sources: Iterable[str], what: str) -> str:
-    target = os.path.abspath(os.fspath(target))
+    target = os.path.abspath(os.path.expanduser(os.fspath(target)))  # `DST` may come as `~/x`, unexpanded
     for src in sources:
-        src = os.path.abspath(src)
-        if os.path.commonpath([src, target]) in (src, target):
+        src = os.path.abspath(os.path.expanduser(src))
+        # compared as typed and with symlinks resolved: a linked source must not hold its target either
+        pairs = ((src, target), (os.path.realpath(src), os.path.realpath(target)))
+        if any(os.path.commonpath([s, t]) in (s, t) for s, t in pairs):
             raise InputError(f"{target}: the {what} must not be, contain or lie inside the source directory {src}")
     if os.path.lexists(target):
         if not overwrite:

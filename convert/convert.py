@@ -91,7 +91,7 @@ def convert(hf_dir, out_dir, *, dtype=None, components=None, overwrite=False, pr
     the manifest, whose components record the stored and source dtypes (``"dtype"``,
     ``"stored_dtypes"``, ``"source_dtypes"``, ``"cast"``).
     """
-    hf_dir = os.path.abspath(os.fspath(hf_dir))
+    hf_dir = os.path.abspath(os.path.expanduser(os.fspath(hf_dir)))
     if dtype is not None:
         if not isinstance(dtype, str) or dtype.lower() not in _DTYPE_ALIASES:
             raise InputError(f"dtype '{dtype}' is not supported (bfloat16 or float32, or None to keep each "

@@ -34,7 +34,7 @@ def export(converted_dir, hf_dir, *, overwrite=False, progress=True,
     explicit ``dtype``, in its source dtype), passthrough tensors bit-exact: the export of a
     conversion that kept the source dtypes (the default) gives back the source's tensors, bit for
     bit. Returns the index dict."""
-    src = os.path.abspath(os.fspath(converted_dir))
+    src = os.path.abspath(os.path.expanduser(os.fspath(converted_dir)))
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a directory")
     man = oio.read_manifest(src)

@@ -73,6 +73,8 @@ def cmd_generate(args) -> int:
     from .errors import InputError
 
     for flag, paths in (("--audio", args.audio), ("--image", args.image), ("--video", args.video)):
+        # `--image=~/x.png` reaches us unexpanded (the shell expands a leading ~ only as its own word)
+        paths[:] = [os.path.expanduser(p) for p in paths]
         for p in paths:
             if not os.path.isfile(p):
                 raise InputError(f"{flag} {p}: no such file")
@@ -234,7 +236,7 @@ def _serve_on(args, limits, sock) -> int:
               file=sys.stderr)
     mesh = omni_jax.make_mesh(args.mesh) if args.mesh else None
     model = omni_jax.load(model_dir, dtype=args.dtype or ("float32" if embedded else "bfloat16"), mesh=mesh)
-    name = args.model_name or ("omni-jax-default" if embedded else os.path.basename(os.path.normpath(model_dir)))
+    name = args.model_name or ("omni-jax-default" if embedded else os.path.basename(os.path.abspath(os.path.expanduser(model_dir))))
     serve(model, host=args.host, port=args.port, api_key=args.api_key, model_name=name, limits=limits,
           allow_local_media=args.allow_local_media, log_level=args.log_level, sock=sock)
     return 0

@@ -15,7 +15,7 @@ import stat
 
 import numpy as np
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 
 
 def check_finite(value, name: str, *, minimum: float | None = None, positive: bool = False):
@@ -55,8 +55,11 @@ def check_output_file(path, what: str = "output") -> str:
     """Check, before any work is done, that ``path`` can be written as a regular file: its directory
     exists and is writable, and whatever is already at ``path`` is a regular file (replaced atomically
     when the output is complete). A device node, a FIFO, a directory or a socket there is never replaced:
-    an :class:`InputError` naming it. Returns ``path`` with ``~`` expanded."""
+    an :class:`InputError` naming it. Returns ``path`` with ``~`` expanded; for a symlink to a regular
+    file, the file it points to, so the atomic rename replaces that file and the link stays a link."""
     path = os.path.expanduser(os.fspath(path))
+    if os.path.islink(path) and os.path.isfile(path):
+        path = os.path.realpath(path)
     if os.path.lexists(path):
         st = os.stat(path) if os.path.exists(path) else os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -80,6 +83,24 @@ def check_output_dir(path, what: str = "output directory") -> str:
         return path
     _writable_parent(path, what)
     return path
+
+
+def name_inside(source: str, name, what: str = "file") -> str:
+    """``name`` (a file or directory named by the checkpoint file ``source``) as a relative path inside the
+    checkpoint directory, normalised.
+
+    A checkpoint may only name files inside itself: a name that is not a non-empty string, an absolute
+    name, a drive, or one that climbs out with ``..`` is a :class:`CheckpointError` naming ``source``,
+    so a crafted index or manifest cannot make us read, memory-map or copy files elsewhere. The check is
+    lexical (``normpath``), not on where symlinks lead: Hugging Face's cache keeps a snapshot's files as
+    symlinks into a sibling folder, which is the user's own layout."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{source}: names a {what} that is not a file name ({name!r})")
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or os.path.splitdrive(name)[0] or norm in (".", "..") \
+            or norm.startswith(".." + os.sep) or norm.startswith("/"):
+        raise CheckpointError(f"{source}: names {what} '{name}', which is outside the checkpoint directory")
+    return norm
 
 
 # ---------------------------------------------------------------------------------------------

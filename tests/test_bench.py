@@ -3,6 +3,7 @@ its JSON, and the correctness figures it reports beside the timings (same text, 
 as transformers). Timings themselves are not asserted (they belong to bench/, not to tests)."""
 
 import json
+import os
 
 import pytest
 
@@ -228,3 +229,26 @@ def test_bench_json_target_is_checked_before_any_work(tmp_path, capsys, monkeypa
     assert called == []
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--json" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("how", ["relative", "home", "symlink"])
+def test_bench_json_takes_paths_as_typed(tmp_path, monkeypatch, how):
+    """``python -m bench NAME --json PATH`` relative to the working directory, under ``~`` (as ``--json=~/x``
+    hands it over) and through a symlink to an earlier result: the result is written there, and a symlink
+    stays a link to the file it names (the atomic rename used to replace the link itself)."""
+    import bench.thinker
+    from bench.__main__ import main
+    from bench.util import write_json
+
+    monkeypatch.setattr(bench.thinker, "main", lambda argv: write_json(argv[argv.index("--json") + 1], {"x": 1}))
+    (tmp_path / "results").mkdir()
+    target = tmp_path / "results" / "r.json"
+    target.write_text("{}")
+    os.symlink(target, tmp_path / "latest.json")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = {"relative": "results/r.json", "home": "~/results/r.json", "symlink": "latest.json"}[how]
+    assert main(["thinker", "--json", path]) == 0
+    assert json.loads(target.read_text()) == {"x": 1}
+    assert os.path.islink(tmp_path / "latest.json") and os.readlink(tmp_path / "latest.json") == str(target)
+    assert sorted(os.listdir(tmp_path / "results")) == ["r.json"]

@@ -43,3 +43,20 @@ def test_cli_refuses_bad_numbers(capsys, argv, message):
         status = e.code
     err = capsys.readouterr().err
     assert status == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("how", ["relative", "home", "symlink"])
+def test_load_takes_paths_as_typed(tmp_path, monkeypatch, how):
+    """``omni_jax.load`` takes a checkpoint directory relative to the working directory, under ``~`` and
+    through a symlink: the same weights as the directory itself."""
+    import os
+
+    import numpy as np
+
+    os.symlink(omni_jax.default_model_path(), tmp_path / "linked")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    path = {"relative": "./linked/", "home": "~/linked", "symlink": str(tmp_path / "linked")}[how]
+    ids = np.array([[1, 2, 3, 4]])
+    want = omni_jax.load(omni_jax.default_model_path(), dtype="float32").thinker_logits(ids)
+    np.testing.assert_array_equal(omni_jax.load(path, dtype="float32").thinker_logits(ids), want)

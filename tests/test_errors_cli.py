@@ -93,3 +93,58 @@ def test_train_out_naming_a_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: --out {out}: exists and is not a directory; not replacing it" in err and "Traceback" not in err
     assert out.read_text() == "precious"
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A short WAV, a PNG and a four-frame MP4 for the path tests."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    from omni_jax.media import write_wav
+
+    d = tmp_path_factory.mktemp("media")
+    write_wav(str(d / "a.wav"), 0.1 * np.sin(np.arange(8000) / 7.0), sampling_rate=16000)
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 255, (32, 32, 3), np.uint8)).save(d / "i.png")
+    with av.open(str(d / "v.mp4"), "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        for _ in range(4):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(rng.randint(0, 255, (32, 32, 3), np.uint8),
+                                                           format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return d
+
+
+@pytest.mark.parametrize("how", ["relative", "home", "symlink"])
+def test_generate_takes_paths_as_typed(media, tmp_path, monkeypatch, capsys, how):
+    """Every path of `generate` (--model, --audio, --image, --video, --out) relative to the working
+    directory, under ``~`` as ``--flag=~/x`` hands it over unexpanded (the shell expands only a word that
+    starts with ``~``), and through symlinks; a symlinked --out keeps the link and fills the file it
+    points to."""
+    work = tmp_path / "work"
+    (work / "files").mkdir(parents=True)
+    os.symlink(omni_jax.default_model_path(), work / "model")
+    for name in ("a.wav", "i.png", "v.mp4"):
+        os.symlink(media / name, work / "files" / name)
+    (work / "replies").mkdir()
+    target = work / "replies" / "reply.wav"
+    target.write_bytes(b"old")
+    if how == "symlink":
+        os.symlink(target, work / "reply.wav")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work))
+    p = {"relative": lambda x: x, "home": lambda x: f"~/{x}", "symlink": lambda x: str(work / x)}[how]
+    out = p("reply.wav" if how == "symlink" else "replies/reply.wav")
+    argv = ["generate", "--prompt", "Hi", "--max-new-tokens", "2", f"--model={p('model')}",
+            f"--audio={p('files/a.wav')}", f"--image={p('files/i.png')}", f"--video={p('files/v.mp4')}",
+            f"--out={out}", "--talker-max-new-tokens", "8"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert target.read_bytes()[:4] == b"RIFF" and os.path.getsize(target) > 44
+    if how == "symlink":
+        assert os.path.islink(work / "reply.wav") and os.readlink(work / "reply.wav") == str(target)
+    assert sorted(os.listdir(work / "replies")) == ["reply.wav"]

@@ -56,8 +56,6 @@ def test_a_non_finite_step_stops_the_run_with_the_last_good_state(tmp_path, caps
     holds only valid JSON lines of the good steps."""
     import math
 
-    from train.cli import main
-
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(4)))
     out = tmp_path / "run"
@@ -108,3 +106,29 @@ def test_resume_skips_a_corrupt_checkpoint_then_stops_with_one_line(tmp_path, ca
     assert status == 2
     assert err.strip().splitlines()[-1].startswith(f"error: --resume: no usable checkpoint in {ck}")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("how", ["relative", "home", "symlink"])
+def test_train_takes_paths_as_typed(tmp_path, monkeypatch, capsys, how):
+    """`train --model/--data/--out` (and `--resume` of that run) relative to the working directory, under
+    ``~`` as ``--flag=~/x`` hands it over unexpanded, and through symlinks: the run trains, saves its
+    checkpoint in the directory meant, and resumes from it."""
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    os.symlink(omni_jax.default_model_path(), work / "model")
+    (work / "data.jsonl").write_text(json.dumps(GOOD) + "\n")
+    if how == "symlink":
+        os.symlink(work / "data.jsonl", work / "linked.jsonl")
+        os.symlink(work / "runs", work / "runs-link")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work))
+    p = {"relative": lambda x: x, "home": lambda x: f"~/{x}", "symlink": lambda x: str(work / x)}[how]
+    data, out = (p("linked.jsonl"), p("runs-link/run")) if how == "symlink" else (p("data.jsonl"), p("runs/run"))
+    argv = [f"--model={p('model')}", f"--data={data}", f"--out={out}", "--steps", "1", "--dtype", "float32",
+            "--no-save-model", "--no-progress", "--save-every", "1"]
+    status, err = _run(argv, capsys)
+    assert status == 0, err
+    assert sorted(os.listdir(work / "runs" / "run" / "checkpoints")) == ["1"]
+    status, err = _run(argv + ["--resume"], capsys)
+    assert status == 0 and "Traceback" not in err, err
+    assert sorted(os.listdir(work / "runs")) == ["run"]

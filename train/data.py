@@ -110,6 +110,7 @@ def read_jsonl(path: str, *, on_error: str = "fail", talker_vocab: int | None = 
     """Validated records of a JSONL file and the number of skipped lines."""
     if on_error not in ("fail", "skip"):
         raise InputError(f"on_error: 'fail' or 'skip', got {on_error!r}")
+    path = os.path.expanduser(os.fspath(path))  # `--data=~/x.jsonl` reaches us unexpanded
     try:
         f = open(path, "rb")  # decoded line by line: a bad byte is that line's error, not the file's
     except OSError as e:

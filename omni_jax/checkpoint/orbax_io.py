@@ -56,8 +56,12 @@ its ``stored_dtype`` the numpy name. Manifests written before ``stored_dtype`` e
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import re
+import threading
 from functools import partial
 
 import jax
@@ -66,6 +70,7 @@ import numpy as np
 from flax import nnx
 
 from ..errors import CheckpointError
+from ..validate import name_inside
 from .tree import flatten_dict, set_path
 
 __all__ = ["MANIFEST", "FORMAT", "FORMAT_VERSION", "PARAMS_DIR", "PASSTHROUGH_FILE", "COMPONENT_ORDER",
@@ -184,7 +189,30 @@ def read_manifest(directory) -> dict:
     for key in ("components", "passthrough", "files"):
         if key not in man:
             raise CheckpointError(f"{p}: corrupt manifest (no '{key}')")
+    _check_names(p, man)
     return man
+
+
+def _check_names(p: str, man: dict) -> None:
+    """Every file and directory the manifest ``p`` names lies inside the checkpoint directory (checked on
+    the names, :func:`omni_jax.validate.name_inside`): loading and export only ever read, and export only
+    ever writes, inside the directories they were given."""
+    comps, pt, files = man["components"], man["passthrough"], man["files"]
+    if not isinstance(comps, dict) or not isinstance(pt, dict) or not isinstance(files, list):
+        raise CheckpointError(f"{p}: corrupt manifest (components, passthrough or files of the wrong type)")
+    for name, comp in comps.items():
+        groups = comp.get("groups") if isinstance(comp, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise CheckpointError(f"{p}: corrupt manifest (component '{name}' has no list of groups)")
+        for group in groups:
+            group["dir"] = name_inside(p, group.get("dir"), "parameter group")
+    if pt.get("tensors"):
+        pt["file"] = name_inside(p, pt.get("file"), "passthrough file")
+    plain = files + ([man["voices"]] if man.get("voices") is not None else [])
+    for name in plain:
+        norm = name_inside(p, name)
+        if os.path.basename(norm) != norm:  # convert copies only the files at the top of the source
+            raise CheckpointError(f"{p}: names file '{name}', which is not a file at the top of the checkpoint")
 
 
 def converted_components(directory) -> list[str]:
@@ -196,35 +224,93 @@ def converted_components(directory) -> list[str]:
 # groups
 
 
+class _TolerantLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops the callbacks other threads schedule on it once it is closed.
+
+    orbax runs each save and restore in a fresh event loop and closes it as soon as the call returns or
+    raises. When one read of a damaged group fails, tensorstore still finishes the group's other reads in
+    its own threads, and each then schedules its result on the closed loop: ``call_soon_threadsafe``
+    raises ``RuntimeError: Event loop is closed`` there, and tensorstore prints that with a traceback on
+    stderr, at any time after our error was reported. Those results belong to a call that already failed;
+    dropping them is all that is left to do."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _TolerantPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return _TolerantLoop()
+
+
+_policy_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _orbax_loops():
+    """Inside: the event loops orbax creates (``asyncio.new_event_loop``) are :class:`_TolerantLoop` instances.
+    The policy is set only for the call and put back after, so nothing else in the process changes."""
+    with _policy_lock:
+        previous = asyncio.get_event_loop_policy()
+        if isinstance(previous, _TolerantPolicy):
+            yield
+            return
+        asyncio.set_event_loop_policy(_TolerantPolicy())
+        try:
+            yield
+        finally:
+            asyncio.set_event_loop_policy(previous)
+
+
+def _reason(e: BaseException) -> str:
+    """The part of an orbax / tensorstore error a user can act on, on one line: tensorstore's messages
+    chain every layer (``Error opening "cast" driver: Error opening "zarr" driver: ...``) and append the
+    full JSON spec; keep the innermost cause and the file it names."""
+    text = " ".join(str(e).split())
+    text = text.split(" [tensorstore_spec")[0]
+    files = re.findall(r'local file "([^"]+)"', text)
+    inner = text.rsplit(": ", 1)[-1] if ": " in text else text
+    where = f"{os.path.basename(files[-1].rstrip('/'))}: " if files and not files[-1].endswith("/") else ""
+    out = f"{type(e).__name__}: {where}{inner}" if inner else type(e).__name__
+    return out if len(out) <= 300 else out[:297] + "..."
+
+
 def save_group(ckptr, directory: str, arrays: dict[tuple[str, ...], np.ndarray]) -> None:
     """Write one group (``{tree path: array}``) as an orbax checkpoint at ``directory``."""
     try:
-        ckptr.save(os.path.abspath(directory), nested(list(arrays.items())))  # orbax wants absolute paths
+        with _orbax_loops():
+            ckptr.save(os.path.abspath(directory), nested(list(arrays.items())))  # orbax wants absolute paths
     except CheckpointError:
         raise
     except Exception as e:  # orbax/tensorstore wrap I/O errors (disk full...) in several types
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise CheckpointError(f"{directory}: cannot write parameter group ({type(e).__name__}: {msg})") from e
+        raise CheckpointError(f"{directory}: cannot write parameter group ({_reason(e)})") from e
 
 
-def _restore(ckptr, directory: str, target=None):
+def _restore(ckptr, directory: str, target=None, *, component: str | None = None):
+    what = "" if component is None else f"component '{component}': "
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: parameter group is missing")
+        raise CheckpointError(f"{directory}: {what}parameter group is missing")
     where = os.path.abspath(directory)  # orbax refuses relative paths; users type them
     try:
-        if target is None:
-            return ckptr.restore(where)
-        return ckptr.restore(where, target)
+        with _orbax_loops():
+            if target is None:
+                return ckptr.restore(where)
+            return ckptr.restore(where, target)
     except CheckpointError:
         raise
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise CheckpointError(f"{directory}: cannot restore parameter group ({type(e).__name__}: {msg})") from e
+        raise CheckpointError(f"{directory}: {what}cannot restore parameter group, its files are damaged "
+                              f"({_reason(e)})") from e
 
 
-def restore_group_numpy(ckptr, directory: str) -> dict:
+def restore_group_numpy(ckptr, directory: str, component: str | None = None) -> dict:
     """A group as a nested dict of host numpy arrays, in the stored dtype."""
-    return _restore(ckptr, directory)
+    return _restore(ckptr, directory, component=component)
 
 
 def iter_component(directory: str, man: dict, component: str, ckptr=None):
@@ -238,7 +324,7 @@ def iter_component(directory: str, man: dict, component: str, ckptr=None):
     comp = man["components"][component]
     for group in comp["groups"]:
         gdir = os.path.join(directory, group["dir"])
-        tree = restore_group_numpy(ckptr, gdir)
+        tree = restore_group_numpy(ckptr, gdir, component)
         for item in group["items"]:
             param, layer = item[0], item[1]
             try:
@@ -354,7 +440,7 @@ def restore_component(out_dir, component: str, abstract_state: nnx.State, *, dty
                     spec[split_axis(len(shape), item[3])] = None
                 sharding = NamedSharding(mesh, P(*spec))
             entries.append((tree_path(name, layer, rows), jax.ShapeDtypeStruct(shape, dtypes[name], sharding=sharding)))
-        tree = _restore(ckptr, gdir, nested(entries))
+        tree = _restore(ckptr, gdir, nested(entries), component=component)
         for item in group["items"]:
             name, layer, rows = item[0], item[1], item[5]
             arr = get_path(tree, tree_path(name, layer, rows))

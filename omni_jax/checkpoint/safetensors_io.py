@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import CheckpointError
+from ..validate import name_inside
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "CHUNK_BYTES", "SafetensorsFile", "Checkpoint", "shard_name_inside",
            "read_tensor", "write_file", "SafetensorsWriter", "np_dtype", "dtype_name"]
@@ -101,19 +102,9 @@ class SafetensorsFile:
 
 
 def shard_name_inside(index: str, name) -> str:
-    """``name`` (a file named by the checkpoint file ``index``) as a path inside the checkpoint directory.
-
-    A checkpoint may only name files inside itself: an absolute name, a drive, or one that climbs out with
-    ``..`` is a :class:`CheckpointError`, so a crafted index cannot make us read (or memory-map) files
-    elsewhere. The check is on the name, not on where symlinks lead: Hugging Face's cache keeps a
-    snapshot's files as symlinks into a sibling folder, which is the user's own layout."""
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise CheckpointError(f"{index}: names a shard that is not a file name ({name!r})")
-    norm = os.path.normpath(name)
-    if os.path.isabs(name) or os.path.splitdrive(name)[0] or norm == ".." or norm.startswith(".." + os.sep) \
-            or norm.startswith("/"):
-        raise CheckpointError(f"{index}: names shard '{name}', which is outside the checkpoint directory")
-    return norm
+    """``name`` (a shard named by the index file ``index``) as a path inside the checkpoint directory
+    (:func:`omni_jax.validate.name_inside`)."""
+    return name_inside(index, name, "shard")
 
 
 class Checkpoint:
