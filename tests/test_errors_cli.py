@@ -16,10 +16,25 @@ def _no_load(*a, **k):
     raise AssertionError("the model was loaded before the output target was checked")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory", "dangling-link"])
+def _chardev(path) -> str:
+    """A character device node at ``path`` (what /dev/null is, 1:3) where the process may make one (root,
+    as in CI); elsewhere a FIFO, the other special file the writer must never replace."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        return "chardev"
+    except PermissionError:
+        os.mkfifo(path)
+        return "fifo"
+
+
+@pytest.mark.parametrize("kind", ["chardev", "fifo", "directory", "dangling-link", "missing-parent"])
 def test_generate_out_refuses_what_is_not_a_regular_file(tmp_path, capsys, monkeypatch, kind):
     target = tmp_path / "reply.wav"
-    if kind == "fifo":
+    if kind == "chardev":
+        kind = _chardev(target)
+    elif kind == "missing-parent":
+        target = tmp_path / "no" / "reply.wav"
+    elif kind == "fifo":
         os.mkfifo(target)
     elif kind == "directory":
         target.mkdir()
@@ -30,10 +45,15 @@ def test_generate_out_refuses_what_is_not_a_regular_file(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: --out {target}: ") and "Traceback" not in err
     assert ("not a regular file" in err or "is a directory" in err or "does not exist" in err), err
-    if kind == "fifo":
+    if kind == "chardev":
+        st = os.lstat(target)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)  # left as it was
+    elif kind == "fifo":
         assert stat.S_ISFIFO(os.lstat(target).st_mode)  # left as it was
     elif kind == "directory":
         assert target.is_dir() and not any(target.iterdir())
+    elif kind == "missing-parent":
+        assert sorted(os.listdir(tmp_path)) == []
     else:
         assert os.path.islink(target)
 
