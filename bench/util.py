@@ -10,12 +10,12 @@ import os
 @contextlib.contextmanager
 def band_attention(enabled: bool = True):
     """Run omni-jax's XLA attention with (``enabled``) or without the block-by-block band path
-    (:func:`omni_jax.attention.xla_band_attention`; without it, block bands are computed densely,
+    (:func:`omni_jax.attention_xla.xla_band_attention`; without it, block bands are computed densely,
     all ``T x T`` scores: the formulation before that path, for A/B runs in one process). jax's
     caches are cleared on entry and exit, so jitted programs are traced again with the choice."""
     import jax
 
-    from omni_jax import attention
+    from omni_jax import attention_xla as attention
 
     orig = attention._band_only
     if not enabled:

@@ -1,6 +1,6 @@
 """Pallas attention kernels (interpret mode on CPU) against the XLA reference.
 
-Every case compares ``omni_jax.kernels`` with :func:`omni_jax.attention.xla_attention` on
+Every case compares ``omni_jax.kernels`` with :func:`omni_jax.attention_xla.xla_attention` on
 random inputs: float32 forward within 1e-5 relative L2, gradients within 1e-4, bf16 looser.
 Shapes are small (interpret mode compiles each kernel as plain XLA) but always cover several
 query and key blocks, lengths that are not block multiples, GQA, and fully masked query rows.
@@ -211,6 +211,17 @@ def test_default_impl(monkeypatch):
     assert default_impl() == "xla"
 
 
+def test_the_interface_reexports_the_xla_implementation():
+    """``omni_jax.attention`` serves the mask type and the XLA implementation defined in
+    ``omni_jax.attention_xla`` (the same objects, so either import path behaves the same)."""
+    from omni_jax import attention as interface
+    from omni_jax import attention_xla
+
+    for name in ("MaskSpec", "build_mask", "xla_attention", "xla_band_attention", "dense_attention", "SCORE_BUDGET"):
+        assert getattr(interface, name) is getattr(attention_xla, name), name
+    assert kernels.xla_attention is flash.xla_attention is attention_xla.xla_attention
+
+
 def test_gpu_decode_routes_to_xla(caplog, monkeypatch):
     """One-query attention on a GPU goes to XLA attention (measured faster there), logged once."""
     monkeypatch.delenv("OMNI_JAX_PALLAS_DECODE", raising=False)
@@ -232,7 +243,7 @@ def test_xla_band_attention_equals_dense(band):
     masked formulation, with GQA, a length that is not a block multiple, key padding, a row whose
     padding leaves whole bands without a visible key (dense: the average of all values) and
     bfloat16 inputs."""
-    from omni_jax.attention import dense_attention, xla_band_attention
+    from omni_jax.attention_xla import dense_attention, xla_band_attention
 
     t, bs = 53, 6
     q, k, v = qkv(7, 2, t, t, 4, 2, 16)
@@ -259,7 +270,7 @@ def test_dense_attention_in_query_chunks(name, monkeypatch):
     """Past ``SCORE_BUDGET`` score elements the dense path runs in query chunks (a long prefill on
     CPU would otherwise materialise all T x T scores at once): same outputs as one whole call (and
     gradients, for two of the masks), with a chunk that does not divide the query count."""
-    from omni_jax import attention as A
+    from omni_jax import attention_xla as A
 
     (b, tq, tk, h, kvh, d), mk_mask, _ = _case(name)
     q, k, v = qkv(3, b, tq, tk, h, kvh, d)
@@ -289,7 +300,7 @@ def test_xla_band_attention_with_segments_equals_windows():
     (1, 1) block band of ``bs`` (which contains every window). The block-by-block path equals the dense
     formulation of the same mask everywhere, and the plain segment mask (no band) on every real token
     (padding tokens, segment -1 in a run longer than a block, may differ in their own rows only)."""
-    from omni_jax.attention import dense_attention, xla_band_attention
+    from omni_jax.attention_xla import dense_attention, xla_band_attention
 
     bs = 8
     lens = [8, 3, 5, 8, 1, 7, 6, 2, 8]  # uneven windows, as at an image's right and bottom edges

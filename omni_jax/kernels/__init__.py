@@ -6,8 +6,9 @@
   for ``Tq > 1``;
 * :func:`decode_attention` (split-K over the cache) for ``Tq == 1``;
 
-and falls back to the XLA implementation, logging once per reason, where no kernel covers a
-call (mismatched dtypes, head dims above 256, empty inputs). See :mod:`.flash` for the design.
+and falls back to the XLA implementation (:func:`omni_jax.attention_xla.xla_attention`), logging
+once per reason, where no kernel covers a call (mismatched dtypes, head dims above 256, empty
+inputs). See :mod:`.flash` for the design.
 
 Decode on a GPU (``Tq == 1``, platform ``gpu``) goes to XLA attention too, logged once: on the
 H100 the fused XLA path measured faster than the split-K kernel plus its XLA glue (8k cache,
@@ -32,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..attention_xla import xla_attention
 from .flash import TPU_VMEM_CAP, current_platform, decode_attention, flash_attention, target_platform, tpu_vmem_bytes
 
 log = logging.getLogger("omni_jax")
@@ -137,8 +139,6 @@ def _local(q, k, v, mask, *, scale=None, platform=None):
             reason = (f"keys of {k.shape[1]} x {k.shape[3]} need {need >> 20} MiB of TPU VMEM (whole-sequence K/V "
                       f"blocks), above {TPU_VMEM_CAP >> 20} MiB")
     if reason is not None:
-        from ..attention import xla_attention
-
         if reason not in _warned:
             _warned.add(reason)
             log.warning("omni_jax: no Pallas attention kernel for this call (%s); falling back to XLA attention",
@@ -151,8 +151,6 @@ def _local(q, k, v, mask, *, scale=None, platform=None):
             # transpose of the whole cache per layer per step (about 3x XLA's bytes by the compiled cost
             # analysis, python -m bench.tpu --kernels); with one (the 3B and 7B thinkers on tensor=4) the
             # layouts coincide and the kernel reads 0.6x XLA's bytes
-            from ..attention import xla_attention
-
             why = "decode on TPU with several KV heads per device"
             if why not in _warned:
                 _warned.add(why)
@@ -161,8 +159,6 @@ def _local(q, k, v, mask, *, scale=None, platform=None):
                          "kernel", k.shape[2])
             return xla_attention(q, k, v, mask, scale)
         if plat == "gpu" and os.environ.get("OMNI_JAX_PALLAS_DECODE", "") != "1":
-            from ..attention import xla_attention
-
             why = "decode on GPU"
             if why not in _warned:
                 _warned.add(why)

@@ -1,7 +1,7 @@
 """Blockwise (flash) attention and split-K decode attention in Pallas.
 
 One kernel body serves every attention in omni-jax. The mask arrives as *structure*
-(:class:`omni_jax.attention.MaskSpec`) and is turned into small per-position metadata:
+(:class:`omni_jax.attention_xla.MaskSpec`) and is turned into small per-position metadata:
 
 * per query row: its slot (causal), its band block ``slot // block_size`` (DiT band) and its
   segment id;
@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from ..attention_xla import xla_attention
 
 NEG = -0.7 * float(np.finfo(np.float32).max)  # masked score (finite: no inf - inf)
 EMPTY = -1e30  # lse of a row with no visible key
@@ -682,7 +684,7 @@ def flash_attention(q, k, v, mask, *, scale=None, platform=None, block_q=None, b
                     num_stages=None, exp2=None):
     """Blockwise attention with a structural mask; differentiable (custom_vjp).
 
-    Same contract as :func:`omni_jax.attention.xla_attention`. ``block_q`` counts query *rows*
+    Same contract as :func:`omni_jax.attention_xla.xla_attention`. ``block_q`` counts query *rows*
     (tokens x GQA group); block sizes and the Triton ``num_warps``/``num_stages`` default per
     platform (:func:`_defaults`).
     """
@@ -732,8 +734,6 @@ def decode_attention(q, k, v, mask, *, scale=None, platform=None, block_k=None, 
         return f(q, k, v, arrs), (q, k, v, arrs)
 
     def f_bwd(res, ct):
-        from ..attention import xla_attention
-
         q, k, v, arrs = res
         grads = jax.vjp(lambda q, k, v: xla_attention(q, k, v, rebuild(arrs), scale), q, k, v)[1](ct)
         return (*grads, tuple(None for _ in arrs))
