@@ -60,21 +60,47 @@ def measure(spec: dict, *, steps: int, slots: int, bw: float) -> dict:
     out: dict = dict(spec, weight_MB=round(wbytes / 2 ** 20, 1), steps=steps, cache_slots=slots,
                      cache_MB=round(kvbytes / 2 ** 20, 1))
     results = {}
-    for kind, layers, per_layer_cache in (("stacked_scan", stacked, False),
-                                          ("per_layer_stacked_cache", per_layer, False),
-                                          ("per_layer", per_layer, True)):
+    one = DecoderShape(1, spec["heads"], spec["kv_heads"], spec["head_dim"])
+
+    def layer_step(layer, h, kc, vc, i):
+        """One layer at decode step ``i`` over its own cache buffers (what the library runs)."""
+        y, c = run_layers([layer], one, h, cos, sin, cache={"k": [kc], "v": [vc]}, start=i, kv_valid=kv_valid)
+        return y, c["k"][0], c["v"][0]
+
+    def stacked_cache():
+        z = jnp.zeros((spec["layers"], 1, slots, spec["kv_heads"], hd), jnp.float32)
+        return {"k": z, "v": z}
+
+    for kind, layers in (("stacked_scan", stacked), ("per_layer_stacked_cache", per_layer), ("per_layer", per_layer)):
         graphdef, state = nnx.split(layers)
 
         @jax.jit
-        def run(state, h):
+        def run(state, h, kind=kind, graphdef=graphdef):
             lay = nnx.merge(graphdef, state)
 
             def body(i, carry):
                 h, cache = carry
-                y, cache = run_layers(lay, shape, h, cos, sin, cache=cache, start=i, kv_valid=kv_valid)
+                if kind == "stacked_scan":  # the checkpoint layout: weights and cache sliced per layer by a scan
+                    lgdef, lstate = nnx.split(lay)
+
+                    def scan_body(x, xs):
+                        ls, kc, vc = xs
+                        y, kc, vc = layer_step(nnx.merge(lgdef, ls), x, kc, vc, i)
+                        return y, (kc, vc)
+
+                    y, (k, v) = jax.lax.scan(scan_body, h, (lstate, cache["k"], cache["v"]))
+                    cache = {"k": k, "v": v}
+                elif kind == "per_layer_stacked_cache":  # per-layer weights, the cache still [L, B, S, KVH, D]
+                    y, k, v = h, cache["k"], cache["v"]
+                    for li, layer in enumerate(lay):
+                        y, kc, vc = layer_step(layer, y, k[li], v[li], i)
+                        k, v = k.at[li].set(kc), v.at[li].set(vc)
+                    cache = {"k": k, "v": v}
+                else:
+                    y, cache = run_layers(lay, shape, h, cos, sin, cache=cache, start=i, kv_valid=kv_valid)
                 return y * 0.5, cache
 
-            cache = init_cache(shape, 1, slots, jnp.float32, per_layer=per_layer_cache)
+            cache = init_cache(shape, 1, slots, jnp.float32) if kind == "per_layer" else stacked_cache()
             return jax.lax.fori_loop(0, steps, body, (h, cache))
 
         t = time.perf_counter()

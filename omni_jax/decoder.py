@@ -1,11 +1,16 @@
 """The Qwen2 decoder stack shared by the thinker and the talker.
 
-Layers are one NNX module whose parameters carry a leading layer axis (the checkpoint and
-training layout; the forward pass is one ``lax.scan`` over it, one compiled layer whatever the
-depth), or, in a loaded :class:`omni_jax.OmniModel`, a list of per-layer modules run as a
-Python loop (see "inference layout" below: the scan's weight slices are copies on CPU). The KV cache is an
-explicit pytree ``{"k", "v"}`` in the load dtype: ``[L, B, S, KVH, D]`` with stacked layers, a list
-of ``L`` per-layer ``[B, S, KVH, D]`` buffers with per-layer ones; it is updated in place with
+Layers come in two layouts (see "Parameter layouts" below and in docs/architecture.md):
+
+* stacked: one NNX module whose parameters carry a leading layer axis (:class:`DecoderLayers`),
+  the checkpoint and training layout; the forward pass is one ``lax.scan`` over it (one compiled
+  layer whatever the depth), without a KV cache;
+* per layer: a list of per-layer modules, what every inference program runs (a loaded
+  :class:`omni_jax.OmniModel`'s thinker and talker), as a Python loop. :func:`to_per_layer` and
+  :func:`stacked_state` are the one conversion between the two.
+
+The KV cache exists at inference only: an explicit pytree ``{"k", "v"}`` of ``L`` per-layer
+``[B, S, KVH, D]`` buffers in the load dtype (:func:`init_cache`), updated in place with
 ``dynamic_update_slice``; every call writes the new tokens' keys/values at cache slots
 ``[start, start + T)`` and attends over the whole cache with a causal slot mask and the
 per-row key-validity mask.
@@ -13,7 +18,6 @@ per-row key-validity mask.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -52,37 +56,31 @@ class DecoderShape(NamedTuple):
     head_dim: int
 
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", None)  # stacked KV cache: over batch and KV heads
+CACHE_AXES = ("batch", "cache_seq", "act_kv_heads", None)  # one layer's KV cache: over batch and KV heads
 
 
-def init_cache(shape: DecoderShape, batch: int, slots: int, dtype, *, per_layer: bool = False) -> dict:
-    """An empty KV cache: ``{"k", "v"}`` each ``[L, B, S, KVH, D]`` (stacked layers), or with
-    ``per_layer`` each a list of ``L`` arrays ``[B, S, KVH, D]`` (per-layer layers: see
-    "inference layout" below). Both carry the sharding constraints of :data:`CACHE_AXES`."""
-    if per_layer:  # distinct arrays (outside jit one shared buffer could not be donated twice)
-        def z():
-            return constrain(jnp.zeros((batch, slots, shape.kv_heads, shape.head_dim), dtype), CACHE_AXES[1:])
+def init_cache(shape: DecoderShape, batch: int, slots: int, dtype) -> dict:
+    """An empty KV cache: ``{"k", "v"}`` each a list of ``L`` arrays ``[B, S, KVH, D]``, one per
+    layer (the per-layer decoder layers of inference: see "Parameter layouts" below), with the
+    sharding constraints of :data:`CACHE_AXES`."""
 
-        return {n: [z() for _ in range(shape.num_layers)] for n in ("k", "v")}
-    z = constrain(jnp.zeros((shape.num_layers, batch, slots, shape.kv_heads, shape.head_dim), dtype), CACHE_AXES)
-    return {"k": z, "v": z}
+    def z():  # distinct arrays (outside jit one shared buffer could not be donated twice)
+        return constrain(jnp.zeros((batch, slots, shape.kv_heads, shape.head_dim), dtype), CACHE_AXES)
+
+    return {n: [z() for _ in range(shape.num_layers)] for n in ("k", "v")}
 
 
-def cache_for(layers, shape: DecoderShape, batch: int, slots: int, dtype) -> dict:
-    """The empty KV cache whose layout matches ``layers`` (per-layer for a sequence of layers)."""
-    return init_cache(shape, batch, slots, dtype, per_layer=isinstance(layers, Sequence))
-
-
-def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache=None, start=0,
-               kv_valid=None, impl="xla", remat=False):
-    """Run the decoder layers.
+def run_layers(layers, shape: DecoderShape, h, cos, sin, *, cache=None, start=0, kv_valid=None, impl="xla",
+               remat=False):
+    """Run the decoder layers: per-layer modules (inference: a Python loop, each layer reading its
+    own weight and cache buffers), or a stacked :class:`DecoderLayers` (training: one ``lax.scan``,
+    no cache).
 
     ``h [B, T, E]``; ``cos/sin [B, T, head_dim]``. Without a cache: causal self-attention over
-    the T tokens with key padding ``kv_valid [B, T]``. With a cache: write at slots
-    ``[start, start+T)`` and attend over all ``S`` slots (``kv_valid [B, S]``). ``start`` may be a
-    ``[B]`` array of per-row slots (continuous batching: rows at different lengths share one batch);
-    writes past the cache's end are dropped. The cache is either layout of :func:`init_cache`; a
-    per-layer cache needs per-layer ``layers``.
+    the T tokens with key padding ``kv_valid [B, T]``. With a cache (:func:`init_cache`, one entry
+    per layer): write at slots ``[start, start+T)`` and attend over all ``S`` slots (``kv_valid [B,
+    S]``). ``start`` may be a ``[B]`` array of per-row slots (continuous batching: rows at different
+    lengths share one batch); writes past the cache's end are dropped.
     Returns ``(h, cache)``.
     """
     b, t, _ = h.shape
@@ -91,16 +89,14 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
     q_slots = start[:, None] + jnp.arange(t)[None, :] if per_row else start + jnp.arange(t)
     mask = MaskSpec(causal=True, q_slots=q_slots, kv_valid=kv_valid)
 
-    def write(c, new, i):
-        """``c`` with the new keys (values) ``new [B, T, KVH, D]`` at the query slots; ``c`` is one
-        layer's cache (``i`` None) or the stacked cache (layer ``i``)."""
-        lead = () if i is None else (i,)
+    def write(c, new):
+        """One layer's cache ``c`` with the new keys (values) ``new [B, T, KVH, D]`` at the query slots."""
         new = new.astype(c.dtype)
         if per_row:
-            return c.at[(*lead, jnp.arange(b)[:, None], q_slots)].set(new, mode="drop")
-        return jax.lax.dynamic_update_slice(c, new if i is None else new[None], (*lead, 0, start, 0, 0))
+            return c.at[jnp.arange(b)[:, None], q_slots].set(new, mode="drop")
+        return jax.lax.dynamic_update_slice(c, new, (0, start, 0, 0))
 
-    def layer_fn(layer: DecoderLayers, x, kc, vc, i):
+    def layer_fn(layer: DecoderLayers, x, kc, vc):
         y = layer.input_layernorm(x)
         att = layer.self_attn
         q = apply_rope(att.q_proj(y).reshape(b, t, nh, hd), cos, sin)
@@ -108,46 +104,46 @@ def run_layers(layers: DecoderLayers, shape: DecoderShape, h, cos, sin, *, cache
         v = att.v_proj(y).reshape(b, t, kvh, hd)
         q = constrain(q, ("batch", "seq", "act_heads", None))
         if kc is not None:
-            kc, vc = write(kc, k, i), write(vc, v, i)
-            k, v = (kc, vc) if i is None else (jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False) for c in (kc, vc))
+            k, v = kc, vc = write(kc, k), write(vc, v)
         o = attention(q, k, v, mask, impl=impl)
         x = x + att.o_proj(o.reshape(b, t, nh * hd))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         return constrain(x, ("batch", "seq", "act_embed")), kc, vc
 
-    if cache is not None and isinstance(cache["k"], (list, tuple)):
-        # per-layer cache: each layer updates its own buffers (no slice of a stacked cache, which
-        # XLA copies per layer per step: see "inference layout" below)
-        if not isinstance(layers, Sequence) or len(cache["k"]) != len(layers):
-            raise ValueError("a per-layer KV cache needs per-layer decoder layers (decoder.to_per_layer), one per cache entry")
-        ks, vs = list(cache["k"]), list(cache["v"])
-        for i, layer in enumerate(layers):
-            h, ks[i], vs[i] = layer_fn(layer, h, ks[i], vs[i], None)
-        return h, {"k": ks, "v": vs}
-
-    def body(layer: DecoderLayers, carry, i):
-        return layer_fn(layer, *carry, i), None
-
-    kc = vc = None
+    if isinstance(layers, DecoderLayers):  # the stacked (training) layout: one scan, no cache
+        if cache is not None:
+            raise ValueError("a KV cache needs per-layer decoder layers (decoder.to_per_layer)")
+        (h, _, _), _ = scan_layers(layers, lambda layer, carry, _: (layer_fn(layer, *carry), None), (h, None, None),
+                                   remat=remat)
+        return h, None
+    # per-layer layers: each layer reads its own weights and updates its own cache buffers in place
+    # (a stacked cache's or stacked weights' layer slice is a copy per layer per step: see below)
+    if cache is not None and (len(cache["k"]) != len(layers) or len(cache["v"]) != len(layers)):
+        raise ValueError(f"a KV cache of {len(cache['k'])} layers for {len(layers)} decoder layers")
+    run = jax.checkpoint(layer_fn) if remat else layer_fn
+    ks = vs = [None] * len(layers)
     if cache is not None:
-        kc, vc = cache["k"], cache["v"]
-    (h, kc, vc), _ = scan_layers(layers, body, (h, kc, vc), jnp.arange(shape.num_layers), remat=remat)
-    return h, (None if cache is None else {"k": kc, "v": vc})
+        ks, vs = list(cache["k"]), list(cache["v"])
+    for i, layer in enumerate(layers):
+        h, ks[i], vs[i] = run(layer, h, ks[i], vs[i])
+    return h, (None if cache is None else {"k": ks, "v": vs})
 
 
 # ---------------------------------------------------------------------------------------------
-# inference layout: one weight buffer per layer
+# Parameter layouts: stacked for checkpoints and training, per layer at inference
 #
-# Checkpoints, training and sharding rules use the stacked layout (``layers/<name>`` with a
-# leading layer axis; one ``lax.scan``). A loaded OmniModel keeps its thinker and talker
-# decoder layers as per-layer buffers instead (``layers/<i>/<name>``), run as a Python loop:
-# on XLA:CPU the scan's per-layer dynamic slice of the stacked weights is a copy, so a
-# memory-bound decode step read every weight three times (read, write, read); per-layer
-# buffers read it once (``python -m bench.decode_layers``: 3x faster decode at the talker's
-# widths). The price is compile time: L layers are compiled instead of one. The KV cache follows
-# (:func:`cache_for`): a stacked cache's layer slice is copied the same way, a per-layer cache is
-# read and written in place (at 4k cache slots, the CPU small config's 8 thinker layers decode a
-# step ~25-35% faster with per-layer caches; ``python -m bench.decode_layers --slots 4096``).
+# Checkpoints, training and the parameter sharding rules use the stacked layout (``layers/<name>``
+# with a leading layer axis; one ``lax.scan``, one compiled layer). Every inference program runs
+# per-layer buffers instead (``layers/<i>/<name>``, a Python loop) with a per-layer KV cache: on
+# XLA:CPU the scan's per-layer dynamic slice of the stacked weights is a copy, so a memory-bound
+# decode step read every weight three times (read, write, read); per-layer buffers read it once
+# (``python -m bench.decode_layers``: 3x faster decode at the talker's widths). A stacked cache's
+# layer slice is copied the same way; per-layer caches are read and written in place (at 4k cache
+# slots, the CPU small config's 8 thinker layers decode a step ~25-35% faster; ``python -m
+# bench.decode_layers --slots 4096``). The price is compile time: L layers are compiled instead of
+# one. The two functions below are the one conversion between the layouts: the loader and
+# OmniModel convert to per-layer buffers, training entry points (OmniModel.stacked_params,
+# training.model_params, OmniModel.loss) convert back.
 
 
 def is_per_layer(state) -> bool:

@@ -38,7 +38,7 @@ from flax import nnx
 
 from . import talker as tk
 from . import thinker as th
-from .decoder import cache_for
+from .decoder import init_cache
 from .generate import DecodeState, RowState, decode_loop, decode_rows, initial_state
 from .sharding import MeshJit
 from .tmrope import decode_start
@@ -170,7 +170,7 @@ def thinker_prefill(params, ids, mask, pos, mm_embeds, mm_idx, sp, rng, max_new,
     model = nnx.merge(graphdef, params)
     b, t = ids.shape
     vocab = cfg.vocab_size
-    cache = cache_for(model.layers, th.decoder_shape(cfg), b, t + n_bucket, dtype)
+    cache = init_cache(th.decoder_shape(cfg), b, t + n_bucket, dtype)
     kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
     h, cache = th.hidden_states(model, cfg, embed_media(model, ids, mm_embeds, mm_idx), pos, cache=cache,
                                 start=0, kv_valid=kv_valid, impl=impl)
@@ -227,7 +227,7 @@ def talker_prefill(tparams, embeds, mask, pos, seen, sp, rng, max_new, eos, pad,
     b, t, _ = embeds.shape
     codec = model.embed_tokens(jnp.asarray([cfg.tts_codec_pad_token_id, cfg.tts_codec_start_token_id]))
     embeds = embeds.at[:, -2].add(codec[0]).at[:, -1].add(codec[1])
-    cache = cache_for(model.layers, tk.decoder_shape(cfg), b, t + n_bucket, dtype)
+    cache = init_cache(tk.decoder_shape(cfg), b, t + n_bucket, dtype)
     kv_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, n_bucket), bool)], axis=1)
     logits, cache = tk.logits(model, cfg, embeds, pos, cache=cache, start=0, kv_valid=kv_valid, impl=impl)
     # the talker decodes from its prompt's largest position + 1 (transformers' talker rope_deltas)
@@ -317,8 +317,9 @@ PROGRAMS = {
 
 
 class SessionCache(NamedTuple):
-    """A session's thinker KV cache (``cache``: :func:`omni_jax.decoder.cache_for`'s layout), wrapped
-    so that its leaves' paths (``.cache['k'][i]``) get the KV-cache shardings of ``sharding.IO_AXES``."""
+    """A session's thinker KV cache (``cache``: :func:`omni_jax.decoder.init_cache`'s per-layer
+    buffers), wrapped so that its leaves' paths (``.cache['k'][i]``) get the KV-cache shardings of
+    ``sharding.IO_AXES``."""
 
     cache: dict
 
@@ -335,7 +336,7 @@ def thinker_extend(params, kv: SessionCache, ids, pos, mm_embeds, mm_idx, start,
     media positions zeroed (``([B, T, E], [B, T, E])``, what the talker's prompt is made of), else None."""
     model = nnx.merge(graphdef, params)
     cache = kv.cache
-    kv_valid = jnp.ones((ids.shape[0], cache["k"][0].shape[1]), bool)  # stacked or per-layer: [B, S, ...]
+    kv_valid = jnp.ones((ids.shape[0], cache["k"][0].shape[1]), bool)  # layer 0's [B, S, KVH, D]
     h, cache = th.hidden_states(model, cfg, embed_media(model, ids, mm_embeds, mm_idx), pos, cache=cache,
                                 start=start, kv_valid=kv_valid, impl=impl)
     hl = jax.lax.dynamic_index_in_dim(h, last, axis=1, keepdims=False)

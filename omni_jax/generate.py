@@ -39,7 +39,7 @@ def make_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.
 
 
 class DecodeState(NamedTuple):
-    cache: dict  # {"k","v"}: [L, B, S, KVH, D], or lists of L [B, S, KVH, D] (decoder.init_cache)
+    cache: dict  # {"k","v"}: lists of L per-layer [B, S, KVH, D] buffers (decoder.init_cache)
     kv_valid: jax.Array  # [B, S] bool
     tokens: jax.Array  # [B, N] int32 generated ids (first `n` valid)
     n: jax.Array  # i32 scalar: tokens generated so far
@@ -202,7 +202,7 @@ class RowSampling(NamedTuple):
 
 
 class RowState(NamedTuple):
-    cache: dict  # {"k","v"}: [L, B, S, KVH, D], or lists of L [B, S, KVH, D] (decoder.init_cache)
+    cache: dict  # {"k","v"}: lists of L per-layer [B, S, KVH, D] buffers (decoder.init_cache)
     kv_valid: jax.Array  # [B, S] bool
     tokens: jax.Array  # [B, N] int32: row b's first n[b] are valid
     n: jax.Array  # [B] int32
@@ -286,10 +286,10 @@ def decode_rows(step_fn, state: RowState, n_steps, budget, *, eos_ids, pad_id, s
 # a row's tokens are the same in any sub-batch.
 
 def _row_axis(path) -> int:
-    """The batch axis of a :class:`RowState` leaf: 1 for a stacked KV cache (``cache/k``, not a
-    per-layer ``cache/k/<i>``) and ``next_pos``, else 0."""
+    """The batch axis of a :class:`RowState` leaf: 1 for ``next_pos`` ``[3, B]``, else 0 (the per-layer
+    KV cache's ``[B, S, KVH, D]`` buffers included)."""
     top = path[0].name if hasattr(path[0], "name") else None
-    return 1 if top == "next_pos" or (top == "cache" and len(path) == 2) else 0
+    return 1 if top == "next_pos" else 0
 
 
 def take_rows(state: RowState, rows) -> RowState:

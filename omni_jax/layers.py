@@ -9,7 +9,6 @@ parameter path in :mod:`omni_jax.sharding`, so modules carry no sharding code.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,19 +106,8 @@ def scan_layers(stacked, body, carry, xs=None, *, remat: bool = False):
     """Run ``body(layer, carry, x) -> (carry, y)`` over a module whose parameters are stacked
     on a leading layer axis, with one ``lax.scan`` (one compiled layer, not L copies).
 
-    ``stacked`` may instead be a sequence of per-layer modules (:func:`unstack_layers`): then the
-    layers run as a Python loop, each reading its own weight buffers. On CPU the scan's per-layer
-    dynamic slice of the stacked weights is a copy (read + write of every weight at every layer,
-    which triples a decode step's memory traffic: see ``python -m bench.decode_layers``); per-layer
-    buffers avoid it at the price of compiling L layers instead of one. ``y`` is not stacked then
-    (a list)."""
-    if isinstance(stacked, Sequence):  # includes nnx.List
-        run = jax.checkpoint(body) if remat else body
-        ys = []
-        for i, layer in enumerate(stacked):
-            carry, y = run(layer, carry, None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs))
-            ys.append(y)
-        return carry, ys
+    The layouts that run per layer instead (a loaded model's thinker/talker decoder, the DiT) loop
+    over their own modules (:func:`unstack_layers`; see "Parameter layouts" in docs/architecture.md)."""
     graphdef, state = nnx.split(stacked)
 
     def step(c, inp):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import media
-from .decoder import init_cache, is_per_layer
+from .decoder import init_cache
 from .engine import PROGRAMS, SessionCache, bucket
 from .errors import InputError
 from .generate import make_sampling
@@ -343,7 +343,7 @@ class Session:
             t = self._tc.text
             from .thinker import decoder_shape
 
-            cache = init_cache(decoder_shape(t), 1, slots, model.dtype, per_layer=is_per_layer(model.params))
+            cache = init_cache(decoder_shape(t), 1, slots, model.dtype)
             if self._speech:
                 self._hid = self._emb = jnp.zeros((1, slots, e), model.dtype)
         else:

@@ -103,12 +103,13 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
 
 
 def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at ``path`` (``/``-joined). A per-layer path of the inference
+    """Logical axes of the parameter at ``path`` (``/``-joined). The rules (:data:`PARAM_AXES`) are
+    written for the stacked layout of checkpoints and training; a per-layer path of the inference
     layout (``layers/<i>/...``, see omni_jax.decoder.to_per_layer) takes its stacked rule without
-    the layer axis."""
-    per_layer = re.sub(r"(^|/)layers/\d+/", r"\1layers/", path)
-    if per_layer != path:
-        return param_axes(per_layer, ndim + 1)[1:]
+    the layer axis (the one place that maps it)."""
+    stacked = re.sub(r"(^|/)layers/\d+/", r"\1layers/", path)
+    if stacked != path:
+        return param_axes(stacked, ndim + 1)[1:]
     for pat, axes in PARAM_AXES:
         if re.search(pat, path) and len(axes) == ndim:
             return axes
@@ -304,8 +305,7 @@ def on_arrays_mesh(fn, *trees):
 # logical axes of the arrays that cross the jitted entry points, by pytree path (first match wins):
 # a DecodeState's fields, the talker inputs and the batch-shaped arguments
 IO_AXES: list[tuple[str, tuple[str | None, ...]]] = [
-    (r"\.cache\['[kv]'\]$", ("layers", "batch", "cache_seq", "act_kv_heads", None)),  # stacked layers
-    (r"\.cache\['[kv]'\]\[\d+\]$", ("batch", "cache_seq", "act_kv_heads", None)),  # per-layer buffers
+    (r"\.cache\['[kv]'\]\[\d+\]$", ("batch", "cache_seq", "act_kv_heads", None)),  # one layer's KV cache
     (r"\.(kv_valid|tokens|seen)$", ("batch", None)),
     (r"\.(last|done|rng)$", ("batch",)),
     (r"\.next_pos$", (None, "batch")),

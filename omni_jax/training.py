@@ -33,10 +33,8 @@ from flax import nnx
 
 from . import thinker as th
 from .config import OmniConfig
-from .decoder import is_per_layer
 from .engine import REPLY_EOS, REPLY_TOKEN, reply_kind
 from .errors import InputError
-from .layers import unstack_layers
 
 IGNORE = -100
 # talker sequence entry kinds (see talker_layout)
@@ -48,34 +46,33 @@ PAD, HIDDEN, TEXT = 0, 1, 2
 
 
 @functools.lru_cache(maxsize=16)
-def graphdefs(config: OmniConfig, per_layer: bool = False) -> dict:
-    """The ``nnx`` graph definitions of each component (structure only; no weights allocated).
-    ``per_layer``: the thinker's and talker's decoder layers as per-layer modules, the layout of a
-    loaded model's parameters (see :func:`omni_jax.decoder.to_per_layer`)."""
+def graphdefs(config: OmniConfig) -> dict:
+    """The ``nnx`` graph definitions of each component (structure only; no weights allocated), the
+    thinker's and talker's decoder layers stacked: the layout training takes (a loaded model's
+    per-layer buffers convert with :func:`omni_jax.decoder.stacked_state`, as :func:`model_params`
+    does)."""
     from .audio import AudioEncoder
     from .talker import Talker
     from .vision import VisionEncoder
 
     def shaped(build):
-        def make():
-            m = build()
-            if per_layer:
-                m.layers = nnx.List(unstack_layers(m.layers))
-            return m
-
-        return nnx.split(nnx.eval_shape(make))[0]
+        return nnx.split(nnx.eval_shape(build))[0]
 
     out = {"thinker": shaped(lambda: th.ThinkerLM(config.thinker, rngs=nnx.Rngs(0)))}
-    out["audio"] = nnx.split(nnx.eval_shape(lambda: AudioEncoder(config.thinker.audio, rngs=nnx.Rngs(0))))[0]
-    out["vision"] = nnx.split(nnx.eval_shape(lambda: VisionEncoder(config.thinker.vision, rngs=nnx.Rngs(0))))[0]
+    out["audio"] = shaped(lambda: AudioEncoder(config.thinker.audio, rngs=nnx.Rngs(0)))
+    out["vision"] = shaped(lambda: VisionEncoder(config.thinker.vision, rngs=nnx.Rngs(0)))
     if config.talker is not None:
         out["talker"] = shaped(lambda: Talker(config.talker, rngs=nnx.Rngs(0)))
     return out
 
 
-def _decoder_graphdef(config: OmniConfig, name: str, state):
-    """The graphdef of ``state`` (the thinker's or talker's), stacked or per-layer."""
-    return graphdefs(config, per_layer=is_per_layer(state))[name]
+def _merge_decoder(config: OmniConfig, name: str, state):
+    """The thinker's or talker's module from ``state`` in the stacked layout."""
+    try:
+        return nnx.merge(graphdefs(config)[name], state)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"params['{name}']: expected the stacked layer layout of checkpoints and training "
+                         f"(omni_jax.training.model_params, OmniModel.stacked_params): {e}") from None
 
 
 def model_params(model) -> dict:
@@ -330,7 +327,7 @@ def thinker_forward(params, batch, config: OmniConfig, *, impl="xla", remat=Fals
     """Post-norm hidden states ``[B, T, E]`` of the thinker over the batch, and its input embeddings
     with media positions zeroed (the talker's embedding term)."""
     gdefs = graphdefs(config)
-    model = nnx.merge(_decoder_graphdef(config, "thinker", params["thinker"]), params["thinker"])
+    model = _merge_decoder(config, "thinker", params["thinker"])
     ids = batch["input_ids"]
     b, t = ids.shape
     emb = th.embed(model, ids)
@@ -353,7 +350,7 @@ def _head(model):
 
 def talker_inputs(params, batch, config: OmniConfig, h, plain, thinker_model):
     """The teacher-forced talker input embeddings ``[B, Tt, E_thinker]`` (see :func:`talker_layout`)."""
-    talker = nnx.merge(_decoder_graphdef(config, "talker", params["talker"]), params["talker"])
+    talker = _merge_decoder(config, "talker", params["talker"])
     b, t, e = h.shape
     kind = batch["talker_kind"]
     summed = (h + plain).reshape(b * t, e)
@@ -392,9 +389,9 @@ def train_loss(params, batch, config: OmniConfig, *, impl: str = "xla", remat: b
     accumulation step, so micro-batch losses add up to the mean). The talker sees the thinker's
     states through ``stop_gradient`` unless ``talker_trains_thinker``.
     ``aux``: ``thinker_loss_sum``, ``thinker_tokens``, and ``talker_loss_sum``/``talker_tokens``.
-    ``params["thinker"]``/``params["talker"]`` may hold their decoder layers stacked (the checkpoint and
-    training layout, one ``lax.scan``; :func:`model_params`) or per layer (a loaded model's own
-    ``model.params``, a Python loop over the layers).
+    ``params["thinker"]``/``params["talker"]`` hold their decoder layers stacked (the checkpoint and
+    training layout, one ``lax.scan``: :func:`model_params`; a loaded model's per-layer buffers
+    convert with :func:`omni_jax.decoder.stacked_state`).
 
     Meshes: ``params`` may lie on a mesh of Auto axes (as :func:`model_params` and the trainer place
     them) or of Explicit ones (``jax.make_mesh``'s default), and the call may sit inside a caller's

@@ -307,11 +307,11 @@ def test_per_layer_buffers_round_trip_and_equal_the_stacked_scan(jax_model):
     assert param_axes("layers/3/mlp/down_proj/kernel", 2) == param_axes("layers/mlp/down_proj/kernel", 3)[1:]
 
 
-def test_per_layer_kv_cache_equals_the_stacked_cache():
-    """Prefill then per-row decode writes through ``run_layers``: per-layer weights with a
-    per-layer cache give the stacked scan's hidden states and exactly its cache contents, for
-    one shared start slot and for per-row slots (serving); a per-layer cache with stacked
-    layers is refused; the IO sharding rules name both layouts."""
+def test_per_layer_kv_cache_equals_the_stacked_scan_without_cache():
+    """Prefill then decode writes through ``run_layers`` with the (one, per-layer) KV cache: per-layer
+    weights give the hidden states of the stacked scan (training's layout, no cache) over the whole
+    sequence, for one shared start slot and for per-row slots (serving), and write only their own
+    slots; a cache with stacked layers is refused; the IO sharding rules name the per-layer buffers."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -331,32 +331,38 @@ def test_per_layer_kv_cache_equals_the_stacked_cache():
         ang = rng.standard_normal((b, t, 8)).astype(np.float32)
         return jnp.cos(ang), jnp.sin(ang)
 
-    valid = jnp.asarray(np.arange(slots)[None, :] >= np.array([[0], [2]]))  # row 1 left-padded by 2
+    valid = np.arange(slots)[None, :] >= np.array([[0], [2]])  # row 1 left-padded by 2
     h0 = jnp.asarray(rng.standard_normal((b, 5, 32)), jnp.float32)
     steps = [(h0, *rope(5), 0)]  # prefill 5 tokens at slots 0..4
     steps.append((jnp.asarray(rng.standard_normal((b, 1, 32)), jnp.float32), *rope(1), 5))  # shared slot
     steps.append((jnp.asarray(rng.standard_normal((b, 1, 32)), jnp.float32), *rope(1),
-                  jnp.asarray([6, 9], jnp.int32)))  # per-row slots
-    caches = {"stacked": init_cache(shape, b, slots, jnp.float32),
-              "per_layer": init_cache(shape, b, slots, jnp.float32, per_layer=True)}
-    assert caches["stacked"]["k"].shape == (3, b, slots, 2, 8)
-    assert len(caches["per_layer"]["k"]) == 3 and caches["per_layer"]["k"][0].shape == (b, slots, 2, 8)
-    for h, cos, sin, start in steps:
-        out = {}
-        for kind, layers in (("stacked", stacked), ("per_layer", per_layer)):
-            out[kind], caches[kind] = run_layers(layers, shape, h, cos, sin, cache=caches[kind], start=start,
-                                                 kv_valid=valid)
-        np.testing.assert_allclose(np.asarray(out["per_layer"]), np.asarray(out["stacked"]), rtol=1e-5, atol=1e-5)
-        for n in ("k", "v"):
-            np.testing.assert_allclose(np.stack([np.asarray(c) for c in caches["per_layer"][n]]),
-                                       np.asarray(caches["stacked"][n]), rtol=1e-5, atol=1e-6)
+                  jnp.asarray([6, 9], jnp.int32)))  # per-row slots: row 1 skips slots 6..8 (masked out)
+    valid_last = valid.copy()
+    valid_last[1, 6:9] = False
+    cache = init_cache(shape, b, slots, jnp.float32)
+    assert len(cache["k"]) == 3 and cache["k"][0].shape == (b, slots, 2, 8)
+    outs = []
+    for j, (h, cos, sin, start) in enumerate(steps):
+        kv = valid_last if j == 2 else valid
+        out, cache = run_layers(per_layer, shape, h, cos, sin, cache=cache, start=start, kv_valid=jnp.asarray(kv))
+        outs.append(out)
+    # the reference: the stacked scan without a cache over all 7 tokens (sequence index = row 0's slot)
+    seq = [jnp.concatenate([s[k] for s in steps], axis=1) for k in range(3)]
+    ref, none = run_layers(stacked, shape, *seq, kv_valid=jnp.asarray(valid[:, :7]))
+    assert none is None
+    got = np.concatenate([np.asarray(o) for o in outs], axis=1)
+    keep = valid[:, :7]  # fully masked (padding) queries are unspecified
+    np.testing.assert_allclose(got[keep], np.asarray(ref)[keep], rtol=1e-5, atol=1e-5)
     # the per-row step wrote only slots 6 (row 0) and 9 (row 1) beyond the prefill and slot 5
-    written = np.abs(np.asarray(caches["per_layer"]["k"][0])).sum(axis=(2, 3)) > 0
+    written = np.abs(np.asarray(cache["k"][0])).sum(axis=(2, 3)) > 0
     np.testing.assert_array_equal(written, np.array([[s < 7 for s in range(slots)],
                                                      [s < 6 or s == 9 for s in range(slots)]]))
-    with pytest.raises(ValueError, match="per-layer KV cache needs per-layer decoder layers"):
-        run_layers(stacked, shape, h0, *rope(5), cache=init_cache(shape, b, slots, jnp.float32, per_layer=True),
-                   start=0, kv_valid=valid)
-    assert io_axes(".cache['k']", 5) == ("layers", "batch", "cache_seq", "act_kv_heads", None)
+    with pytest.raises(ValueError, match="KV cache needs per-layer decoder layers"):
+        run_layers(stacked, shape, h0, *rope(5), cache=init_cache(shape, b, slots, jnp.float32), start=0,
+                   kv_valid=jnp.asarray(valid))
+    with pytest.raises(ValueError, match="KV cache of 3 layers for 2"):
+        run_layers(per_layer[:2], shape, h0, *rope(5), cache=init_cache(shape, b, slots, jnp.float32), start=0,
+                   kv_valid=jnp.asarray(valid))
     assert io_axes(".cache['v'][7]", 4) == ("batch", "cache_seq", "act_kv_heads", None)
-    assert jax.tree.structure(caches["per_layer"]) != jax.tree.structure(caches["stacked"])
+    assert io_axes(".cache['k']", 5) == (None,) * 5  # no stacked cache rule: there is no stacked cache
+    assert jax.tree.structure(cache) == jax.tree.structure(init_cache(shape, 1, 4, jnp.float32))

@@ -85,6 +85,11 @@ def test_text_loss_and_grads_match_transformers(variant, hf_models, jax_model):
     assert _compare_grads(g, ref_grads, ["thinker"]) > 10
     # model.loss gives the same value as a float
     assert rel_err(model.loss(ids, labels, mask), ref_loss) <= 1e-5
+    # train_loss takes the stacked (training) layout only; the model's per-layer buffers are refused
+    from omni_jax.errors import InputError
+
+    with pytest.raises(InputError, match="stacked layer layout"):
+        T.train_loss({"thinker": model.params}, batch, model.config)
 
 
 @pytest.mark.parametrize("name", ["all_mixed", "audio_in_video"])

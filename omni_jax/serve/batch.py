@@ -33,7 +33,7 @@ from ..generate import DecodeState, RowSampling, RowState, put_rows, take_rows
 
 def empty_state(b: int, cache_shape, cache_dtype, n_tokens: int, vocab: int, hidden_dim: int, hidden_dtype):
     """``b`` free rows (all done). The KV cache is per layer (``L`` buffers ``[b, S, KVH, D]``), the
-    layout of a loaded model's decoder (:func:`omni_jax.decoder.init_cache`)."""
+    inference layout (:func:`omni_jax.decoder.init_cache`)."""
     layers, slots, kvh, hd = cache_shape
     cache = {n: [jnp.zeros((b, slots, kvh, hd), cache_dtype) for _ in range(layers)] for n in ("k", "v")}
     return RowState(
@@ -62,8 +62,7 @@ def _insert(big: RowState, small: DecodeState, r, max_new, min_new, eos_on, sp_r
         pad[1] = (0, width - src.shape[1])
         return jnp.pad(src, pad)
 
-    # a per-layer cache's rows are its axis 0, a stacked one's axis 1
-    cache = jax.tree.map(lambda d, c: put(d, c, axis=d.ndim - 4), big.cache, small.cache)
+    cache = jax.tree.map(put, big.cache, small.cache)  # per-layer [B, S, KVH, D] buffers: rows on axis 0
     kv_valid = put(big.kv_valid, row_pad(small.kv_valid, big.kv_valid.shape[1]))
     tokens = put(big.tokens, row_pad(small.tokens, big.tokens.shape[1]))
     hidden = big.hidden
