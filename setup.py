@@ -14,4 +14,5 @@ packages = find_packages(include=["omni_jax", "omni_jax.*"])
 for name, folder in TOOLS.items():
     packages += [name] + [f"{name}.{sub}" for sub in find_packages(where=folder)]
 
-setup(packages=packages, package_dir=dict(TOOLS))
+# the browser page of `omni-jax serve` (GET /realtime) is a file of the serve package
+setup(packages=packages, package_dir=dict(TOOLS), package_data={"omni_jax.serve": ["static/*.html"]})

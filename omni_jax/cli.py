@@ -168,7 +168,8 @@ def _add_serve(sub):
     d = ServeLimits()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",
                        description="Serve POST /v1/chat/completions (text and speech, streamed or not), "
-                                   "GET /v1/models, /health and /metrics. Binds 127.0.0.1 unless --host says "
+                                   "the OpenAI Realtime API on the WebSocket /v1/realtime (with a browser page at "
+                                   "/), GET /v1/models, /health and /metrics. Binds 127.0.0.1 unless --host says "
                                    "otherwise. Without --model, serves the embedded default model (noise).")
     p.add_argument("--model", help="checkpoint directory; default: embedded model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -193,6 +194,10 @@ def _add_serve(sub):
                    help="longest audio or video part; beyond: 413")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="largest image (or video frame) in pixels; beyond: 413")
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                   help="realtime WebSocket conversations at once (each holds its own KV cache)")
+    p.add_argument("--session-idle-seconds", type=finite_float, default=d.session_idle_seconds,
+                   help="close a realtime connection after this long without an event from its client")
     p.add_argument("--steps-per-call", type=int, default=d.steps_per_call,
                    help="thinker tokens per decode call: requests join and leave between calls")
     p.add_argument("--log-level", default="info")
@@ -209,7 +214,8 @@ def cmd_serve(args) -> int:
     limits = ServeLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_audio_tokens=args.max_audio_tokens,
                          max_body_bytes=args.max_body_bytes, max_media_seconds=args.max_media_seconds,
-                         max_image_pixels=args.max_image_pixels, steps_per_call=args.steps_per_call)
+                         max_image_pixels=args.max_image_pixels, steps_per_call=args.steps_per_call,
+                         max_sessions=args.max_sessions, session_idle_seconds=args.session_idle_seconds)
     limits.check()
     from .serve import listen_socket
 

@@ -50,6 +50,7 @@ from .tmrope import rope_index
 from .validate import check_sampling, check_seed
 
 MIN_SLOTS = 256  # the smallest cache a session allocates
+OUTPUT_RATE = 24000  # Hz of the speech replies (token2wav)
 
 
 @dataclass
@@ -563,6 +564,45 @@ class Session:
     # ------------------------------------------------------------------------------------
     # replies
 
+    def set_system(self, text: str | None) -> None:
+        """Replace the system message (None removes it). The next prefill starts where the rendered
+        conversation changes (at its start), so later turns see the new instructions; the history is
+        kept."""
+        if text is not None and not isinstance(text, str):
+            raise InputError(f"system: expected a string, got {type(text).__name__}")
+        if self.messages and self.messages[0]["role"] == "system":
+            self.messages.pop(0)
+        if text is not None:
+            self.messages.insert(0, {"role": "system", "content": text})
+        self._logits = None
+
+    def truncate_reply(self, played_seconds: float) -> str:
+        """Keep, of the last (spoken) reply, only what its first ``played_seconds`` of audio said:
+        what realtime APIs do when the user interrupts playback. The kept text is the reply's tokens
+        in proportion to the share of its audio played, ``round(T * played / total)`` of the ``T``
+        tokens the audio speaks (a uniform speaking rate over the reply: the talker reads text ahead
+        of the audio, so no finer alignment exists). The history's assistant message becomes that
+        text, and the next turn's prefill rewrites the cache from where it changed. Returns the text."""
+        r = self.last_reply
+        if r is None or not self.messages or self.messages[-1]["role"] != "assistant":
+            raise InputError("truncate_reply: the conversation does not end with a reply")
+        if r.audio is None or not len(r.audio):
+            raise InputError("truncate_reply: the last reply has no audio")
+        if not isinstance(played_seconds, (int, float, np.integer, np.floating)) or isinstance(played_seconds, bool) \
+                or not np.isfinite(played_seconds) or played_seconds < 0:
+            raise InputError(f"truncate_reply: played_seconds must be a finite number >= 0, got {played_seconds!r}")
+        total = len(r.audio) / OUTPUT_RATE
+        if played_seconds >= total:
+            return self.messages[-1]["content"]
+        eos = set(int(x) for x in np.atleast_1d(self.model.generation_config["eos_token_id"]))
+        ids = [t for t in r.token_ids if t not in eos]
+        keep = int(round(len(ids) * played_seconds / total))
+        text = self.model.processor.decode(ids[:keep])
+        self.messages[-1] = {"role": "assistant", "content": text}
+        r.text = text
+        self._logits = None
+        return text
+
     def cancel(self) -> None:
         """Stop the reply being generated at the next step boundary (from a callback or another
         thread); the history keeps the tokens produced until then."""
@@ -701,6 +741,10 @@ class Session:
             while True:
                 yield from audio_events(talk(None, step))
                 if talk.run is None or talk.run.finished:
+                    break
+                if self._cancel:  # barge-in while only the talker was left: the speech stops here
+                    self._cancel = False
+                    self.last_reply.finish_reason = "cancelled"
                     break
             if vocoder is not None:
                 yield from audio_events(vocoder.finish())

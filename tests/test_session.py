@@ -264,3 +264,24 @@ def test_session_input_errors(model):
     s.add_user("Again")
     conv = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Again"}]
     assert s.cached_ids.tolist() == prompt_ids(model, conv)
+
+
+def test_new_instructions_apply_from_the_next_turn(model):
+    """set_system replaces the system message mid-conversation: the next reply is generate's on the
+    conversation with the new system message (the cache is rewritten from its first changed token),
+    and a reply without audio cannot be truncated by audio time."""
+    from omni_jax import InputError
+
+    s = model.session(system="Be brief.", minimum_slots=32)
+    s.add_user("Hello there")
+    first = s.respond(max_new_tokens=MAX_NEW)
+    s.set_system("Answer in French.")
+    s.add_user("And now?")
+    conv = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": first.text}, {"role": "user", "content": "And now?"}]
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+    assert s.respond(max_new_tokens=MAX_NEW).token_ids == scratch(model, conv)
+    with pytest.raises(InputError, match="truncate_reply: the last reply has no audio"):
+        s.truncate_reply(0.5)
+    s.set_system(None)
+    assert s.messages[0]["role"] == "user"

@@ -61,7 +61,8 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
         engine = Engine(model, limits).start()
         try:
             app = build_app(engine, model_name=model_name, api_key=api_key, allow_local_media=allow_local_media)
-            config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+            config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                                    ws_max_size=engine.limits.max_body_bytes)  # a larger realtime event: closed (1009)
             bound = sock.getsockname()
             shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
             print(f"omni-jax serve: http://{shown}:{bound[1]} (Ctrl+C stops)", file=sys.stderr, flush=True)

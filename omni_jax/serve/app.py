@@ -1,7 +1,8 @@
 """The ASGI app (Starlette): OpenAI-compatible endpoints over the continuous-batching engine.
 
 ``POST /v1/chat/completions`` (streamed as server-sent events or not), ``GET /v1/models``,
-``GET /health`` (no key needed), ``GET /metrics`` (Prometheus text). With an API key every path
+``/v1/realtime`` (the OpenAI Realtime API over a WebSocket, :mod:`.realtime`), ``GET /`` (a
+browser page that talks to it), ``GET /health`` (no key needed), ``GET /metrics`` (Prometheus text). With an API key every path
 but ``/health`` needs ``Authorization: Bearer <key>`` (401 otherwise). Errors are OpenAI-style
 JSON bodies ``{"error": {"message", "type", "param", "code"}}``; a bad request is answered on its
 own and never reaches the engine.
@@ -19,8 +20,8 @@ import uuid
 import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
 
 from ..errors import OmniError
 from .openai_format import RequestError, chunk, completion, error_body, parse_chat_request, pcm16
@@ -35,18 +36,31 @@ def error_response(status: int, message: str, *, code=None, param=None, headers=
                         status_code=status, headers=headers)
 
 
+OPEN_PATHS = ("/health", "/")  # no key needed: the health check, the browser page (it asks for the key)
+
+
 class AuthMiddleware:
-    """Bearer-key check on every HTTP path except ``/health`` (pure ASGI: works for streams too)."""
+    """Bearer-key check on every HTTP path and WebSocket except :data:`OPEN_PATHS` (pure ASGI: works
+    for streams too)."""
 
     def __init__(self, app, api_key: str | None):
         self.app, self.key = app, api_key
 
     async def __call__(self, scope, receive, send):
-        if self.key is None or scope["type"] != "http" or scope["path"] == "/health":
+        if self.key is None or scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
+        if scope["type"] == "websocket" and not auth:
+            # browsers cannot set headers on a WebSocket: the key may come as the subprotocol
+            # "openai-insecure-api-key.<key>", as OpenAI's Realtime API takes it
+            for p in headers.get(b"sec-websocket-protocol", b"").decode("latin-1").split(","):
+                if p.strip().startswith("openai-insecure-api-key."):
+                    scheme, token, auth = "bearer", p.strip()[len("openai-insecure-api-key."):], "subprotocol"
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key.encode()):
+            if scope["type"] == "websocket":  # refused before the upgrade: HTTP 403
+                return await send({"type": "websocket.close", "code": 1008})
             msg = "missing API key (Authorization: Bearer ...)" if not auth else "invalid API key"
             resp = error_response(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return await resp(scope, receive, send)
@@ -246,12 +260,23 @@ async def not_found(request: Request, exc):
     return error_response(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}")
 
 
+async def realtime_page(request: Request):
+    from importlib.resources import files
+
+    return HTMLResponse(files("omni_jax.serve").joinpath("static/realtime.html").read_text("utf-8"))
+
+
 def build_app(engine: Engine, *, model_name: str, api_key: str | None = None, allow_local_media: bool = False):
     """The ASGI app over a started :class:`Engine`."""
+    from .realtime import SessionSlots, realtime_endpoint
+
     app = Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/models", models, methods=["GET"]),
+                            WebSocketRoute("/v1/realtime", realtime_endpoint),
+                            Route("/", realtime_page, methods=["GET"]),
                             Route("/health", health, methods=["GET"]),
                             Route("/metrics", metrics, methods=["GET"])],
                     exception_handlers={404: not_found, 405: not_found})
     app.state.server = ServerState(engine, model_name, allow_local_media)
+    app.state.realtime_slots = SessionSlots(engine.limits.max_sessions)
     return AuthMiddleware(app, api_key)

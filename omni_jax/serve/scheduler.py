@@ -65,12 +65,16 @@ class ServeLimits:
     max_image_pixels: int = 12_845_056  # per image or video frame (Qwen's max_pixels)
     steps_per_call: int = 4  # thinker tokens per decode call (the join/leave granularity)
     talker_steps_per_call: int = 16  # codec ids per talker call
+    max_sessions: int = 4  # realtime (WebSocket) conversations held at once, each with its own KV cache
+    session_idle_seconds: float = 600.0  # a realtime connection without client events (and no reply) is closed
 
     def check(self):
         for name in ("max_batch", "max_queue", "max_tokens", "max_prompt_tokens", "max_audio_tokens",
-                     "max_body_bytes", "steps_per_call", "talker_steps_per_call", "max_image_pixels"):
+                     "max_body_bytes", "steps_per_call", "talker_steps_per_call", "max_image_pixels", "max_sessions"):
             if int(getattr(self, name)) < (0 if name == "max_queue" else 1):
                 raise OmniError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if not self.session_idle_seconds > 0:
+            raise OmniError(f"--session-idle-seconds: must be > 0, got {self.session_idle_seconds}")
         if not self.max_media_seconds > 0:
             raise OmniError(f"--max-media-seconds: must be > 0, got {self.max_media_seconds}")
 
