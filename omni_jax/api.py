@@ -159,11 +159,30 @@ class OmniModel:
         self._prefill_jit = PROGRAMS["thinker_prefill"].bind(mesh, dtype=self.dtype, **thinker)
         self._decode_jit = PROGRAMS["thinker_decode"].bind(mesh, **thinker)
         self._embed_jit = PROGRAMS["embed_tokens"].bind(None, graphdef=self._graphdef)
+        # a session's programs (omni_jax.session): extend the cache by a turn, start a reply from it
+        self._extend_jit = PROGRAMS["thinker_extend"].bind(mesh, **thinker)
+        self._begin_jit = PROGRAMS["thinker_begin"].bind(mesh, dtype=self.dtype)
         if self.talker is not None:
             talker = dict(graphdef=self.talker[0], cfg=self.config.talker, impl=impl)
             self._talker_prompt_jit = PROGRAMS["talker_prompt"].bind(None, graphdef=self._graphdef)
             self._talker_prefill_jit = PROGRAMS["talker_prefill"].bind(mesh, dtype=self.dtype, **talker)
             self._talker_decode_jit = PROGRAMS["talker_decode"].bind(mesh, thinker_graphdef=self._graphdef, **talker)
+
+    BOUND = {"thinker_logits": "_logits_jit", "thinker_prefill": "_prefill_jit", "thinker_decode": "_decode_jit",
+             "embed_tokens": "_embed_jit", "thinker_extend": "_extend_jit", "thinker_begin": "_begin_jit",
+             "talker_prompt": "_talker_prompt_jit", "talker_prefill": "_talker_prefill_jit",
+             "talker_decode": "_talker_decode_jit"}
+
+    def program(self, name: str):
+        """The engine program ``name`` (a key of :data:`omni_jax.engine.PROGRAMS`) bound to this model:
+        its parameters' graphdef, config, attention implementation and mesh fixed, called with the
+        program's own arguments (``params`` first); each compiles once per shape bucket and is shared
+        by everything using the model (generate, stream, sessions, the server)."""
+        attr = self.BOUND.get(name)
+        if attr is None or not hasattr(self, attr):
+            have = [n for n, a in self.BOUND.items() if hasattr(self, a)]
+            raise InputError(f"program '{name}' is not bound for this model; bound: {', '.join(have)}")
+        return getattr(self, attr)
 
     @property
     def talker_params(self):
@@ -367,7 +386,7 @@ class OmniModel:
         Sampling arguments left as None take the checkpoint's ``generation_config.json`` values, then
         transformers' defaults (:meth:`sampling_settings`); explicit arguments win."""
         if kwargs.get("return_audio"):
-            self._check_speech(kwargs.get("speaker", "Chelsie"), kwargs.get("talker_max_new_tokens", 4096))
+            self.check_speech(kwargs.get("speaker", "Chelsie"), kwargs.get("talker_max_new_tokens", 4096))
         unknown = set(kwargs) - set(MULTIMODAL_ARGS) - {"use_audio_in_video", "return_audio", "speaker",
                                                         "talker_max_new_tokens", "talker_min_new_tokens",
                                                         "talker_do_sample", "talker_top_k", "talker_top_p",
@@ -473,7 +492,9 @@ class OmniModel:
         return speak(self.token2wav_parts, self.config.token2wav, self._voice(speaker), codes_list, noise_list, seed,
                      impl=self.attention)
 
-    def _check_speech(self, speaker, talker_max_new_tokens=4096):
+    def check_speech(self, speaker, talker_max_new_tokens=4096) -> None:
+        """Raise :class:`InputError` unless this model can speak with ``speaker`` for up to
+        ``talker_max_new_tokens`` codec ids (talker weights, a voice file, the voice, the DiT's length)."""
         if self.talker is None:
             raise InputError(f"return_audio: {self.path} has no talker weights (talker.*), so it cannot speak")
         if self.config.token2wav is not None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from . import media
 from .decoder import init_cache
-from .engine import PROGRAMS, SessionCache, bucket
+from .engine import SessionCache, bucket
 from .errors import InputError
 from .generate import make_sampling
 from .media.audio import frames_log_mel
@@ -146,11 +146,8 @@ class Session:
         self._tc = tc
         self._acfg, self._vcfg = media.processor_configs(model.path)
         self._chunk_frames = 2 * tc.audio.n_window  # the audio encoder's attention window, in frames
-        if not hasattr(model, "_session_programs"):
-            cfg = dict(graphdef=model._graphdef, cfg=tc.text, impl=model.attention)
-            model._session_programs = (PROGRAMS["thinker_extend"].bind(model.mesh, **cfg),
-                                       PROGRAMS["thinker_begin"].bind(model.mesh, dtype=model.dtype))
-        self._extend_jit, self._begin_jit = model._session_programs
+        self._extend_jit, self._begin_jit = model.program("thinker_extend"), model.program("thinker_begin")
+        self._decode_jit, self._embed_jit = model.program("thinker_decode"), model.program("embed_tokens")
         # with a talker, every cached token's post-norm hidden state and input embedding (media
         # positions zeroed) are kept beside the cache, slot by slot: the talker's prompt for a spoken reply
         self._speech = model.talker is not None and bool(model.voices)
@@ -645,7 +642,7 @@ class Session:
         if unknown:
             raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
         if return_audio:
-            model._check_speech(speaker, talker_kwargs.get("talker_max_new_tokens", 4096))
+            model.check_speech(speaker, talker_kwargs.get("talker_max_new_tokens", 4096))
         if not isinstance(steps_per_event, (int, np.integer)) or steps_per_event < 1:
             raise InputError(f"steps_per_event: expected a positive int, got {steps_per_event!r}")
         if self._open is not None:
@@ -726,7 +723,7 @@ class Session:
                 if talk is not None and k >= 2:
                     yield from audio_events(talk(k - 2))
                 with use_mesh(model.mesh):
-                    state = model._decode_jit(model.params, state, np.int32(steps_per_event), sp, eos_arr, pad, do)
+                    state = self._decode_jit(model.params, state, np.int32(steps_per_event), sp, eos_arr, pad, do)
                 if gen is not None:
                     gen.state = state
         finally:
@@ -764,7 +761,7 @@ class Session:
         self._pos = np.concatenate([np.asarray(pos, np.int32), next_pos + np.arange(len(fed), dtype=np.int32)[None]],
                                    axis=1)
         if self._speech and fed:
-            emb = model._embed_jit(model.params, np.asarray([fed], np.int32))
+            emb = self._embed_jit(model.params, np.asarray([fed], np.int32))
             self._keep_talker_inputs(n, state.hidden[:, :len(fed)], emb)
         cut = next((i for i, x in enumerate(produced) if x in eos), len(produced))
         text = model.processor.decode(produced[:cut])
