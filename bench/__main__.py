@@ -19,6 +19,7 @@ BENCHMARKS = {
     "serve": ("serve", "load generator for omni-jax serve against the same requests offline", "CPU/GPU"),
     "train": ("train", "training-step throughput against a transformers training loop", "CPU/GPU"),
     "streaming": ("streaming", "streamed speech: time to first text and audio, real-time factor", "CPU/GPU"),
+    "realtime": ("realtime", "first audio after a spoken question: /v1/realtime against chat completions", "CPU/GPU"),
     "dit_length": ("dit_length", "the DiT against transformers as the reply grows", "CPU/GPU"),
     "decode_layers": ("decode_layers", "decode-step cost of the decoder layer layouts", "CPU/GPU"),
     "vision_window": ("vision_window", "vision window attention computed block by block", "CPU/GPU"),

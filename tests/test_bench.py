@@ -252,3 +252,27 @@ def test_bench_json_takes_paths_as_typed(tmp_path, monkeypatch, how):
     assert json.loads(target.read_text()) == {"x": 1}
     assert os.path.islink(tmp_path / "latest.json") and os.readlink(tmp_path / "latest.json") == str(target)
     assert sorted(os.listdir(tmp_path / "results")) == ["r.json"]
+
+
+def test_realtime_bench_times_both_paths_and_their_ratio(tmp_path, capsys):
+    """``bench.realtime`` on the embedded model with a short question sent at once: a real server, one
+    warm-up and one timed run of each path; both report a first audio chunk, and the ratio is the chat
+    path's median over the realtime path's from the same run."""
+    from bench import realtime
+
+    out = tmp_path / "rt.json"
+    assert realtime.main(["--seconds", "2.5", "--runs", "1", "--no-pace", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"] == "embedded default model" and res["precision"] == "float32"
+    assert res["seconds"] == 2.5 and res["runs"] == 1 and res["pace"] is False
+    assert len(res["realtime"]) == len(res["chat"]) == 1
+    a, b = res["realtime"][0], res["chat"][0]
+    assert a["first_audio_s"] > 0 and b["first_audio_s"] > 0 and a["audio_s"] > 0 and b["audio_s"] > 0
+    assert res["median"]["realtime"]["first_audio_s"] == a["first_audio_s"]
+    assert res["median"]["chat"]["first_audio_s"] == b["first_audio_s"]
+    assert res["ratio"]["first_audio"] == round(b["first_audio_s"] / a["first_audio_s"], 3)
+    assert res["ratio"]["first_text"] == round(b["first_text_s"] / a["first_text_s"], 3)
+    assert 1 <= a["output_tokens"] <= res["max_tokens"] and 1 <= b["output_tokens"] <= res["max_tokens"]
+    for key in ("machine", "date", "jax"):
+        assert res[key]
+    assert "ratio chat / realtime" in capsys.readouterr().out

@@ -119,6 +119,8 @@ def test_text_turn_equals_a_session(server):
         assert deltas == ref.text and done["output"][0]["content"][0]["text"] == ref.text
         assert done["status"] == ("incomplete" if ref.finish_reason == "length" else "completed")
         assert done["usage"]["output_tokens"] == len(ref.token_ids)
+    conv = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello there"}]
+    assert evs[-1]["response"]["usage"]["input_tokens"] == model.encode_messages(conv)["input_ids"].shape[1]
 
 
 def test_streamed_audio_turn_is_prefilled_while_arriving_and_spoken(server):

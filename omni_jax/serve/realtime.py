@@ -462,7 +462,7 @@ class Connection:
         self.emit({"type": "response.content_part.done", **where, "part": part})
         self.emit({"type": "response.output_item.done", "response_id": rid, "output_index": 0, "item": done_body})
         self.emit({"type": "conversation.item.done", "previous_item_id": previous, "item": done_body})
-        n_in = len(s.cached_ids) - len(reply.token_ids)
+        n_in = len(s.cached_ids) - max(len(reply.token_ids) - 1, 0)  # the cache holds every reply token but the last
         status = "cancelled" if cancelled else ("incomplete" if reply.finish_reason == "length" else "completed")
         resp.update(status=status, output=[done_body],
                     usage={"input_tokens": max(n_in, 0), "output_tokens": len(reply.token_ids),
