@@ -52,6 +52,17 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"layers/.*(gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
     (r"layers/.*down_proj/kernel$", ("layers", "mlp", "embed")),
     (r"layers/.*norm/weight$", ("layers", "norm")),
+    # the audio encoder's MLP (its attention matches the rules above)
+    (r"layers/.*fc1/kernel$", ("layers", "embed", "mlp")),
+    (r"layers/.*fc1/bias$", ("layers", "mlp")),
+    (r"layers/.*fc2/kernel$", ("layers", "mlp", "embed")),
+    # the vision encoder's blocks (stacked over "blocks"): attention over heads, the MLP over its width
+    (r"(^|/)blocks/attn/(q|k|v)/kernel$", ("layers", "embed", "heads")),
+    (r"(^|/)blocks/attn/(q|k|v)/bias$", ("layers", "heads")),
+    (r"(^|/)blocks/attn/proj/kernel$", ("layers", "heads", "embed")),
+    (r"(^|/)blocks/mlp/(gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
+    (r"(^|/)blocks/mlp/(gate_proj|up_proj)/bias$", ("layers", "mlp")),
+    (r"(^|/)blocks/mlp/down_proj/kernel$", ("layers", "mlp", "embed")),
     (r"embed_tokens/embedding$", ("vocab", "embed")),
     (r"lm_head/kernel$", ("embed", "vocab")),
     (r"norm/weight$", ("norm",)),

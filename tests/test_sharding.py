@@ -25,6 +25,14 @@ def test_table_and_fallback_rule():
     assert param_axes("layers/self_attn/q_proj/kernel", 3) == ("layers", "embed", "heads")
     assert param_axes("layers/mlp/down_proj/kernel", 3) == ("layers", "mlp", "embed")
     assert param_axes("lm_head/kernel", 2) == ("embed", "vocab")
+    # the encoders' projections: the audio MLP and the vision blocks shard like the decoder's
+    assert param_axes("thinker/audio_tower/layers/fc1/kernel", 3) == ("layers", "embed", "mlp")
+    assert param_axes("thinker/audio_tower/layers/fc2/kernel", 3) == ("layers", "mlp", "embed")
+    assert param_axes("visual/blocks/attn/q/kernel", 3) == ("layers", "embed", "heads")
+    assert param_axes("visual/blocks/attn/proj/kernel", 3) == ("layers", "heads", "embed")
+    assert param_axes("visual/blocks/mlp/up_proj/bias", 2) == ("layers", "mlp")
+    assert param_axes("visual/blocks/mlp/down_proj/kernel", 3) == ("layers", "mlp", "embed")
+    assert param_axes("dit/transformer_blocks/attn/to_q/kernel", 3) == (None, None, None)  # Token2Wav: replicated
     assert logical_to_spec(("layers", "embed", "heads"), (2, 64, 64), mesh) == P(None, None, "tensor")
     # 3 heads x 20 = 60 columns do not divide tensor=8: replicated on that axis
     assert logical_to_spec(("layers", "embed", "heads"), (2, 60, 60), FakeMesh(tensor=8)) == P(None, None, None)
