@@ -19,7 +19,7 @@ from .config import OmniConfig
 from .decoder import stacked_state, to_per_layer
 from .engine import PROGRAMS, ThinkerReply, bucket, noise_key
 from .errors import CheckpointError, InputError
-from .generate import make_sampling
+from .generate import generated, make_sampling
 from .generation_config import DEFAULT_MAX_NEW_TOKENS, GENERATION_DEFAULTS
 from .multimodal import media_layout
 from .outputs import GenerateOutput, Generation, StreamEvent, TalkerRun  # noqa: F401  (re-exported)
@@ -193,7 +193,7 @@ class OmniModel:
         """The per-row decode chunk of continuous batching, bound to this model
         (:func:`omni_jax.engine.thinker_decode_rows` or, for ``part="talker"``,
         :func:`omni_jax.engine.talker_decode_rows`): a pure function to jit over a
-        :class:`~omni_jax.generate.RowState` of slots."""
+        :class:`~omni_jax.generate.DecodeState` of slots."""
         if part == "thinker":
             return partial(engine.thinker_decode_rows, graphdef=self._graphdef, cfg=self.config.thinker.text,
                            impl=self.attention)
@@ -230,7 +230,7 @@ class OmniModel:
                              talker_top_p, talker_repetition_penalty)
         speaker_bos = self._voice(speaker).bos_token
         st = gen.state
-        reply = ThinkerReply(st.tokens, st.hidden, st.n) if reply is None else reply
+        reply = ThinkerReply(st.tokens, st.hidden, generated(st)) if reply is None else reply
         b = reply.tokens.shape[0]
         if int(reply.n) < 2:
             return None
@@ -271,7 +271,7 @@ class OmniModel:
         if run.finished:
             return
         st = gen.state
-        todo = run.max_new if final is None else final - (int(run.state.n) - 1)
+        todo = run.max_new if final is None else final - (generated(run.state) - 1)
         if limit is not None:
             todo = min(todo, limit)
         if todo <= 0:
@@ -587,7 +587,7 @@ class OmniModel:
             return vocoder.push(new) if len(new) else []
 
         while True:
-            n = int(gen.state.n)
+            n = generated(gen.state)
             new = [int(x) for x in np.asarray(gen.state.tokens[0, sent:n])]
             sent = n
             reply = [x for x in new if x not in eos]

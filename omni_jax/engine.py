@@ -11,10 +11,10 @@ omni_jax.token2wav).
 
 Shared by every caller (``generate``, ``stream``, the server, the compiled-TPU check):
 
-- :func:`thinker_step` is the one thinker decode step: :func:`thinker_decode` loops it over a
-  :class:`~omni_jax.generate.DecodeState` (one request, rows in lock step) and
-  :func:`thinker_decode_rows` over a :class:`~omni_jax.generate.RowState` (a server's slots, each
-  row on its own).
+- :func:`thinker_step` is the one thinker decode step: :func:`thinker_decode` (one request's
+  rows, with its sampling values) and :func:`thinker_decode_rows` (a server's slots, each row with
+  its own) both run it in :func:`~omni_jax.generate.decode_loop` over a
+  :class:`~omni_jax.generate.DecodeState`.
 - :func:`reply_input` is the one builder of the talker's per-step text-side input (the rule
   :func:`reply_kind`, which training's teacher-forced layout uses too); :func:`talker_step` is the
   one talker step over it.
@@ -39,7 +39,7 @@ from flax import nnx
 from . import talker as tk
 from . import thinker as th
 from .decoder import init_cache
-from .generate import DecodeState, RowState, decode_loop, decode_rows, initial_state
+from .generate import DecodeState, decode_loop, initial_state, sampling_rows
 from .sharding import MeshJit
 from .tmrope import decode_start
 
@@ -91,7 +91,7 @@ def embed_media(model, ids, mm_embeds, mm_idx):
 
 
 def thinker_step(model, cfg, s, impl):
-    """One thinker decode step of every row of ``s`` (a DecodeState or a RowState): feed ``s.last``
+    """One thinker decode step of every row of ``s`` (a DecodeState): feed ``s.last``
     at ``s.next_pos`` into cache slot ``s.slot``. Returns ``(logits [B, V], cache, hidden [B, E])``."""
     emb = th.embed(model, s.last[:, None])
     h, cache = th.hidden_states(model, cfg, emb, s.next_pos[:, :, None], cache=s.cache, start=s.slot,
@@ -186,20 +186,24 @@ def thinker_prefill(params, ids, mask, pos, mm_embeds, mm_idx, sp, rng, max_new,
     return state, {"prompt_hidden": h, "prompt_embeds": plain}
 
 
+def with_request_sampling(state: DecodeState, sp, do_sample) -> DecodeState:
+    """``state`` with a request's sampling values ``sp`` (scalars) in every row."""
+    return state._replace(sp=sampling_rows(sp, state.n.shape[0], do_sample))
+
+
 def thinker_decode(params, state: DecodeState, n_steps, sp, eos, pad, do_sample, *, graphdef, cfg, impl):
-    """Advance a request's rows together by up to ``n_steps`` tokens (one on-device loop)."""
+    """Advance a request's rows together by up to ``n_steps`` tokens (one on-device loop) with its
+    sampling values ``sp`` and static ``do_sample``; finished rows are fed ``pad``."""
     model = nnx.merge(graphdef, params)
-    return decode_loop(lambda s: thinker_step(model, cfg, s, impl), state, n_steps, sp, eos_ids=eos, pad_id=pad,
-                       do_sample=do_sample)
+    return decode_loop(lambda s: thinker_step(model, cfg, s, impl), with_request_sampling(state, sp, do_sample),
+                       n_steps, eos_ids=eos, pad_id=pad, do_sample=do_sample, lockstep=True)
 
 
-def thinker_decode_rows(params, state: RowState, n_steps, eos, pad, rows=None, *, graphdef, cfg, impl):
-    """Advance a server's rows, each on its own, by up to ``n_steps`` tokens (``rows``: unused,
-    the thinker needs no per-row side input)."""
+def thinker_decode_rows(params, state: DecodeState, n_steps, eos, pad, rows=None, *, graphdef, cfg, impl):
+    """Advance a server's rows, each on its own with its own sampling values, by up to ``n_steps``
+    tokens (``pad``: unused; ``rows``: unused, the thinker needs no per-row side input)."""
     model = nnx.merge(graphdef, params)
-    budget = jnp.full(state.n.shape, INT_BIG, jnp.int32)
-    return decode_rows(lambda s: thinker_step(model, cfg, s, impl), state, n_steps, budget, eos_ids=eos,
-                       pad_id=pad)
+    return decode_loop(lambda s: thinker_step(model, cfg, s, impl), state, n_steps, eos_ids=eos)
 
 
 def embed_tokens(params, ids, *, graphdef):
@@ -249,11 +253,12 @@ def talker_decode(tparams, state: DecodeState, params, th_tokens, th_hidden, th_
         inp = reply_input(model, reply, s.n - 1, stop, ex[1], ex[2])
         return talker_step(tmodel, cfg, s, inp, impl)
 
-    return decode_loop(step, state, n_steps, sp, eos_ids=eos, pad_id=pad, do_sample=do_sample)
+    return decode_loop(step, with_request_sampling(state, sp, do_sample), n_steps, eos_ids=eos, pad_id=pad,
+                       do_sample=do_sample, lockstep=True)
 
 
-def talker_decode_rows(tparams, state: RowState, params, th_tokens, th_hidden, th_n, th_finished, th_eos_on, n_steps,
-                       eos, pad, suppress, thinker_eos, extra_ids, rows=None, *, graphdef, thinker_graphdef, cfg, impl):
+def talker_decode_rows(tparams, state: DecodeState, params, th_tokens, th_hidden, th_n, th_finished, th_eos_on,
+                       n_steps, eos, pad, thinker_eos, extra_ids, rows=None, *, graphdef, thinker_graphdef, cfg, impl):
     """Advance a server's talker rows by up to ``n_steps`` codec ids each. The thinker's buffers
     (``th_*``) hold all ``B`` rows; ``rows`` picks those of ``state``'s sub-batch. Row ``b`` steps
     only while its next input is final (``k < n_thinker - 2``, or its thinker has finished): what
@@ -272,7 +277,7 @@ def talker_decode_rows(tparams, state: RowState, params, th_tokens, th_hidden, t
     def step(s):
         return talker_step(tmodel, cfg, s, reply_input(model, reply, s.n - 1, stop, ex[1], ex[2]), impl)
 
-    return decode_rows(step, state, n_steps, budget, eos_ids=eos, pad_id=pad, suppress=suppress)
+    return decode_loop(step, state, n_steps, eos_ids=eos, budget=budget)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .generate import DecodeState
+from .generate import DecodeState, generated
 from .sharding import outside_context_mesh
 
 
@@ -50,11 +50,11 @@ class Generation:
 
     @property
     def finished(self) -> bool:
-        return int(self.state.n) >= self.max_new_tokens or bool(np.all(np.asarray(self.state.done)))
+        return generated(self.state) >= self.max_new_tokens or bool(np.all(np.asarray(self.state.done)))
 
     def new_tokens(self) -> np.ndarray:
         """Generated ids so far ``[B, n]`` (finished rows padded with the pad id)."""
-        return np.asarray(self.state.tokens[:, :int(self.state.n)])
+        return np.asarray(self.state.tokens[:, :generated(self.state)])
 
 
 @outside_context_mesh
@@ -75,12 +75,12 @@ class TalkerRun:
 
     @property
     def finished(self) -> bool:
-        return int(self.state.n) >= self.max_new or bool(np.all(np.asarray(self.state.done)))
+        return generated(self.state) >= self.max_new or bool(np.all(np.asarray(self.state.done)))
 
     def codes(self) -> list[np.ndarray]:
         """Codec ids per row, cut at the row's first talker EOS."""
         out = []
-        for row in np.asarray(self.state.tokens[:, :int(self.state.n)]):
+        for row in np.asarray(self.state.tokens[:, :generated(self.state)]):
             hit = np.nonzero(np.isin(row, self.eos))[0]
             out.append(row[:hit[0]] if len(hit) else row)
         return out

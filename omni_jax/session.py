@@ -42,7 +42,7 @@ from . import media
 from .decoder import init_cache
 from .engine import SessionCache, bucket
 from .errors import InputError
-from .generate import make_sampling
+from .generate import generated, make_sampling
 from .media.audio import frames_log_mel
 from .processor import TextStreamer, validate_messages
 from .sharding import use_mesh
@@ -704,7 +704,7 @@ class Session:
 
         try:
             while True:
-                k = int(state.n)
+                k = generated(state)
                 new = [int(x) for x in np.asarray(state.tokens[0, len(produced):k])]
                 produced += new
                 hit = [i for i, x in enumerate(new) if x in eos]

@@ -58,7 +58,7 @@ def test_talker_after_the_text_runs_chunk_by_chunk(model, monkeypatch):
 
     def advance(run, gen, final, limit=None):
         real(run, gen, final, limit)
-        log.append(("advance", int(run.state.n), final is None))
+        log.append(("advance", int(np.max(run.state.n)), final is None))
 
     monkeypatch.setattr(model, "talker_advance", advance)
     for e in model.stream(messages=CONV, **KW):

@@ -1,6 +1,6 @@
 """The server's fixed-shape decode batches (device side of continuous batching).
 
-A :class:`SlotBatch` holds one :class:`~omni_jax.generate.RowState` of ``B`` rows ("slots") with a
+A :class:`SlotBatch` holds one :class:`~omni_jax.generate.DecodeState` of ``B`` rows ("slots") with a
 cache of ``S`` slots per row and a ``N``-token buffer, for the thinker or the talker. A request
 is prefilled alone with the model's own prefill (:meth:`OmniModel.prefill` /
 :meth:`OmniModel.talker_start`, so the first token is the offline one), then its batch-1
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generate import DecodeState, RowSampling, RowState, put_rows, take_rows
+from ..generate import DecodeState, Sampling, put_rows, take_rows
 
 
 def empty_state(b: int, cache_shape, cache_dtype, n_tokens: int, vocab: int, hidden_dim: int, hidden_dtype):
@@ -36,21 +36,23 @@ def empty_state(b: int, cache_shape, cache_dtype, n_tokens: int, vocab: int, hid
     inference layout (:func:`omni_jax.decoder.init_cache`)."""
     layers, slots, kvh, hd = cache_shape
     cache = {n: [jnp.zeros((b, slots, kvh, hd), cache_dtype) for _ in range(layers)] for n in ("k", "v")}
-    return RowState(
+    return DecodeState(
         cache=cache, kv_valid=jnp.zeros((b, slots), bool),
         tokens=jnp.zeros((b, n_tokens), jnp.int32), n=jnp.zeros((b,), jnp.int32), max_new=jnp.zeros((b,), jnp.int32),
         min_new=jnp.zeros((b,), jnp.int32), last=jnp.zeros((b,), jnp.int32), next_pos=jnp.zeros((3, b), jnp.int32),
         slot=jnp.zeros((b,), jnp.int32), done=jnp.ones((b,), bool), eos_on=jnp.ones((b,), bool),
         seen=jnp.zeros((b, vocab), bool), rng=jax.random.key_data(jax.vmap(jax.random.key)(jnp.arange(b))),
         hidden=jnp.zeros((b, n_tokens if hidden_dim else 0, hidden_dim), hidden_dtype),
-        sp=RowSampling(temperature=jnp.ones((b,), jnp.float32), top_k=jnp.full((b,), vocab, jnp.int32),
-                       top_p=jnp.ones((b,), jnp.float32), repetition_penalty=jnp.ones((b,), jnp.float32),
-                       do_sample=jnp.zeros((b,), bool)))
+        suppress=jnp.zeros((b, vocab), bool),
+        sp=Sampling(temperature=jnp.ones((b,), jnp.float32), top_k=jnp.full((b,), vocab, jnp.int32),
+                    top_p=jnp.ones((b,), jnp.float32), repetition_penalty=jnp.ones((b,), jnp.float32),
+                    do_sample=jnp.zeros((b,), bool)))
 
 
-def _insert(big: RowState, small: DecodeState, r, max_new, min_new, eos_on, sp_row):
-    """Write batch-1 prefill state ``small`` into row ``r`` of ``big`` (row ``r``'s cache slots
-    beyond the small cache keep stale values, masked out by ``kv_valid``)."""
+def _insert(big: DecodeState, small: DecodeState, r, max_new, min_new, eos_on, sp_row):
+    """Write batch-1 prefill state ``small`` into row ``r`` of ``big`` with the row's own limits,
+    ``eos_on`` and sampling values ``sp_row`` (row ``r``'s cache slots beyond the small cache keep
+    stale values, masked out by ``kv_valid``)."""
 
     def put(dst, src, axis=0):  # src has a leading batch axis of 1 at `axis`
         start = [0] * dst.ndim
@@ -69,21 +71,22 @@ def _insert(big: RowState, small: DecodeState, r, max_new, min_new, eos_on, sp_r
     if hidden.shape[1]:
         hidden = put(hidden, row_pad(small.hidden, hidden.shape[1]))
     one = lambda x: jnp.reshape(x, (1,))  # noqa: E731
-    sp = RowSampling(*[put(getattr(big.sp, f), one(v)) for f, v in zip(RowSampling._fields, sp_row)])
+    sp = Sampling(*[put(getattr(big.sp, f), one(v)) for f, v in zip(Sampling._fields, sp_row)])
     return big._replace(
-        cache=cache, kv_valid=kv_valid, tokens=tokens, hidden=hidden, n=put(big.n, one(small.n)),
+        cache=cache, kv_valid=kv_valid, tokens=tokens, hidden=hidden, n=put(big.n, small.n),
         max_new=put(big.max_new, one(max_new)), min_new=put(big.min_new, one(min_new)),
         last=put(big.last, small.last), next_pos=put(big.next_pos, small.next_pos, axis=1),
-        slot=put(big.slot, one(small.slot)), done=put(big.done, small.done), eos_on=put(big.eos_on, one(eos_on)),
-        seen=put(big.seen, small.seen), rng=put(big.rng, jax.random.key_data(small.rng)), sp=sp)
+        slot=put(big.slot, small.slot), done=put(big.done, small.done), eos_on=put(big.eos_on, one(eos_on)),
+        seen=put(big.seen, small.seen), rng=put(big.rng, jax.random.key_data(small.rng)),
+        suppress=put(big.suppress, small.suppress), sp=sp)
 
 
-def _release(state: RowState, rows):
+def _release(state: DecodeState, rows):
     """Mark ``rows`` ([B] bool) done: they stop stepping at once (a free slot is a done row)."""
     return state._replace(done=state.done | rows)
 
 
-def _take_row(state: RowState, r):
+def _take_row(state: DecodeState, r):
     """Row ``r``'s tokens ``[1, N]``, hidden ``[1, N, E]`` and count (for the talker's prefill)."""
     return (jax.lax.dynamic_slice_in_dim(state.tokens, r, 1), jax.lax.dynamic_slice_in_dim(state.hidden, r, 1),
             jax.lax.dynamic_index_in_dim(state.n, r, keepdims=False))
@@ -103,7 +106,7 @@ def _on_rows(step_fn, b):
     them, without a copy, when ``len(rows) == b``). ``step_fn(*before, state, *after, rows=...)``
     gets the row indices (or None) to select its own per-row inputs."""
 
-    def run(before, state: RowState, rows, after):
+    def run(before, state: DecodeState, rows, after):
         if rows.shape[0] == b:
             return step_fn(*before, state, *after, rows=None)
         sub = step_fn(*before, take_rows(state, rows), *after, rows=rows)
@@ -115,13 +118,12 @@ def _on_rows(step_fn, b):
 class SlotBatch:
     """One decode batch of ``b`` rows with jitted insert / release / step programs."""
 
-    def __init__(self, state: RowState, step_fn, *, eos, pad, suppress=None, donate=True, mesh=None):
+    def __init__(self, state: DecodeState, step_fn, *, eos, pad, donate=True, mesh=None):
         self.state = state
         self.mesh = mesh
         self.b = state.tokens.shape[0]
         self.eos = jnp.asarray(eos, jnp.int32)
         self.pad = jnp.int32(pad)
-        self.suppress = suppress
         # wrappers, so that each batch has its own compile cache (and compile count)
         self._insert = jax.jit(lambda *a: _insert(*a), donate_argnums=(0,) if donate else ())
         self._release = jax.jit(lambda *a: _release(*a), donate_argnums=(0,) if donate else ())
@@ -169,6 +171,7 @@ class SlotBatch:
 
 
 def sampling_row(temperature, top_k, top_p, repetition_penalty, do_sample, vocab):
-    """Per-row sampling values, as :func:`omni_jax.generate.make_sampling` sets them."""
+    """Per-row sampling values (the fields of :class:`omni_jax.generate.Sampling`), as
+    :func:`omni_jax.generate.make_sampling` sets them."""
     return (np.float32(temperature if do_sample else 1.0), np.int32(min(int(top_k), vocab) if top_k else vocab),
             np.float32(1.0 if top_p is None else top_p), np.float32(repetition_penalty), np.bool_(do_sample))

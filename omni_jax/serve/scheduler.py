@@ -274,10 +274,9 @@ class Engine:
             tst = empty_state(b, (c.num_hidden_layers, self.pb + 2 + self.nbt, c.num_key_value_heads, c.head_dim),
                               model.dtype, self.nbt, c.vocab_size, 0, model.dtype)
             self.t_eos = [c.tts_codec_pad_token_id, c.tts_codec_end_token_id]
-            suppress = np.zeros((c.vocab_size,), bool)
-            suppress[c.tts_codec_start_token_id] = True
+            # the codec bos suppression comes with each row's prefill state (OmniModel.talker_start)
             self.talker = SlotBatch(tst, model.decode_rows_fn("talker"), eos=np.asarray(self.t_eos, np.int32),
-                                    pad=c.tts_codec_pad_token_id, suppress=suppress, mesh=model.mesh)
+                                    pad=c.tts_codec_pad_token_id, mesh=model.mesh)
             self.t_extra = np.asarray([0, c.tts_text_end_token_id, c.tts_text_pad_token_id], np.int32)
         self.slots: list[ServeRequest | None] = [None] * b
         self.queue: collections.deque[ServeRequest] = collections.deque()
@@ -395,7 +394,7 @@ class Engine:
         m, tb, ts = self.model, self.talker, self.thinker.state
         view = (ts.tokens, ts.hidden, ts.n, ts.done | (ts.n >= ts.max_new), ts.eos_on)
         tb.step(rows, before=(m.talker_params,), after=(m.params, *view, np.int32(self.limits.talker_steps_per_call),
-                                                  tb.eos, tb.pad, tb.suppress, self.thinker.eos, self.t_extra))
+                                                  tb.eos, tb.pad, self.thinker.eos, self.t_extra))
 
     def precompile(self):
         """Compile the thinker's and talker's decode programs for every occupancy bucket now, rather
