@@ -15,16 +15,15 @@ def band_attention(enabled: bool = True):
     caches are cleared on entry and exit, so jitted programs are traced again with the choice."""
     import jax
 
-    from omni_jax import attention_xla as attention
+    from omni_jax import attention_xla
 
-    orig = attention._band_only
-    if not enabled:
-        attention._band_only = lambda mask, tq, tk: False
+    before = attention_xla.BAND_PATH
+    attention_xla.BAND_PATH = bool(enabled)
     jax.clear_caches()
     try:
         yield
     finally:
-        attention._band_only = orig
+        attention_xla.BAND_PATH = before
         jax.clear_caches()
 
 

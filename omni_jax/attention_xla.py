@@ -80,11 +80,14 @@ def build_mask(mask: MaskSpec, b: int, tq: int, tk: int) -> jax.Array | None:
     return m
 
 
+BAND_PATH = True  # False: block bands are computed densely too (the formulation before the band path; for A/B benches)
+
+
 def _band_only(mask: MaskSpec, tq: int, tk: int) -> bool:
     """Whether ``mask`` is a block band over default slots (plus key padding and segment ids): the
     DiT's mask, or vision windows bounded by a band; computed block by block by
-    :func:`xla_band_attention`."""
-    return (mask.block_band is not None and not mask.causal and tq == tk and mask.q_slots is None
+    :func:`xla_band_attention` unless :data:`BAND_PATH` is off."""
+    return BAND_PATH and (mask.block_band is not None and not mask.causal and tq == tk and mask.q_slots is None
             and mask.kv_slots is None and (mask.q_segment_ids is None) == (mask.kv_segment_ids is None))
 
 

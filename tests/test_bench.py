@@ -276,3 +276,24 @@ def test_realtime_bench_times_both_paths_and_their_ratio(tmp_path, capsys):
     for key in ("machine", "date", "jax"):
         assert res[key]
     assert "ratio chat / realtime" in capsys.readouterr().out
+
+
+def test_band_attention_switch_takes_effect_and_is_restored():
+    """bench.util.band_attention(False) routes block bands through the dense XLA path (the A/B of the
+    vision-window and DiT-length benches) and puts the band path back after."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.util import band_attention
+    from omni_jax import attention_xla
+    from omni_jax.attention_xla import MaskSpec
+
+    mask = MaskSpec(causal=False, block_band=(4, 1, 1))
+    assert attention_xla._band_only(mask, 16, 16)
+    with band_attention(False):
+        assert attention_xla.BAND_PATH is False and not attention_xla._band_only(mask, 16, 16)
+        q = jnp.asarray(np.random.RandomState(0).randn(1, 16, 2, 8), jnp.float32)
+        dense = attention_xla.xla_attention(q, q, q, mask)
+    assert attention_xla.BAND_PATH is True
+    band = attention_xla.xla_attention(q, q, q, mask)
+    np.testing.assert_allclose(np.asarray(band), np.asarray(dense), rtol=1e-5, atol=1e-6)

@@ -184,6 +184,27 @@ def test_tools_use_only_public_library_names():
     assert not bad, "\n".join(bad)
 
 
+# names with a leading underscore that are public API elsewhere: namedtuple methods, jax's compile-cache size
+PUBLIC_UNDERSCORE = {"_replace", "_fields", "_asdict", "_make", "_cache_size"}
+
+
+def test_engine_users_reach_no_private_attributes():
+    """The server, sessions and the tools reach the model and the library through public names only:
+    no ``x._name`` attribute access on anything but their own ``self`` / ``cls``."""
+    import ast
+
+    bad = []
+    for m, (path, *_) in MODULES.items():
+        if not (m.startswith("omni_jax.serve") or m == "omni_jax.session" or _top(m) in TOOLS):
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and node.attr not in PUBLIC_UNDERSCORE \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                bad.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)
+
+
 def test_no_cycle_between_top_level_folders():
     tops = defaultdict(set)
     for m, ts in EDGES.items():
