@@ -312,7 +312,6 @@ def test_loss_and_gradients(ref, model):
     from flax import nnx
 
     from omni_jax.checkpoint.hf import iter_hf_tensors
-    from omni_jax.checkpoint.tree import flatten_dict, hf_name
     from omni_jax.thinker import THINKER_LM_PREFIXES
     from omni_jax import training as T
     from omni_jax.audio import HF_PREFIX as AUDIO
@@ -320,7 +319,9 @@ def test_loss_and_gradients(ref, model):
 
     ids, mask, mm, labels, rows, want_loss, want = ref.pop("loss")  # its gradients are freed with this test
     batch = T.make_batch(model.config, ids, mask, labels, mm)
-    params = {"thinker": model.params, "audio": nnx.split(model.audio)[1], "vision": nnx.split(model.vision)[1]}
+    # training's layout: the decoder layers stacked (model.params holds them per layer for inference)
+    params = {"thinker": model.stacked_params()["thinker"], "audio": nnx.split(model.audio)[1],
+              "vision": nnx.split(model.vision)[1]}
 
     @jax.jit
     def loss_and_grads(p, b):
@@ -333,9 +334,8 @@ def test_loss_and_gradients(ref, model):
     loss, aux, grads = loss_and_grads(params, batch)
     assert int(aux["thinker_tokens"]) == T.count_targets(labels) == 4
     assert rel_err(loss, want_loss) <= 1e-5
-    # the thinker's layers are per-layer buffers (layers/<i>/...), the towers' stacked (a leading layer axis)
-    thinker = ((hf_name(path, THINKER_LM_PREFIXES), arr) for path, arr in flatten_dict(grads.pop("thinker")))
-    thinker = ((key, np.asarray(arr).T if tr else np.asarray(arr)) for (key, tr), arr in thinker)
+    # every stack's gradients carry a leading layer axis, as the parameters do
+    thinker = iter_hf_tensors(grads.pop("thinker"), THINKER_LM_PREFIXES, ("layers",))
     towers = [iter_hf_tensors(grads.pop("audio"), {"": AUDIO}, ("layers",)),
               iter_hf_tensors(grads.pop("vision"), {"": VISION}, ("blocks",))]
     seen = set()
