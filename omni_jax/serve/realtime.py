@@ -294,7 +294,6 @@ class Connection:
         self.stream_pos = 0  # 16 kHz samples seen (for VAD positions)
         self.prefix = np.zeros(0, np.float32)  # server_vad: recent audio before speech (prefix padding)
         self.turn_open = False  # audio given to the session's open turn
-        self.turn_samples = 0
         self.turn_item: str | None = None
         self.items: list[str] = []  # conversation item ids, in order
         self.responding = threading.Event()
@@ -350,11 +349,10 @@ class Connection:
     def _append(self, x16: np.ndarray) -> None:
         s = self._session()
         if not self.turn_open:
-            self.turn_open, self.turn_samples = True, 0
+            self.turn_open = True
             self.turn_item = _id("item")
         if len(x16):
             s.append_audio(x16, sampling_rate=self.model_rate())
-            self.turn_samples += len(x16)
 
     def _commit(self, tail: np.ndarray) -> None:
         if len(tail):
@@ -587,11 +585,10 @@ class Connection:
             self.prefix = np.concatenate([self.prefix, rest])[-pad:] if pad else np.zeros(0, np.float32)
 
     def _vad_open(self, item: str, before: np.ndarray) -> None:
-        if self.turn_open:  # an audio turn opened by hand: speech continues it
-            self._append(before)
-            return
+        opened = not self.turn_open  # else an audio turn opened by hand: speech continues it
         self._append(before)
-        self.turn_item = item
+        if opened:
+            self.turn_item = item
 
     def _vad_close(self, create_response: bool) -> None:
         if not self.turn_open:
@@ -617,9 +614,6 @@ class Connection:
         role = item.get("role")
         content = item.get("content")
         if role == "system":
-            texts = [p.get("text") for p in content or [] if isinstance(p, dict) and p.get("type") == "input_text"]
-            if not texts or not all(isinstance(t, str) for t in texts):
-                raise EventError("a system item needs input_text content", param="item.content")
             raise EventError("system items are not supported; set session.instructions instead",
                              code="unsupported", param="item.role")
         if role != "user":
