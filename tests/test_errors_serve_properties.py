@@ -74,6 +74,24 @@ def test_parse_answers_a_request_or_a_4xx(body):
         req.cleanup()
 
 
+FIELD_NAMES = ("temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "stream",
+               "modalities", "audio", "n", "stop", "repetition_penalty", "stream_options", "user",
+               "response_format", "ignore_eos", "return_token_ids", "use_audio_in_video", "presence_penalty")
+
+
+@pytest.mark.parametrize("value", [[[]], [{}], {"a": []}, [1], "text", -1e309, 2 ** 70], ids=repr)
+@pytest.mark.parametrize("name", FIELD_NAMES)
+def test_every_field_with_an_odd_value_is_a_request_or_a_4xx(name, value):
+    """Each top-level field, alone, with values of the wrong shape (unhashable lists and dicts once raised
+    TypeError inside a set comparison); with speech asked for, the audio object's own fields too."""
+    text = [{"role": "user", "content": "hi"}]
+    test_parse_answers_a_request_or_a_4xx.hypothesis.inner_test({"messages": text, name: value})
+    test_parse_answers_a_request_or_a_4xx.hypothesis.inner_test(
+        {"messages": text, "modalities": ["text", "audio"], "audio": {"voice": "Chelsie", "format": "pcm16"},
+         "stream": True, name: value} if name != "audio" else
+        {"messages": text, "modalities": ["text", "audio"], "audio": {"voice": value, "format": value}})
+
+
 @SETTINGS
 @given(st.lists(MESSAGE | JSON, max_size=4) | JSON)
 def test_message_validator_accepts_or_raises_input_error(messages):

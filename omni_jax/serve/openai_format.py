@@ -148,7 +148,8 @@ def parse_chat_request(body, *, limits: ServeLimits, voices, allow_local_media: 
                        top_k=top_k, top_p=top_p, repetition_penalty=None if rep is None else float(rep), seed=int(seed),
                        ignore_eos=_bool(body, "ignore_eos", False), talker_max_new_tokens=limits.max_audio_tokens)
     mods = body.get("modalities") or ["text"]
-    if not isinstance(mods, list) or not set(mods) <= {"text", "audio"} or "text" not in mods:
+    if not isinstance(mods, list) or not all(isinstance(m, str) for m in mods) \
+            or not set(mods) <= {"text", "audio"} or "text" not in mods:
         raise RequestError(400, f"modalities: expected [\"text\"] or [\"text\", \"audio\"], got {mods!r}",
                            param="modalities")
     audio_format = None
