@@ -120,14 +120,13 @@ def abstract_module(build, mesh, prefix: str = "", *, per_layer: bool = False):
     import jax
     from flax import nnx
 
-    from omni_jax.layers import unstack_layers
+    from omni_jax.decoder import to_per_layer
     from omni_jax.sharding import param_sharding
 
     def make():
         m = build()
-        if per_layer:
-            m.layers = nnx.List(unstack_layers(m.layers))
-        return m
+        # the loader's one layout conversion, traced (no arrays are made)
+        return nnx.merge(*to_per_layer(*nnx.split(m))) if per_layer else m
 
     graphdef, state = nnx.split(nnx.eval_shape(make))
 

@@ -650,8 +650,7 @@ class OmniModel:
         if training.count_targets(lab) == 0:
             raise InputError("labels: no target token (every label after the first position is -100)")
         batch = training.make_batch(self.config, ids, mask, lab, processor_outputs)
-        # the model's own per-layer parameters, in training's stacked layout inside the program
-        # (stacked_state: a transient copy of the layer weights, no second copy held between calls)
+        # the model's own per-layer parameters as they are (no stacked copy of the layer weights)
         params = {"thinker": self._params}
         if self.audio is not None:
             params["audio"] = nnx.split(self.audio)[1]
@@ -659,7 +658,6 @@ class OmniModel:
             params["vision"] = nnx.split(self.vision)[1]
         if not hasattr(self, "_loss_jit"):
             cfg, impl, gdef = self.config, self.attention, self._graphdef
-            self._loss_jit = jax.jit(lambda p, b: training.train_loss(
-                {**p, "thinker": stacked_state(gdef, p["thinker"])}, b, cfg, impl=impl)[0])
+            self._loss_jit = jax.jit(lambda p, b: training.thinker_loss(p, b, cfg, gdef, impl=impl))
         with use_mesh(self.mesh):
             return float(self._loss_jit(params, batch))

@@ -66,10 +66,11 @@ def graphdefs(config: OmniConfig) -> dict:
     return out
 
 
-def _merge_decoder(config: OmniConfig, name: str, state):
-    """The thinker's or talker's module from ``state`` in the stacked layout."""
+def _merge_decoder(config: OmniConfig, name: str, state, graphdef=None):
+    """The thinker's or talker's module from ``state`` in the stacked layout (or in the layout of
+    ``graphdef`` when one is given: a loaded model's per-layer one, see :func:`thinker_loss`)."""
     try:
-        return nnx.merge(graphdefs(config)[name], state)
+        return nnx.merge(graphdefs(config)[name] if graphdef is None else graphdef, state)
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"params['{name}']: expected the stacked layer layout of checkpoints and training "
                          f"(omni_jax.training.model_params, OmniModel.stacked_params): {e}") from None
@@ -323,11 +324,12 @@ def _media_embeds(params, gdefs, config, batch, dtype, impl, remat):
     return jnp.concatenate([x.astype(dtype) for x in embs]), jnp.concatenate(idxs)
 
 
-def thinker_forward(params, batch, config: OmniConfig, *, impl="xla", remat=False):
+def thinker_forward(params, batch, config: OmniConfig, *, impl="xla", remat=False, thinker_graphdef=None):
     """Post-norm hidden states ``[B, T, E]`` of the thinker over the batch, and its input embeddings
-    with media positions zeroed (the talker's embedding term)."""
+    with media positions zeroed (the talker's embedding term). ``thinker_graphdef``: the graph
+    definition ``params["thinker"]`` goes with when it is not the stacked one (:func:`thinker_loss`)."""
     gdefs = graphdefs(config)
-    model = _merge_decoder(config, "thinker", params["thinker"])
+    model = _merge_decoder(config, "thinker", params["thinker"], thinker_graphdef)
     ids = batch["input_ids"]
     b, t = ids.shape
     emb = th.embed(model, ids)
@@ -404,14 +406,26 @@ def train_loss(params, batch, config: OmniConfig, *, impl: str = "xla", remat: b
                           params, batch)
 
 
-def _train_loss(params, batch, config: OmniConfig, *, impl, remat, talker_weight, talker_trains_thinker, ce_chunk):
-    h, plain, model = thinker_forward(params, batch, config, impl=impl, remat=remat)
+def thinker_loss(params, batch, config: OmniConfig, thinker_graphdef, *, impl: str = "xla", ce_chunk: int = 256):
+    """The thinker's term of :func:`train_loss` (forward only), with ``params["thinker"]`` in the
+    layout of ``thinker_graphdef``: a loaded model's per-layer buffers as they are (its layers run as
+    the Python loop of inference), so evaluating a loaded model's loss copies no weights."""
+    h, _, model = thinker_forward(params, batch, config, impl=impl, thinker_graphdef=thinker_graphdef)
+    return _thinker_term(h, model, batch, ce_chunk)[0]
+
+
+def _thinker_term(h, model, batch, ce_chunk):
     b, t, e = h.shape
     labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full((b, 1), IGNORE, jnp.int32)], axis=1)
     w, transposed = _head(model)
     tsum = cross_entropy_sum(h.reshape(b * t, e), w, labels.reshape(-1), transposed=transposed, chunk=ce_chunk)
     loss = tsum / jnp.maximum(batch["num_targets"], 1.0)
-    aux = {"thinker_loss_sum": tsum, "thinker_tokens": jnp.sum(labels >= 0)}
+    return loss, {"thinker_loss_sum": tsum, "thinker_tokens": jnp.sum(labels >= 0)}
+
+
+def _train_loss(params, batch, config: OmniConfig, *, impl, remat, talker_weight, talker_trains_thinker, ce_chunk):
+    h, plain, model = thinker_forward(params, batch, config, impl=impl, remat=remat)
+    loss, aux = _thinker_term(h, model, batch, ce_chunk)
     if "talker_kind" in batch and "talker" in params:
         ht, talker = _talker_hidden(params, batch, config, h, plain, model, impl=impl, remat=remat,
                                     train_thinker=talker_trains_thinker)

@@ -92,6 +92,42 @@ def test_text_loss_and_grads_match_transformers(variant, hf_models, jax_model):
         T.train_loss({"thinker": model.params}, batch, model.config)
 
 
+def _stacked_shapes(fn, *args):
+    """Output shapes of the program's equations that look like a stack of all layers' q_proj kernels."""
+    out = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            out.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for p in eqn.params.values():
+                if hasattr(p, "jaxpr"):
+                    walk(p.jaxpr if hasattr(p.jaxpr, "eqns") else p.jaxpr.jaxpr)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return out
+
+
+def test_model_loss_uses_the_per_layer_weights_as_they_are(jax_model):
+    """model.loss runs the loaded per-layer buffers through inference's layer loop: its program holds
+    no [layers, ...] stack of the layer weights (a transient copy of the whole thinker's layer weights at
+    7B), while the stacked-layout program it replaced does (the check sees a stack when there is one)."""
+    from omni_jax.decoder import stacked_state
+
+    model = jax_model("gqa")
+    ids = np.random.RandomState(1).randint(0, 280, (1, 10)).astype(np.int32)
+    labels = _labels(ids, np.ones_like(ids), 4)
+    batch = T.make_batch(model.config, ids, np.ones_like(ids), labels)
+    gdef, p = model._graphdef, model.params  # the loaded (per-layer) graph and buffers
+    n = model.config.thinker.text.num_hidden_layers
+    q = p["layers"][0]["self_attn"]["q_proj"]["kernel"][...].shape
+    stack = (n, *q)
+    new = _stacked_shapes(lambda p_, b: T.thinker_loss({"thinker": p_}, b, model.config, gdef), p, batch)
+    old = _stacked_shapes(lambda p_, b: T.train_loss({"thinker": stacked_state(gdef, p_)}, b, model.config)[0],
+                          p, batch)
+    assert stack in old and stack not in new
+    assert rel_err(float(jax.jit(lambda p_, b: T.thinker_loss({"thinker": p_}, b, model.config, gdef))(p, batch)),
+                   float(T.train_loss({"thinker": stacked_state(gdef, p)}, batch, model.config)[0])) <= 1e-6
+
+
 @pytest.mark.parametrize("name", ["all_mixed", "audio_in_video"])
 def test_multimodal_loss_and_grads_match_transformers(name, hf_models, jax_model):
     """End to end through both encoders: their gradients too."""
