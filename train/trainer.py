@@ -35,6 +35,17 @@ from .lora import apply_lora, init_lora, lora_axes
 MODES = ("full", "thinker", "frozen-encoders", "lora")
 RUN_FILE = "run.json"
 # options that change the computation: a resumed run must have the same
+def _same_setting(name: str, before, now) -> bool:
+    """Whether a run's setting is unchanged on ``--resume``: ``--model`` and ``--data`` are the same
+    when they name the same file or directory, however spelled (relative, under ``~``, through a link)."""
+    if before == now:
+        return True
+    if name in ("model", "data") and isinstance(before, str) and isinstance(now, str):
+        a, b = (os.path.realpath(os.path.expanduser(x)) for x in (before, now))
+        return a == b and os.path.exists(a)
+    return False
+
+
 _SAME_ON_RESUME = ("model", "data", "train", "batch_size", "grad_accum", "lr", "warmup_steps", "min_lr_ratio",
                    "weight_decay", "max_grad_norm", "seed", "dtype", "lora_rank", "lora_alpha", "max_length",
                    "talker_weight", "steps", "use_audio_in_video", "on_error")
@@ -169,7 +180,7 @@ class Trainer:
         if o.resume and os.path.exists(runf):
             with open(runf, encoding="utf-8") as f:
                 prev = json.load(f)
-            diff = [k for k in _SAME_ON_RESUME if prev.get(k) != getattr(o, k)]
+            diff = [k for k in _SAME_ON_RESUME if not _same_setting(k, prev.get(k), getattr(o, k))]
             if diff:
                 raise InputError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in diff)} differ from the run "
                                  f"in {o.out} ({RUN_FILE})")
@@ -185,6 +196,10 @@ class Trainer:
             run = {f.name: getattr(o, f.name) for f in dataclasses.fields(o)}
             if not isinstance(o.mesh, (str, dict, type(None))):
                 run["mesh"] = mesh_spec(self.mesh)  # a Mesh object is not JSON: its axis sizes
+            for k in ("model", "data"):  # absolute, so that a resume from another directory compares them
+                v = run.get(k)
+                if isinstance(v, str) and os.path.exists(os.path.expanduser(v)):
+                    run[k] = os.path.abspath(os.path.expanduser(v))
             json.dump(run, f, indent=1)
         os.replace(tmp, runf)
 
