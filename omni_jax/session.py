@@ -140,6 +140,7 @@ class Session:
         self._logits = None  # next-token logits after exactly self._ids (device [1, V]) or None
         self._open: _AudioTurn | None = None
         self._cancel = False
+        self._pending: PendingReply | None = None  # a reply begun and not yet finished (it holds the cache)
         self.last_reply: Reply | None = None
         self.prefilled_tokens = 0  # tokens run through the thinker by prefills (not decode steps), in all
         tc = model.config.thinker
@@ -286,10 +287,16 @@ class Session:
             raise InputError(f"{what} needs {n} tokens of context, more than the session's context limit "
                              f"{self.limit_name} ({self.limit})")
 
+    def _check_idle(self) -> None:
+        if self._pending is not None:
+            raise InputError("the session is generating a reply (its cache is in use until the reply ends or is "
+                             "cancelled)")
+
     def _sync(self, ids: list, pos: np.ndarray, *, need_logits: bool) -> None:
         """Make the cache hold ``ids`` (with positions ``pos``): prefill what follows the longest
         common prefix with the cached ids and positions. With ``need_logits`` the next-token logits
         after ``ids`` are computed (re-running the last token when nothing else is new)."""
+        self._check_idle()
         n = len(ids)
         self._check_limit(n + (1 if need_logits else 0), "the conversation")
         old = self._ids
@@ -331,6 +338,7 @@ class Session:
 
     def _ensure_slots(self, needed: int) -> None:
         """Allocate the cache, or grow it to ``bucket(needed)`` slots (copying the old ones in)."""
+        self._check_idle()
         have = self.cache_slots
         if have >= needed:
             return
@@ -604,6 +612,9 @@ class Session:
         """Stop the reply being generated at the next step boundary (from a callback or another
         thread); the history keeps the tokens produced until then."""
         self._cancel = True
+        pr = self._pending
+        if pr is not None and pr.on_cancel is not None:
+            pr.on_cancel()
 
     def respond(self, max_new_tokens: int | None = None, *, on_text: Callable[[str], Any] | None = None,
                 **kwargs) -> Reply:
@@ -633,18 +644,30 @@ class Session:
         the whole conversation's hidden states and embeddings (kept beside the cache), and its codec
         ids go through :class:`omni_jax.streaming.StreamingToken2Wav` (codec ids only, in ``done``'s
         ``codec_ids``, when the checkpoint has no token2wav weights). A cancelled reply stops its
-        speech too."""
-        from .outputs import StreamEvent
-
+        speech too. The decoding runs here, with the session's own programs; a server decodes the
+        same :class:`PendingReply` as a row of its continuous batch instead."""
+        if not isinstance(steps_per_event, (int, np.integer)) or steps_per_event < 1:
+            raise InputError(f"steps_per_event: expected a positive int, got {steps_per_event!r}")
         t0 = time.perf_counter()
+        pr = self.begin_reply(max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                              eos_token_id=eos_token_id, return_audio=return_audio, speaker=speaker, **talker_kwargs)
+        yield from self._decode_here(pr, int(steps_per_event), t0)
+
+    def begin_reply(self, max_new_tokens: int | None = None, *, do_sample=None, temperature=None, top_k=None,
+                    top_p=None, repetition_penalty=None, seed: int | None = None, eos_token_id=None,
+                    return_audio: bool = False, speaker: str = "Chelsie", **talker_kwargs) -> "PendingReply":
+        """Start the assistant's reply (arguments as :meth:`respond_stream`): check the arguments,
+        prefill what the cache lacks of the conversation and the generation prompt, and choose the
+        reply's first token. Returns the :class:`PendingReply`, which holds the session's cache (in
+        its decode state) until :meth:`PendingReply.finish` (or :meth:`PendingReply.abandon`) hands it
+        back; the session takes no other call in between."""
         model = self.model
         unknown = set(talker_kwargs) - TALKER_ARGS
         if unknown:
             raise InputError(f"unknown argument(s): {', '.join(sorted(unknown))}")
         if return_audio:
             model.check_speech(speaker, talker_kwargs.get("talker_max_new_tokens", 4096))
-        if not isinstance(steps_per_event, (int, np.integer)) or steps_per_event < 1:
-            raise InputError(f"steps_per_event: expected a positive int, got {steps_per_event!r}")
         if self._open is not None:
             self.end_user_turn()
         if not self.messages:
@@ -688,9 +711,26 @@ class Session:
                                     eos_arr, pad, bucket(max_new), do, hidden_dim)
         self._logits = None
         self._cancel = False
-        gen = talk = vocoder = None
+        pr = PendingReply(session=self, state=state, ids=list(ids), pos=np.asarray(pos, np.int32), next_pos=next_pos,
+                          max_new=int(max_new), eos=eos, eos_arr=eos_arr, pad=pad, sampling=sp, do_sample=do,
+                          settings=st, seed=int(seed), return_audio=bool(return_audio), speaker=speaker,
+                          talker_kwargs=dict(talker_kwargs), hand_back=self._finish_reply,
+                          take_back=self._take_back)
         if return_audio:
-            gen, talk, vocoder = self._speech_parts(state, ids, eos, max_new, speaker, seed, talker_kwargs)
+            pr.generation = self._talker_generation(state, ids, eos, max_new)
+        self._pending = pr
+        return pr
+
+    def _decode_here(self, pr: "PendingReply", steps_per_event: int, t0: float) -> Iterator:
+        """Decode ``pr`` with the session's own programs, yielding its events (:meth:`respond_stream`)."""
+        from .outputs import StreamEvent
+
+        model = self.model
+        state, eos = pr.state, pr.eos
+        max_new = pr.max_new
+        talk = vocoder = None
+        if pr.return_audio:
+            talk, vocoder = self._talker_runner(pr)
         streamer = TextStreamer(model.processor)
         produced: list[int] = []
         audio: list[np.ndarray] = []
@@ -723,11 +763,13 @@ class Session:
                 if talk is not None and k >= 2:
                     yield from audio_events(talk(k - 2))
                 with use_mesh(model.mesh):
-                    state = self._decode_jit(model.params, state, np.int32(steps_per_event), sp, eos_arr, pad, do)
-                if gen is not None:
-                    gen.state = state
+                    state = self._decode_jit(model.params, state, np.int32(steps_per_event), pr.sampling, pr.eos_arr,
+                                             pr.pad, pr.do_sample)
+                if pr.generation is not None:
+                    pr.generation.state = state
         finally:
-            self._finish_reply(state, ids, pos, next_pos, produced, eos, reason)
+            pr.state = None
+            self._finish_reply(pr, state.cache, state.hidden, produced, reason)
         tail = streamer.flush()
         if tail:
             yield StreamEvent("text", text=tail, t=time.perf_counter() - t0)
@@ -750,35 +792,45 @@ class Session:
         self.last_reply.audio = np.concatenate(audio) if audio else None
         yield StreamEvent("done", token_ids=produced, codec_ids=codec_ids, t=time.perf_counter() - t0)
 
-    def _finish_reply(self, state, ids, pos, next_pos, produced, eos, reason) -> None:
-        """Take the cache back from the decode state and append the reply (what was produced) to the
-        history; the cache holds every produced token but the last (chosen, not yet fed)."""
+    def _finish_reply(self, pr: "PendingReply", cache, hidden, produced: list, reason: str) -> None:
+        """Take the cache back (``cache``, a decode state's; ``hidden``: its reply hidden states) and
+        append the reply (what was produced) to the history; the cache holds every produced token but
+        the last (chosen, not yet fed)."""
         model = self.model
-        self._kv = SessionCache(state.cache)
+        ids, pos, next_pos, eos = pr.ids, pr.pos, pr.next_pos, pr.eos
+        self._pending = None
+        self._kv = SessionCache(cache)
         fed = produced[:-1]
         n = len(ids)
         self._ids = list(ids) + fed
-        self._pos = np.concatenate([np.asarray(pos, np.int32), next_pos + np.arange(len(fed), dtype=np.int32)[None]],
-                                   axis=1)
+        self._pos = np.concatenate([pos, next_pos + np.arange(len(fed), dtype=np.int32)[None]], axis=1)
         if self._speech and fed:
             emb = self._embed_jit(model.params, np.asarray([fed], np.int32))
-            self._keep_talker_inputs(n, state.hidden[:, :len(fed)], emb)
+            self._keep_talker_inputs(n, hidden[:, :len(fed)], emb)
         cut = next((i for i, x in enumerate(produced) if x in eos), len(produced))
         text = model.processor.decode(produced[:cut])
         self.messages.append({"role": "assistant", "content": text})
         self.last_reply = Reply(text=text, token_ids=produced, finish_reason=reason)
         self._cancel = False
+        return self.last_reply
 
-    def _speech_parts(self, state, ids, eos, max_new, speaker, seed, talker_kwargs):
-        """The talker side of a spoken reply: a :class:`omni_jax.Generation` view of the reply being
-        decoded (the conversation as its prompt, left-padded to a bucket as ``prefill`` lays it out),
-        a ``talk(final, limit)`` function that advances the talker and returns new audio chunks, and
-        the streaming vocoder (None without token2wav weights)."""
+    def _take_back(self, cache) -> None:
+        """A begun reply that produced nothing for the history: the cache back as it was (``cache``),
+        or, when it is lost (None), no cache at all, so the next turn prefills the conversation again."""
+        self._pending, self._logits, self._cancel = None, None, False
+        if cache is not None:
+            self._kv = SessionCache(cache)
+            return
+        self._kv, self._ids, self._pos = None, [], np.zeros((3, 0), np.int32)
+        if self._speech:
+            self._hid = self._emb = None
+
+    def _talker_generation(self, state, ids, eos, max_new):
+        """A :class:`omni_jax.Generation` view of the reply being decoded, for the talker: the
+        conversation as its prompt, left-padded to a bucket as ``prefill`` lays it out."""
         from .outputs import Generation
-        from .engine import noise_key
         from .processor import left_pad
 
-        model = self.model
         n = len(ids)
         tb = bucket(n)
         ids_l, mask_l = left_pad([ids], tb)
@@ -789,8 +841,15 @@ class Session:
         mm = {"image_grid_thw": np.asarray(grids) if grids else None,
               "feature_attention_mask": (np.arange(max(frames))[None] < np.asarray(frames)[:, None]).astype(np.int32)
               if frames else None}
-        gen = Generation(state=state, prompt_ids=np.asarray([ids]), eos=eos, max_new_tokens=max_new,
-                         talker_inputs=inputs, aligned_ids=ids_l, aligned_mask=mask_l, mm=mm)
+        return Generation(state=state, prompt_ids=np.asarray([ids]), eos=eos, max_new_tokens=max_new,
+                          talker_inputs=inputs, aligned_ids=ids_l, aligned_mask=mask_l, mm=mm)
+
+    def _talker_runner(self, pr: "PendingReply"):
+        """``talk(final, limit)``, which advances the talker of ``pr`` and returns new audio chunks, and
+        the streaming vocoder (None without token2wav weights)."""
+        from .engine import noise_key
+
+        model, gen, speaker, seed = self.model, pr.generation, pr.speaker, pr.seed
         vocoder = None
         if model.token2wav_params is not None:
             from .streaming import StreamingToken2Wav
@@ -801,7 +860,7 @@ class Session:
 
         def talk(final, limit=None):
             if talk.run is None:
-                talk.run = model.talker_start(gen, speaker=speaker, seed=seed, **talker_kwargs)
+                talk.run = model.talker_start(gen, speaker=speaker, seed=seed, **pr.talker_kwargs)
                 if talk.run is None:
                     return []
             model.talker_advance(talk.run, gen, final, limit)
@@ -811,7 +870,68 @@ class Session:
             return vocoder.push(new) if (vocoder is not None and len(new)) else []
 
         talk.run = None
-        return gen, talk, vocoder
+        return talk, vocoder
+
+
+@dataclass
+class PendingReply:
+    """An assistant reply of a :class:`Session` whose first token is chosen (:meth:`Session.begin_reply`),
+    waiting to be decoded: by the session itself (:meth:`Session.respond_stream`) or as a row of a
+    server's continuous batch (:meth:`omni_jax.serve.Engine.session_reply`), whose decode loop is the
+    same program family, so the ids are the same. ``state``: the batch-1
+    :class:`omni_jax.generate.DecodeState` (it holds the session's KV cache); ``generation``: the
+    talker's view of the reply (with ``return_audio``). Exactly one of :meth:`finish` and
+    :meth:`abandon` gives the session its cache back."""
+
+    session: Session
+    state: Any
+    ids: list
+    pos: np.ndarray
+    next_pos: np.ndarray
+    max_new: int
+    eos: list
+    eos_arr: np.ndarray
+    pad: Any
+    sampling: Any
+    do_sample: bool
+    settings: dict
+    seed: int
+    return_audio: bool
+    speaker: str
+    talker_kwargs: dict
+    hand_back: Callable = field(repr=False, default=None)  # the session's: the reply joins its history
+    take_back: Callable = field(repr=False, default=None)  # the session's: its cache back, no reply
+    generation: Any = None
+    on_cancel: Callable[[], Any] | None = None  # set by whoever decodes it elsewhere
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
+
+    def sampling_values(self) -> tuple:
+        """``(temperature, top_k, top_p, repetition_penalty, do_sample)`` of the reply's thinker."""
+        st = self.settings
+        return st["temperature"], st["top_k"], st["top_p"], st["repetition_penalty"], self.do_sample
+
+    def finish(self, cache, hidden, produced, reason: str) -> Reply:
+        """The reply ended (``reason``: ``"stop"``, ``"length"`` or ``"cancelled"``) after ``produced``
+        ids; ``cache``/``hidden``: the decode state's per-layer KV cache ``[1, S, ...]`` and reply
+        hidden states ``[1, N, E]`` (any ``S`` holding the conversation and the reply). Appends the
+        reply to the history and returns it (:attr:`Session.last_reply`)."""
+        self.state = None
+        return self.hand_back(self, cache, hidden, [int(x) for x in produced], reason)
+
+    def abandon(self) -> None:
+        """The reply never ran (refused by a server): the session takes its cache back unchanged and
+        the history gets no reply."""
+        st, self.state = self.state, None
+        self.take_back(None if st is None else st.cache)
+
+    def lost(self) -> None:
+        """The reply's decode state was lost (a server's internal error): the session forgets its cache,
+        so the next turn prefills the whole conversation again; the history gets no reply."""
+        self.state = None
+        self.take_back(None)
 
 
 TALKER_ARGS = {"talker_max_new_tokens", "talker_min_new_tokens", "talker_do_sample", "talker_top_k", "talker_top_p",

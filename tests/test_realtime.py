@@ -16,6 +16,9 @@ from pydantic import TypeAdapter
 from omni_jax.serve import realtime as rt
 from test_serve import KEY, LIMITS, server  # noqa: F401  (fixture)
 
+# a session's replies decode in the engine's rows, whose prompt part (max_prompt_tokens) holds the
+# whole conversation a spoken reply's talker reads: room for a few turns with audio
+SERVER_LIMITS = {**LIMITS, "max_prompt_tokens": 512}
 EVENTS = None
 
 
@@ -188,6 +191,58 @@ def test_streamed_audio_turn_is_prefilled_while_arriving_and_spoken(server):
     from omni_jax.serve.openai_format import pcm16
 
     assert len(pcm) > 0 and pcm == pcm16(ref.audio)
+
+
+def test_replies_are_rows_of_the_chat_batch(server):
+    """A realtime reply decodes as a row of the engine's continuous batch beside a chat completion (both
+    are in the batch at once), equals a session's own reply, and a second session compiles nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import client
+
+    model, engine = server["model"], server["engine"]
+
+    def turn(text):
+        with connect(server) as conn:
+            events_until(conn, "session.created")
+            conn.session.update(session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 12})
+            events_until(conn, "session.updated")
+            conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                "content": [{"type": "input_text", "text": text}]})
+            events_until(conn, "conversation.item.done")
+            conn.response.create()
+            return events_until(conn, "response.done")
+
+    def pair(rt_text, chat_text):
+        """A realtime turn and a chat completion queued together while the scheduler is held."""
+        engine.pause()
+        engine.peak_active = 0
+        started = engine.metrics.counters[("requests_started_total", ())]
+        with ThreadPoolExecutor(2) as pool:
+            rt_fut = pool.submit(turn, rt_text)
+            chat_fut = pool.submit(lambda: client(server).chat.completions.create(
+                model="omni-test", messages=[{"role": "user", "content": chat_text}], max_tokens=12, temperature=0))
+            deadline = time.time() + 120
+            while len(engine.queue) < 2 and time.time() < deadline:
+                time.sleep(0.02)
+            assert len(engine.queue) == 2  # the session's reply waits in the chat queue
+            engine.resume()
+            evs, chat = rt_fut.result(), chat_fut.result()
+        assert engine.peak_active == 2  # decoded together, as two rows of one batch
+        assert engine.metrics.counters[("requests_started_total", ())] == started + 2
+        return evs, chat
+
+    pair("warm up", "Hello")  # the first pair compiles what sessions and chats use
+    before_engine, before_model = engine.compile_counts(), model.compile_counts()
+    evs, chat = pair("Tell me about boats", "Tell me about the sea")  # a new session, a new chat
+    assert engine.compile_counts() == before_engine and model.compile_counts() == before_model
+    s = model.session()
+    s.add_user("Tell me about boats")
+    ref = s.respond(12)
+    text = "".join(e["delta"] for e in evs if e["type"] == "response.output_text.delta")
+    assert text == ref.text and evs[-1]["response"]["usage"]["output_tokens"] == len(ref.token_ids)
+    assert chat.choices[0].message.content == model.generate(
+        messages=[{"role": "user", "content": "Tell me about the sea"}], max_new_tokens=12).text[0]
 
 
 def test_server_vad_commits_responds_and_is_interrupted(server):
@@ -388,3 +443,58 @@ def test_resampler_does_not_depend_on_chunking():
         i += n
     parts.append(r.push(y[i:], last=True))
     np.testing.assert_array_equal(np.concatenate(parts), librosa.resample(y, orig_sr=24000, target_sr=16000))
+
+
+def test_a_reply_that_does_not_fit_a_row_leaves_the_session_usable(server):
+    """The engine refuses a spoken reply whose conversation is longer than a row's prompt part (its talker
+    reads the whole conversation) with one error; the session gets its cache back untouched and its next
+    (text) reply, in the engine, is the one a session run directly gives."""
+    from omni_jax.errors import OmniError
+
+    model, engine = server["model"], server["engine"]
+    n = lambda k: model.encode_messages([{"role": "user", "content": "boats " * k}])["input_ids"].shape[1]  # noqa: E731
+    k = next(k for k in range(50, 2000, 10) if n(k) > SERVER_LIMITS["max_prompt_tokens"] + 10)
+    assert n(k) + 8 <= engine.row_slots
+    s = model.session(max_context=engine.row_slots, minimum_slots=engine.row_slots)
+    s.add_user("boats " * k)
+    with pytest.raises(OmniError, match="max-prompt-tokens"):
+        list(engine.session_reply(s, 4, return_audio=True, speaker="Chelsie"))
+    assert [m["role"] for m in s.messages] == ["user"] and s.last_reply is None
+    evs = list(engine.session_reply(s, 8))
+    ref = model.session()
+    ref.add_user("boats " * k)
+    want = ref.respond(8)
+    assert s.last_reply.token_ids == want.token_ids and s.messages == ref.messages
+    assert "".join(e.text for e in evs if e.kind == "text") == want.text and evs[-1].kind == "done"
+
+
+def test_a_reply_cancelled_while_queued_ends_at_its_first_token(server):
+    """session.cancel() on a reply still waiting in the engine's queue: it ends as cancelled with the
+    first token (chosen when it began), which joins the history as a reply does, and the session goes on."""
+    import threading
+
+    model, engine = server["model"], server["engine"]
+    s = model.session(max_context=engine.row_slots, minimum_slots=engine.row_slots)
+    s.add_user("Tell me about islands")
+    engine.pause()
+    out = {}
+    th = threading.Thread(target=lambda: out.update(evs=list(engine.session_reply(s, 8))))
+    th.start()
+    deadline = time.time() + 60
+    while len(engine.queue) < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    assert len(engine.queue) == 1
+    s.cancel()
+    engine.resume()
+    th.join(60)
+    assert not th.is_alive()
+    r = s.last_reply
+    assert r.finish_reason == "cancelled" and len(r.token_ids) == 1 and out["evs"][-1].kind == "done"
+    assert s.messages[-1] == {"role": "assistant", "content": r.text}
+    s.add_user("And then?")
+    list(engine.session_reply(s, 4))
+    ref = model.session()
+    for m in s.messages[:-2]:
+        ref.messages.append(dict(m))
+    ref.add_user("And then?")
+    assert s.last_reply.token_ids == ref.respond(4).token_ids

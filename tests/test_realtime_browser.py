@@ -19,7 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from test_serve import KEY, server  # noqa: F401  (fixture)
+from test_serve import KEY, LIMITS, server  # noqa: F401  (fixture)
+
+SERVER_LIMITS = {**LIMITS, "max_prompt_tokens": 512}  # a spoken conversation in the engine's rows
 
 INSTALL = "apt-get install chromium espeak-ng"
 # the events the page must see, in this order (other events come in between)

@@ -27,11 +27,13 @@ SPEECH = dict(talker_max_new_tokens=40, talker_min_new_tokens=30)  # 0.8 s of sp
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(request):
+    """A server on the embedded model, with the limits of the test module's ``SERVER_LIMITS`` (else
+    ``LIMITS``)."""
     import uvicorn
 
     model = omni_jax.load(omni_jax.default_model_path(), dtype="float32")
-    engine = Engine(model, ServeLimits(**LIMITS)).start()
+    engine = Engine(model, ServeLimits(**getattr(request.module, "SERVER_LIMITS", LIMITS))).start()
     app = build_app(engine, model_name="omni-test", api_key=KEY)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

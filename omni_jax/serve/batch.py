@@ -92,6 +92,30 @@ def _take_row(state: DecodeState, r):
             jax.lax.dynamic_index_in_dim(state.n, r, keepdims=False))
 
 
+def _take_reply(state: DecodeState, r):
+    """Row ``r``'s KV cache (per layer ``[1, S, KVH, D]``), hidden ``[1, N, E]``, tokens ``[1, N]`` and
+    count: what a session takes back after its reply ran in the batch."""
+    cache = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, r, 1), state.cache)
+    return (cache, jax.lax.dynamic_slice_in_dim(state.hidden, r, 1), jax.lax.dynamic_slice_in_dim(state.tokens, r, 1),
+            jax.lax.dynamic_index_in_dim(state.n, r, keepdims=False))
+
+
+def fit_slots(small: DecodeState, slots: int) -> DecodeState:
+    """``small`` (batch 1) with its cache and key mask cut or zero-padded to ``slots`` slots (a
+    session's cache may be allocated larger or smaller than the batch's rows; the slots cut hold
+    nothing the reply reads or writes)."""
+    have = small.kv_valid.shape[1]
+    if have == slots:
+        return small
+
+    def fit(x):  # [1, S, ...]
+        if have > slots:
+            return x[:, :slots]
+        return jnp.pad(x, [(0, 0), (0, slots - have)] + [(0, 0)] * (x.ndim - 2))
+
+    return small._replace(cache=jax.tree.map(fit, small.cache), kv_valid=fit(small.kv_valid))
+
+
 def occupancy_bucket(n: int, b: int) -> int:
     """The sub-batch size for ``n`` decoding rows in a batch of ``b``: the smallest power of two
     ``>= n``, at most ``b``."""
@@ -128,6 +152,7 @@ class SlotBatch:
         self._insert = jax.jit(lambda *a: _insert(*a), donate_argnums=(0,) if donate else ())
         self._release = jax.jit(lambda *a: _release(*a), donate_argnums=(0,) if donate else ())
         self._take = jax.jit(lambda *a: _take_row(*a))
+        self._take_reply = jax.jit(lambda *a: _take_reply(*a))
         self._step = jax.jit(_on_rows(step_fn, self.b), donate_argnums=(1,) if donate else ())
         self.buckets: set[int] = set()  # occupancy buckets decoded so far (one program each)
 
@@ -160,6 +185,10 @@ class SlotBatch:
     def take_row(self, r: int):
         return self._take(self.state, np.int32(r))
 
+    def take_reply(self, r: int):
+        """Row ``r``'s ``(cache, hidden, tokens, n)`` (copies; see :func:`_take_reply`)."""
+        return self._take_reply(self.state, np.int32(r))
+
     def host_view(self):
         """(n [B], tokens [B, N], finished [B]) on the host."""
         s = self.state
@@ -167,7 +196,8 @@ class SlotBatch:
         return n, tokens, done | (n >= max_new)
 
     def compiles(self) -> dict:
-        return {"insert": self._insert._cache_size(), "step": self._step._cache_size()}
+        return {"insert": self._insert._cache_size(), "step": self._step._cache_size(),
+                "take_reply": self._take_reply._cache_size()}
 
 
 def sampling_row(temperature, top_k, top_p, repetition_penalty, do_sample, vocab):

@@ -341,7 +341,11 @@ class Connection:
 
     def _session(self):
         if self.session is None:
-            self.session = self.model.session(system=self.settings.instructions)
+            # the session's cache is a thinker row of the engine's batch, where its replies decode
+            slots = self.engine.row_slots
+            limit = int(self.model.config.thinker.text.max_position_embeddings)
+            self.session = self.model.session(system=self.settings.instructions, max_context=min(slots, limit),
+                                              minimum_slots=slots)
         return self.session
 
     # ---- the conversation (worker thread)
@@ -431,7 +435,7 @@ class Connection:
         kw = dict(return_audio=True, speaker=self.settings.voice,
                   talker_max_new_tokens=self.limits.max_audio_tokens) if audio else {}
         try:
-            for ev in s.respond_stream(cap, **kw):
+            for ev in self.engine.session_reply(s, cap, **kw):
                 if ev.kind == "text" and ev.text:
                     self.emit({"type": text_ev, **where, "delta": ev.text})
                 elif ev.kind == "audio" and ev.audio is not None and len(ev.audio):

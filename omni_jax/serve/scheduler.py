@@ -45,7 +45,7 @@ import numpy as np
 from ..engine import ThinkerReply, bucket, noise_key
 from ..errors import OmniError
 from ..sharding import outside_context_mesh
-from .batch import SlotBatch, empty_state, occupancy_bucket, sampling_row
+from .batch import SlotBatch, empty_state, fit_slots, occupancy_bucket, sampling_row
 
 log = logging.getLogger("omni_jax.serve")
 
@@ -117,11 +117,15 @@ class ServeRequest:
     """One chat request in the engine. ``inputs``: processor outputs (input_ids, attention_mask, media
     tensors); ``sink(event)`` receives ``(kind, payload)`` tuples from the engine's threads:
     ``("started", None)``, ``("text", (delta, ids))``, ``("audio", float32 chunk)``,
-    ``("done", info)``, ``("error", (status, message))``."""
+    ``("done", info)``, ``("error", (status, message))``; a session's reply (``prepared``) also gets
+    ``("returned", None)`` once the session has its cache back."""
 
     inputs: dict
     params: GenParams
     sink: Callable[[tuple], None]
+    # a session's reply, begun by the session (omni_jax.session.PendingReply): inserted as it is instead of
+    # prefilled from ``inputs``, and handed back to the session when its row is freed
+    prepared: Any = None
     arrival: float = field(default_factory=time.perf_counter)
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
@@ -267,6 +271,7 @@ class Engine:
         st = empty_state(b, (shape.num_hidden_layers, self.pb + self.nb, shape.num_key_value_heads, shape.head_dim),
                          model.dtype, self.nb, tcfg.vocab_size, tcfg.hidden_size if self.speech else 0, model.dtype)
         self.thinker = SlotBatch(st, model.decode_rows_fn("thinker"), eos=eos_arr, pad=pad, mesh=model.mesh)
+        self.row_slots = self.pb + self.nb  # cache slots of a thinker row: a session reply's conversation + reply
         self.talker = None
         if self.speech:
             c = model.config.talker
@@ -337,6 +342,77 @@ class Engine:
     def active(self) -> int:
         return sum(r is not None for r in self.slots)
 
+    def session_reply(self, session, max_new_tokens: int | None = None, *, return_audio: bool = False,
+                      speaker: str = "Chelsie", **kwargs):
+        """Generate a :class:`omni_jax.session.Session`'s reply as a row of this engine's continuous
+        batch, beside the chat completions: yields the events :meth:`~omni_jax.session.Session.respond_stream`
+        yields (``text``, ``audio``, then ``done``) and leaves the session as ``respond_stream`` does
+        (the reply in its history and :attr:`~omni_jax.session.Session.last_reply`; ``session.cancel()``
+        stops it). The session chooses the first token (:meth:`~omni_jax.session.Session.begin_reply`,
+        on the calling thread); the row decodes with the engine's per-row programs, and its speech runs
+        through the engine's talker batch and a :class:`omni_jax.streaming.StreamingToken2Wav`, so no
+        program is compiled per session. Its conversation must fit a row: :attr:`row_slots` slots
+        (the session's ``max_context``), and, spoken, ``max_prompt_tokens``. Raises
+        :class:`~omni_jax.errors.OmniError` (a full queue, a reply that does not fit)."""
+        import queue as queue_mod
+
+        from ..outputs import StreamEvent
+
+        t0 = time.perf_counter()
+        kw = dict(kwargs)
+        if kw.get("talker_eos_token_id") is not None:
+            raise OmniError("talker_eos_token_id: a session reply in the server's batch stops at the talker's own "
+                            "end codes")
+        if return_audio:
+            kw.setdefault("talker_max_new_tokens", self.limits.max_audio_tokens)
+        pr = session.begin_reply(max_new_tokens, return_audio=return_audio, speaker=speaker, **kw)
+        st = pr.settings
+        tk = {k: v for k, v in kw.items() if k.startswith("talker_") and k != "talker_eos_token_id"}
+        params = GenParams(max_tokens=pr.max_new, do_sample=pr.do_sample, temperature=st["temperature"],
+                           top_k=st["top_k"], top_p=st["top_p"], repetition_penalty=st["repetition_penalty"],
+                           seed=pr.seed, speech=return_audio, voice=speaker, **tk)
+        if params.talker_do_sample is None:
+            params.talker_do_sample = True
+        events: queue_mod.Queue = queue_mod.Queue()
+        req = ServeRequest(inputs={"attention_mask": np.ones((1, pr.prompt_tokens), np.int32)}, params=params,
+                           sink=events.put, prepared=pr)
+        pr.on_cancel = req.cancel
+        try:
+            self.submit(req)
+        except QueueFull as e:
+            pr.abandon()
+            raise OmniError(str(e)) from None
+        audio, done, returned, error = [], None, False, None
+        while not returned or (done is None and error is None and not req.cancelled):
+            try:
+                kind, payload = events.get(timeout=1.0)
+            except queue_mod.Empty:
+                if self._stop:
+                    raise OmniError("the server is stopping") from None
+                continue
+            if kind == "text":
+                delta, ids = payload
+                yield StreamEvent("text", text=delta, token_ids=list(ids), t=time.perf_counter() - t0)
+            elif kind == "audio":
+                audio.append(payload)
+                yield StreamEvent("audio", audio=payload, t=time.perf_counter() - t0)
+            elif kind == "done":
+                done = payload
+            elif kind == "error":
+                error = payload
+            elif kind == "returned":
+                returned = True
+        if error is not None:
+            raise OmniError(error[1])
+        reply = session.last_reply
+        if return_audio:
+            reply.codec_ids = np.asarray(done["codec_ids"] if done else req.codes, np.int32)
+            reply.audio = np.concatenate(audio) if audio else None
+        if req.cancelled:
+            reply.finish_reason = "cancelled"
+        yield StreamEvent("done", token_ids=list(reply.token_ids), codec_ids=reply.codec_ids,
+                          t=time.perf_counter() - t0)
+
     def compile_counts(self) -> dict:
         m = self.model
         out = {f"thinker_{k}": v for k, v in self.thinker.compiles().items()}
@@ -366,6 +442,10 @@ class Engine:
     def _fail_all(self, message):
         for r, req in enumerate(self.slots):
             if req is not None:
+                try:
+                    self._hand_back(r, req)
+                except Exception:  # noqa: BLE001 - the batch itself may be what failed
+                    log.exception("handing a session its reply back failed")
                 req.sink(("error", (500, message)))
                 self.metrics.request_done(req, "error")
                 req.finished.set()
@@ -418,23 +498,29 @@ class Engine:
                 req = self.queue.popleft()
             if req.cancelled:
                 self.metrics.request_done(req, "cancelled")
+                if req.prepared is not None:  # cancelled while waiting: the reply ends at its first token
+                    st = req.prepared.state
+                    self._returned(req, lambda: req.prepared.finish(st.cache, st.hidden, np.asarray(st.tokens[0, :1]),
+                                                                    "cancelled"))
                 req.finished.set()
                 continue
             try:
                 self._start(req, free[0])
             except OmniError as e:
                 self.metrics.request_done(req, "invalid")
+                self._give_up(req)
                 req.sink(("error", (400, str(e))))
                 req.finished.set()
             except Exception as e:
                 log.exception("prefill failed")
                 self.metrics.request_done(req, "error")
+                self._give_up(req)
                 req.sink(("error", (500, f"internal error: {type(e).__name__}: {e}")))
                 req.finished.set()
 
     def _start(self, req: ServeRequest, r: int):
-        from ..processor import TextStreamer
-
+        if req.prepared is not None:
+            return self._start_prepared(req, r)
         p, m, lim = req.params, self.model, self.limits
         ids, mask = np.atleast_2d(req.inputs["input_ids"]), np.atleast_2d(req.inputs["attention_mask"])
         # unset fields: the checkpoint's generation config, then transformers' defaults
@@ -462,6 +548,63 @@ class Engine:
                                                 vocab))
         gen.state = None  # the row lives in the batch now
         req.gen = gen
+        self._occupy(req, r)
+
+    def _start_prepared(self, req: ServeRequest, r: int):
+        """Insert a session's begun reply (its cache, first token and sampling) into row ``r``."""
+        pr, p, m, lim = req.prepared, req.params, self.model, self.limits
+        n = pr.prompt_tokens
+        if n + pr.max_new > self.row_slots:
+            raise OmniError(f"the conversation of {n} tokens + a reply of up to {pr.max_new} needs more context than "
+                            f"this server's rows hold ({self.row_slots} slots: --max-prompt-tokens + --max-tokens)")
+        if p.speech and bucket(n) > self.pb:
+            raise OmniError(f"a spoken reply's talker reads the whole conversation: {n} tokens is above this server's "
+                            f"--max-prompt-tokens ({lim.max_prompt_tokens})")
+        if sorted(pr.eos) != sorted(self.eos) and not p.ignore_eos:
+            raise OmniError("a session reply in the server's batch stops at the model's own EOS ids")
+        if pr.max_new > self.nb:
+            raise OmniError(f"max_tokens: {pr.max_new} is above this server's limit of {lim.max_tokens}")
+        vocab = m.config.thinker.text.vocab_size
+        self.thinker.insert(r, fit_slots(pr.state, self.row_slots), max_new=pr.max_new, min_new=0,
+                            eos_on=not p.ignore_eos, sp_row=sampling_row(*pr.sampling_values(), vocab))
+        pr.state = None  # the row lives in the batch now
+        req.gen = pr.generation
+        if req.gen is not None:
+            req.gen.state = None
+        self._occupy(req, r)
+
+    def _returned(self, req: ServeRequest, finish) -> None:
+        """Hand a session's reply back (``finish()``), then tell its consumer."""
+        try:
+            finish()
+        except Exception:  # noqa: BLE001 - the consumer gets the error; serving goes on
+            log.exception("handing a session its reply back failed")
+            req.prepared.lost()
+            req.sink(("error", (500, "internal error: the session could not take its reply back")))
+        req.sink(("returned", None))
+
+    def _give_up(self, req: ServeRequest) -> None:
+        """A session's reply that never ran: the session takes its cache back unchanged."""
+        if req.prepared is not None:
+            if req.prepared.state is not None:
+                req.prepared.abandon()
+            else:  # it failed after its state went into the batch
+                req.prepared.lost()
+            req.sink(("returned", None))
+
+    def _hand_back(self, r: int, req: ServeRequest) -> None:
+        """Before row ``r`` is freed: a session's reply takes its cache and reply tokens back."""
+        if req.prepared is None:
+            return
+        cache, hidden, tokens, n = self.thinker.take_reply(r)
+        reason = "cancelled" if req.cancelled else req.finish_reason
+        self._returned(req, lambda: req.prepared.finish(cache, hidden, np.asarray(tokens[0, :int(n)]), reason))
+
+    def _occupy(self, req: ServeRequest, r: int):
+        """Row ``r`` holds ``req`` now: its text streamer, vocoder and bookkeeping."""
+        from ..processor import TextStreamer
+
+        p, m = req.params, self.model
         req.slot = r
         req.streamer = TextStreamer(m.processor) if m.processor is not None else None
         req.parts_left = 2 if p.speech else 1
@@ -483,6 +626,7 @@ class Engine:
         for r, req in enumerate(self.slots):
             if req is not None and req.cancelled:
                 rows[r] = True
+                self._hand_back(r, req)
                 self.slots[r] = None
                 self.metrics.request_done(req, "cancelled")
                 req.finished.set()
@@ -563,6 +707,7 @@ class Engine:
         for r, req in enumerate(self.slots):
             if req is not None and req.text_done and (not req.params.speech or req.talker_done):
                 rows[r] = True
+                self._hand_back(r, req)
                 self.slots[r] = None
         if rows.any():
             self.thinker.release(rows)
