@@ -80,6 +80,7 @@ class _Media:
     emb: Any
     frames: int = 0
     grid: tuple | None = None
+    seconds: float = 0.0  # video: video_second_per_grid (TMRoPE's time step per temporal grid)
 
 
 @dataclass
@@ -184,7 +185,10 @@ class Session:
         Either ``content`` (a string or a list of typed parts, as in ``messages``), or any of
         ``text``, ``audio`` (a path or an array, with ``sampling_rate`` for arrays) and ``image``
         (a path, PIL image or HWC uint8 array), laid out as parts in the order audio, image, text.
-        Video parts are not supported in sessions. The media are read and encoded here."""
+        ``content`` may hold video parts (``{"type": "video", "video": path or [T, H, W, 3] uint8 array,
+        "fps": ...}``, sampled as ``generate(messages=...)`` samples them, without the video's own
+        audio track: ``use_audio_in_video`` is not supported in sessions). The media are read and
+        encoded here."""
         if self._open is not None:
             raise InputError("add_user: a streamed audio turn is open; call end_user_turn() first")
         if content is None:
@@ -249,7 +253,19 @@ class Session:
                                     mesh=model.mesh)
                 out.append(_Media("image", jnp.asarray(emb, model.dtype), grid=tuple(int(g) for g in grid[0])))
             elif kind == "video":
-                raise InputError(f"{where}: video parts are not supported in sessions")
+                if model.vision is None:
+                    raise InputError(f"{where}: {model.path} has no vision encoder (thinker.visual)")
+                if part.get("video") is None:
+                    raise InputError(f"{where}: a video part needs 'video' (a path or a [T, H, W, 3] uint8 array)")
+                from .vision import encode_vision
+
+                v = media.load_video(part["video"], part.get("fps"), cfg=self._vcfg)
+                px = media.video_inputs([v], self._vcfg, fps=v.sample_fps)
+                grid = np.asarray(px["video_grid_thw"])
+                emb = encode_vision(model.vision, tc.vision, np.asarray(px["pixel_values_videos"]), grid,
+                                    model.attention, mesh=model.mesh)
+                out.append(_Media("video", jnp.asarray(emb, model.dtype), grid=tuple(int(g) for g in grid[0]),
+                                  seconds=float(px["video_second_per_grid"][0])))
         return out
 
     def _encode_audio(self, feats: np.ndarray, length: int):
@@ -272,13 +288,17 @@ class Session:
         text = proc.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         frames = [m.frames for m in items if m.kind == "audio"]
         grids = [m.grid for m in items if m.kind == "image"]
-        expanded = media.expand_placeholders(text, audio_lengths=frames, image_grids=grids,
-                                             merge_size=tc.vision.spatial_merge_size,
+        vgrids = [m.grid for m in items if m.kind == "video"]
+        vsec = [m.seconds for m in items if m.kind == "video"]
+        expanded = media.expand_placeholders(text, audio_lengths=frames, image_grids=grids, video_grids=vgrids,
+                                             video_seconds=vsec, merge_size=tc.vision.spatial_merge_size,
                                              position_id_per_seconds=tc.position_id_per_seconds,
                                              seconds_per_chunk=tc.seconds_per_chunk)
         ids = proc.encode(expanded)
         pos = rope_index(tc, np.asarray(ids, np.int64)[None], None,
                          image_grid_thw=np.asarray(grids) if grids else None,
+                         video_grid_thw=np.asarray(vgrids) if vgrids else None,
+                         second_per_grids=np.asarray(vsec, np.float64) if vgrids else None,
                          audio_seqlens=np.asarray(frames) if frames else None)[:, 0]
         return ids, pos
 
@@ -320,7 +340,7 @@ class Session:
         indices relative to ``a``; each media item's placeholder run is found in order."""
         tc = self._tc
         arr = np.asarray(ids)
-        ph = np.isin(arr, [tc.audio_token_id, tc.image_token_id])
+        ph = np.isin(arr, [tc.audio_token_id, tc.image_token_id, tc.video_token_id])
         starts = np.flatnonzero(ph & ~np.concatenate([[False], ph[:-1]]))
         if len(starts) != len(self._media):
             raise InputError(f"the conversation has {len(starts)} media placeholder runs for {len(self._media)} "
@@ -838,7 +858,11 @@ class Session:
         inputs = {"prompt_hidden": jnp.pad(self._hid[:, :n], padl), "prompt_embeds": jnp.pad(self._emb[:, :n], padl)}
         frames = [m.frames for m in self._media if m.kind == "audio"]
         grids = [m.grid for m in self._media if m.kind == "image"]
+        vgrids = [m.grid for m in self._media if m.kind == "video"]
         mm = {"image_grid_thw": np.asarray(grids) if grids else None,
+              "video_grid_thw": np.asarray(vgrids) if vgrids else None,
+              "video_second_per_grid": np.asarray([m.seconds for m in self._media if m.kind == "video"], np.float64)
+              if vgrids else None,
               "feature_attention_mask": (np.arange(max(frames))[None] < np.asarray(frames)[:, None]).astype(np.int32)
               if frames else None}
         return Generation(state=state, prompt_ids=np.asarray([ids]), eos=eos, max_new_tokens=max_new,

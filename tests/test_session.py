@@ -117,6 +117,32 @@ def test_image_turn_positions_continue(model):
             assert s.cached_ids.tolist() == prompt_ids(model, conv)
 
 
+def test_video_turn_matches_generate(model, codes_model):
+    """A video part (frames sampled at 2 fps, TMRoPE's time axis over its temporal grids) in a session:
+    the cache holds the prompt generate builds, greedy replies equal generate's turn after turn, and a
+    spoken reply's talker (positions from the video's grid and time step) gives generate's codec ids."""
+    rng = np.random.default_rng(1)
+    vid = (rng.random((8, 56, 84, 3)) * 255).astype(np.uint8)
+    conv = [{"role": "user", "content": [{"type": "video", "video": vid, "fps": 4.0},
+                                         {"type": "text", "text": "What happens?"}]}]
+    s = model.session()
+    s.add_user(content=conv[0]["content"])
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+    assert (s.cached_ids == model.config.thinker.video_token_id).sum() > 0
+    reply = s.respond(max_new_tokens=MAX_NEW)
+    assert reply.token_ids == scratch(model, conv)
+    conv += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And then?"}]
+    s.add_user("And then?")
+    assert s.cached_ids.tolist() == prompt_ids(model, conv)
+    assert s.respond(max_new_tokens=MAX_NEW).token_ids == scratch(model, conv)
+    kw = dict(talker_do_sample=False, talker_max_new_tokens=16, talker_min_new_tokens=8)
+    sp = codes_model.session()
+    sp.add_user(content=conv[0]["content"])
+    spoken = sp.respond(max_new_tokens=MAX_NEW, return_audio=True, **kw)
+    out = codes_model.generate(messages=conv[:1], max_new_tokens=MAX_NEW, return_audio=True, **kw)
+    np.testing.assert_array_equal(spoken.codec_ids, out.codec_ids[0])
+
+
 def speech_like(seconds: float, loud_at: float, quiet: float = 0.05, noise: float = 0.002, seed: int = 0) -> np.ndarray:
     """16 kHz vowel-like audio: syllables of harmonics under a pitch glide, ``quiet`` times softer
     than one loud syllable at ``loud_at`` seconds (where the utterance's maximum log-mel value
@@ -250,8 +276,9 @@ def test_session_input_errors(model):
         s.end_user_turn()
     with pytest.raises(InputError, match="conversation is empty"):
         s.respond()
-    with pytest.raises(InputError, match="video"):
-        s.add_user(content=[{"type": "video", "video": np.zeros((2, 28, 28, 3), np.uint8), "fps": 2.0}])
+    with pytest.raises(InputError, match="frame rate"):  # a video array without its fps
+        s.add_user(content=[{"type": "video", "video": np.zeros((2, 28, 28, 3), np.uint8)}])
+    assert s.messages == []
     s.add_user("Hi")
     with pytest.raises(InputError, match="NaN"):
         s.append_audio(np.array([0.0, np.nan], np.float32))
