@@ -242,8 +242,10 @@ class OmniModel:
         embeds = jnp.concatenate([ti["prompt_hidden"] + ti["prompt_embeds"], jnp.broadcast_to(bos_e, (b, 1, e)),
                                   first[:, None]], axis=1)
         mask = np.concatenate([gen.aligned_mask, np.ones((b, 2), np.int32)], axis=1)
-        text_ids = np.concatenate([gen.aligned_ids, np.full((b, 1), speaker_bos, np.int32),
-                                   np.asarray(reply.tokens[:, :1])], axis=1)
+        # the speaker's bos and the reply's first token take text positions (the largest so far + 1, + 2):
+        # the reply token is given as the bos id, so that one which happens to be a media bracket or
+        # placeholder id (a random model's) is not read as the start of a media span
+        text_ids = np.concatenate([gen.aligned_ids, np.full((b, 2), speaker_bos, np.int32)], axis=1)
         pos = rope_index(rope_view(cfg), text_ids, mask, **media_rope_kwargs(gen.mm or {}))
         v = cfg.vocab_size
         seen = np.zeros((b, v), bool)
@@ -616,16 +618,17 @@ class OmniModel:
         yield StreamEvent("done", token_ids=all_ids, codec_ids=codec_ids, t=time.perf_counter() - t0)
 
     def session(self, system: str | None = None, max_context: int | None = None, *, seed: int = 0,
-                minimum_slots: int = 256, audio_clamp: str = "running") -> "Session":
+                minimum_slots: int = 256, audio_clamp: str = "running", use_audio_in_video: bool = False) -> "Session":
         """A multi-turn conversation over one thinker KV cache (:class:`omni_jax.session.Session`):
         each turn prefills only its new tokens; ``system``: the system message, ``max_context``: a
         context limit below ``max_position_embeddings``; ``minimum_slots``: the smallest cache it
         allocates (it grows by powers of two); ``audio_clamp``: how streamed audio applies the
-        log-mel floor (``"running"`` or ``"exact"``). See docs/realtime.md."""
+        log-mel floor (``"running"`` or ``"exact"``); ``use_audio_in_video``: videos' audio tracks join
+        their frames, as in ``generate``. See docs/realtime.md."""
         from .session import Session
 
         return Session(self, system=system, max_context=max_context, seed=seed, minimum_slots=minimum_slots,
-                       audio_clamp=audio_clamp)
+                       audio_clamp=audio_clamp, use_audio_in_video=use_audio_in_video)
 
     # ---------------------------------------------------------------------------------
     def loss(self, input_ids, labels, attention_mask=None, **processor_outputs) -> float:

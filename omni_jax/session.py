@@ -112,7 +112,7 @@ class Session:
     """
 
     def __init__(self, model, *, system: str | None = None, max_context: int | None = None, seed: int = 0,
-                 minimum_slots: int = MIN_SLOTS, audio_clamp: str = "running"):
+                 minimum_slots: int = MIN_SLOTS, audio_clamp: str = "running", use_audio_in_video: bool = False):
         if model.processor is None:
             raise InputError(f"{model.path}: this checkpoint has no tokenizer.json, so a session (chat messages) "
                              "cannot be used")
@@ -127,7 +127,10 @@ class Session:
             raise InputError(f"minimum_slots: expected a positive int, got {minimum_slots!r}")
         if audio_clamp not in ("running", "exact"):
             raise InputError(f"audio_clamp: expected 'running' or 'exact', got {audio_clamp!r}")
+        if not isinstance(use_audio_in_video, (bool, np.bool_)):
+            raise InputError(f"use_audio_in_video: expected true or false, got {use_audio_in_video!r}")
         self.audio_clamp = audio_clamp
+        self.use_audio_in_video = bool(use_audio_in_video)
         self.model = model
         self.limit = int(max_context) if max_context is not None else limit
         self.limit_name = "max_context" if max_context is not None else "max_position_embeddings"
@@ -186,9 +189,9 @@ class Session:
         ``text``, ``audio`` (a path or an array, with ``sampling_rate`` for arrays) and ``image``
         (a path, PIL image or HWC uint8 array), laid out as parts in the order audio, image, text.
         ``content`` may hold video parts (``{"type": "video", "video": path or [T, H, W, 3] uint8 array,
-        "fps": ...}``, sampled as ``generate(messages=...)`` samples them, without the video's own
-        audio track: ``use_audio_in_video`` is not supported in sessions). The media are read and
-        encoded here."""
+        "fps": ...}``), sampled as ``generate(messages=...)`` samples them; with the session's
+        ``use_audio_in_video`` each video's audio track (or, for an array, the part's ``audio``) is
+        encoded too and interleaved with its frames per 2 s chunk. The media are read and encoded here."""
         if self._open is not None:
             raise InputError("add_user: a streamed audio turn is open; call end_user_turn() first")
         if content is None:
@@ -259,14 +262,58 @@ class Session:
                     raise InputError(f"{where}: a video part needs 'video' (a path or a [T, H, W, 3] uint8 array)")
                 from .vision import encode_vision
 
-                v = media.load_video(part["video"], part.get("fps"), cfg=self._vcfg)
+                aiv = self.use_audio_in_video
+                v = media.load_video(part["video"], part.get("fps"), cfg=self._vcfg,
+                                     load_audio=aiv and not hasattr(part["video"], "shape"))
+                track = v.audio
+                if aiv and track is None and part.get("audio") is not None:  # an array's audio, given beside it
+                    track = media.load_audio(part["audio"], part.get("sampling_rate"))
+                if aiv and track is None:
+                    raise InputError(f"{where}: use_audio_in_video, but the video has no audio track")
                 px = media.video_inputs([v], self._vcfg, fps=v.sample_fps)
                 grid = np.asarray(px["video_grid_thw"])
-                emb = encode_vision(model.vision, tc.vision, np.asarray(px["pixel_values_videos"]), grid,
-                                    model.attention, mesh=model.mesh)
-                out.append(_Media("video", jnp.asarray(emb, model.dtype), grid=tuple(int(g) for g in grid[0]),
-                                  seconds=float(px["video_second_per_grid"][0])))
+                emb = jnp.asarray(encode_vision(model.vision, tc.vision, np.asarray(px["pixel_values_videos"]), grid,
+                                                model.attention, mesh=model.mesh), model.dtype)
+                g, sec = tuple(int(x) for x in grid[0]), float(px["video_second_per_grid"][0])
+                frames = 0
+                if aiv:
+                    if model.audio is None:
+                        raise InputError(f"{where}: {model.path} has no audio encoder (thinker.audio_tower)")
+                    feats, frames = media.log_mel(track, self._acfg, pad=False, name=where)
+                    emb = self._interleave(emb, self._encode_audio(feats, frames), g, sec, frames)
+                out.append(_Media("video", emb, frames=frames, grid=g, seconds=sec))
         return out
+
+    def _interleave(self, video, audio, grid, seconds, frames):
+        """A video's and its audio track's encoder outputs in the order of their placeholder tokens with
+        ``use_audio_in_video`` (per 2 s chunk: the chunk's video tokens, then its audio tokens)."""
+        tc = self._tc
+        run = media.video_with_audio_placeholder(grid, seconds, frames, merge_size=tc.vision.spatial_merge_size,
+                                                 position_id_per_seconds=tc.position_id_per_seconds,
+                                                 seconds_per_chunk=tc.seconds_per_chunk)
+        kinds = []  # True for a video token, in order
+        i = 0
+        while i < len(run):
+            if run.startswith(media.VIDEO_TOKEN, i):
+                kinds.append(True)
+                i += len(media.VIDEO_TOKEN)
+            elif run.startswith(media.AUDIO_TOKEN, i):
+                kinds.append(False)
+                i += len(media.AUDIO_TOKEN)
+            else:
+                i += 1  # the brackets
+        kinds = np.asarray(kinds)
+        if kinds.sum() != video.shape[0] or (~kinds).sum() != audio.shape[0]:
+            raise AssertionError("use_audio_in_video: placeholder counts differ from the encoder outputs")
+        order = np.empty(len(kinds), np.int64)
+        order[kinds] = np.arange(video.shape[0])
+        order[~kinds] = video.shape[0] + np.arange(audio.shape[0])
+        return jnp.concatenate([video, audio.astype(video.dtype)], axis=0)[order]
+
+    def _audio_seqlens(self, items) -> list:
+        """Feature lengths of every audio the conversation holds, standalone or a video's track (with
+        ``use_audio_in_video``), in order of appearance: TMRoPE's and the talker's audio list."""
+        return [m.frames for m in items if m.kind == "audio" or (m.kind == "video" and self.use_audio_in_video)]
 
     def _encode_audio(self, feats: np.ndarray, length: int):
         """Encoder output ``[tokens, E]`` of one audio's features ``[mels, length]``."""
@@ -290,16 +337,21 @@ class Session:
         grids = [m.grid for m in items if m.kind == "image"]
         vgrids = [m.grid for m in items if m.kind == "video"]
         vsec = [m.seconds for m in items if m.kind == "video"]
+        aiv = self.use_audio_in_video
         expanded = media.expand_placeholders(text, audio_lengths=frames, image_grids=grids, video_grids=vgrids,
-                                             video_seconds=vsec, merge_size=tc.vision.spatial_merge_size,
+                                             video_seconds=vsec, use_audio_in_video=aiv,
+                                             video_audio_lengths=[m.frames for m in items if m.kind == "video"]
+                                             if aiv else None, merge_size=tc.vision.spatial_merge_size,
                                              position_id_per_seconds=tc.position_id_per_seconds,
                                              seconds_per_chunk=tc.seconds_per_chunk)
         ids = proc.encode(expanded)
+        seqlens = self._audio_seqlens(items)
         pos = rope_index(tc, np.asarray(ids, np.int64)[None], None,
                          image_grid_thw=np.asarray(grids) if grids else None,
                          video_grid_thw=np.asarray(vgrids) if vgrids else None,
                          second_per_grids=np.asarray(vsec, np.float64) if vgrids else None,
-                         audio_seqlens=np.asarray(frames) if frames else None)[:, 0]
+                         audio_seqlens=np.asarray(seqlens) if seqlens else None,
+                         use_audio_in_video=aiv and bool(vgrids))[:, 0]
         return ids, pos
 
     def _check_limit(self, n: int, what: str) -> None:
@@ -856,7 +908,7 @@ class Session:
         ids_l, mask_l = left_pad([ids], tb)
         padl = [(0, 0), (tb - n, 0), (0, 0)]
         inputs = {"prompt_hidden": jnp.pad(self._hid[:, :n], padl), "prompt_embeds": jnp.pad(self._emb[:, :n], padl)}
-        frames = [m.frames for m in self._media if m.kind == "audio"]
+        frames = self._audio_seqlens(self._media)
         grids = [m.grid for m in self._media if m.kind == "image"]
         vgrids = [m.grid for m in self._media if m.kind == "video"]
         mm = {"image_grid_thw": np.asarray(grids) if grids else None,
@@ -864,7 +916,7 @@ class Session:
               "video_second_per_grid": np.asarray([m.seconds for m in self._media if m.kind == "video"], np.float64)
               if vgrids else None,
               "feature_attention_mask": (np.arange(max(frames))[None] < np.asarray(frames)[:, None]).astype(np.int32)
-              if frames else None}
+              if frames else None, "use_audio_in_video": self.use_audio_in_video and bool(vgrids)}
         return Generation(state=state, prompt_ids=np.asarray([ids]), eos=eos, max_new_tokens=max_new,
                           talker_inputs=inputs, aligned_ids=ids_l, aligned_mask=mask_l, mm=mm)
 

@@ -143,6 +143,40 @@ def test_video_turn_matches_generate(model, codes_model):
     np.testing.assert_array_equal(spoken.codec_ids, out.codec_ids[0])
 
 
+def test_video_with_its_audio_matches_generate(model, codes_model, tmp_path):
+    """use_audio_in_video in a session: the video's audio track interleaved with its frames per 2 s chunk
+    (placeholders and TMRoPE positions as generate(use_audio_in_video=True) lays them out), the same
+    greedy ids and a spoken reply's codec ids."""
+    from test_media import write_mp4
+
+    path = tmp_path / "clip.mp4"
+    write_mp4(path, n_frames=30, fps=10, seconds=3.0)
+    conv = [{"role": "user", "content": [{"type": "video", "video": str(path)},
+                                         {"type": "text", "text": "What do you hear?"}]}]
+    s = model.session(use_audio_in_video=True)
+    s.add_user(content=conv[0]["content"])
+    ids = model.encode_messages(conv, use_audio_in_video=True)["input_ids"][0].tolist()
+    assert s.cached_ids.tolist() == ids
+    tc = model.config.thinker
+    assert (s.cached_ids == tc.audio_token_id).sum() > 0 and (s.cached_ids == tc.video_token_id).sum() > 0
+    out = model.generate(messages=conv, max_new_tokens=MAX_NEW, use_audio_in_video=True)
+    assert s.respond(max_new_tokens=MAX_NEW).token_ids == [int(x) for x in out.sequences[0, out.prompt_length:]][
+        :len(s.last_reply.token_ids)]
+    # the random weights' reply starts with the audio-bracket id: the talker's positions take it as text
+    # (it once counted as the start of another audio span: an InputError in generate and sessions alike)
+    assert s.last_reply.token_ids[0] == tc.audio_start_token_id
+    kw = dict(talker_do_sample=False, talker_max_new_tokens=16, talker_min_new_tokens=8)
+    sp = codes_model.session(use_audio_in_video=True)
+    sp.add_user(content=conv[0]["content"])
+    spoken = sp.respond(max_new_tokens=MAX_NEW, return_audio=True, **kw)
+    ref = codes_model.generate(messages=conv, max_new_tokens=MAX_NEW, return_audio=True, use_audio_in_video=True, **kw)
+    np.testing.assert_array_equal(spoken.codec_ids, ref.codec_ids[0])
+    with pytest.raises(InputError, match="no audio track"):
+        silent = tmp_path / "silent.mp4"
+        write_mp4(silent, n_frames=9, fps=4, with_audio=False)
+        model.session(use_audio_in_video=True).add_user(content=[{"type": "video", "video": str(silent)}])
+
+
 def speech_like(seconds: float, loud_at: float, quiet: float = 0.05, noise: float = 0.002, seed: int = 0) -> np.ndarray:
     """16 kHz vowel-like audio: syllables of harmonics under a pitch glide, ``quiet`` times softer
     than one loud syllable at ``loud_at`` seconds (where the utterance's maximum log-mel value
