@@ -1,12 +1,14 @@
 """First audio after the end of a spoken question: ``/v1/realtime`` against ``/v1/chat/completions``.
 
-    python -m bench realtime [--model DIR] [--dtype D] [--seconds 10] [--runs 3] [--no-pace]
-                             [--max-tokens 16] [--audio-tokens 64] [--json bench/results/realtime_cpu.json]
+    python -m bench realtime [--model DIR | --config bench/configs/cpu_small.json] [--dtype D] [--seconds 10]
+                             [--runs 3] [--no-pace] [--max-tokens 16] [--audio-tokens 64]
+                             [--json bench/results/realtime_cpu.json]
 
 Starts ``omni-jax serve`` in-process on 127.0.0.1 (uvicorn on a free port, ``--max-batch 1``) for one
-model (the embedded default model, float32, unless ``--model`` names a checkpoint, bfloat16 by default; the
-CPU small config of ``bench.compare`` is not offered: its random checkpoint has no tokenizer, and both
-endpoints take chat messages), makes a spoken question of ``--seconds`` (espeak-ng speech,
+model: the embedded default model (float32), a checkpoint (``--model``, bfloat16 by default), or a random
+checkpoint of a bench config's widths (``--config``, float32: the CPU small config of ``bench.compare``,
+with the embedded model's tokenizer, see :func:`speaking_checkpoint`, since both endpoints take chat
+messages); makes a spoken question of ``--seconds`` (espeak-ng speech,
 repeated to the length, when espeak-ng is installed; else a synthetic voiced signal), 24 kHz mono, and
 times each path from the end of speech:
 
@@ -274,9 +276,57 @@ def print_table(res: dict) -> None:
           f"{[a['prefilled_at_commit'] for a in res['realtime']]} of {[a['input_tokens'] for a in res['realtime']]}")
 
 
+# the thinker-vocabulary ids a chat prompt's tokens must agree with: placeholders, media brackets, padding
+_TOKEN_IDS = {"thinker_config": ("audio_token_index", "image_token_index", "video_token_index", "audio_start_token_id",
+                                 "audio_end_token_id", "vision_start_token_id", "vision_end_token_id", "pad_token_id"),
+              "talker_config": ("audio_token_index", "image_token_index", "video_token_index", "audio_start_token_id",
+                                "audio_end_token_id", "vision_start_token_id", "vision_end_token_id",
+                                "tts_text_start_token_id", "tts_text_end_token_id", "tts_text_pad_token_id")}
+
+
+def speaking_checkpoint(cfg: dict, directory: str) -> None:
+    """A random checkpoint of the bench config ``cfg`` (:func:`bench.compare.build_checkpoint`: its
+    widths, vocabulary and voice) that takes chat messages: the embedded model's tokenizer, chat template
+    and generation config beside it, and the config's thinker-vocabulary special ids (placeholders,
+    media brackets, the talker's text-side ids) set to that tokenizer's. The compute is the config's; the
+    tokenizer only decides which of the vocabulary's ids a prompt uses."""
+    import omni_jax
+
+    from .compare import build_checkpoint
+
+    import torch
+
+    full = build_checkpoint(cfg, directory)
+    src = omni_jax.default_model_path()
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["thinker_config"]["text_config"]["vocab_size"]  # the tokenizer's ids: [0, vocab)
+    # Random weights pick any of the vocabulary's ids, and the tokenizer decodes only its own: zeroing the
+    # thinker head's rows past it (logit 0, below the largest random logit of the others, as
+    # build_checkpoint does for the talker's codec head) keeps greedy replies readable; the compute is
+    # unchanged
+    with torch.no_grad():
+        full.thinker.lm_head.weight[vocab:] = 0
+    full.save_pretrained(directory, max_shard_size="500MB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(src, name), os.path.join(directory, name))
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        emb = json.load(f)
+    path = os.path.join(directory, "config.json")
+    with open(path, encoding="utf-8") as f:
+        conf = json.load(f)
+    for section, names in _TOKEN_IDS.items():
+        for n in names:
+            conf[section][n] = emb[section][n]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(conf, f, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench realtime", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory with a tokenizer (default: the embedded model)")
+    p.add_argument("--config", default=None,
+                   help="a bench config (bench/configs/cpu_small.json): a random checkpoint of its widths, built "
+                        "in a temporary directory, with the embedded model's tokenizer (see speaking_checkpoint)")
     p.add_argument("--dtype", default=None, help="default: float32 for the embedded model, bfloat16 for --model")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the spoken question")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each path (after one warm-up run of each)")
@@ -295,8 +345,16 @@ def main(argv=None):
     import omni_jax
     from omni_jax.serve import ServeLimits
 
-    path = a.model or omni_jax.default_model_path()
-    model_desc = a.model or "embedded default model"
+    if a.model and a.config:
+        p.error("--model and --config: give one")
+    tmp = None
+    if a.config:
+        tmp = tempfile.TemporaryDirectory(prefix="omni-bench-rt-")
+        with open(a.config, encoding="utf-8") as f:
+            print(f"building a random checkpoint of {a.config} ...", file=sys.stderr, flush=True)
+            speaking_checkpoint(json.load(f), tmp.name)
+    path = tmp.name if tmp else (a.model or omni_jax.default_model_path())
+    model_desc = f"random checkpoint of {os.path.basename(a.config)}" if a.config else (a.model or "embedded default model")
     dtype = a.dtype or ("bfloat16" if a.model else "float32")
     model = omni_jax.load(path, dtype=dtype)
     voice = a.voice or next(iter(model.voices), "Chelsie")
@@ -321,6 +379,8 @@ def main(argv=None):
                   f"chat {chats[-1]['first_audio_s']} s", file=sys.stderr, flush=True)
     finally:
         server.close()
+        if tmp is not None:
+            tmp.cleanup()
 
     median = {name: {k: _median(runs, k) for k in ("first_audio_s", "first_text_s", "done_s")}
               for name, runs in (("realtime", rts), ("chat", chats))}
