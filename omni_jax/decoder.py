@@ -90,11 +90,16 @@ def run_layers(layers, shape: DecoderShape, h, cos, sin, *, cache=None, start=0,
     mask = MaskSpec(causal=True, q_slots=q_slots, kv_valid=kv_valid)
 
     def write(c, new):
-        """One layer's cache ``c`` with the new keys (values) ``new [B, T, KVH, D]`` at the query slots."""
+        """One layer's cache ``c`` with the new keys (values) ``new [B, T, KVH, D]`` at the query slots
+        (the result constrained to the cache's own layout: without it a KV-head count that does not
+        divide the tensor axis lets the projection's sharding of the new entries propagate into the
+        buffer, and XLA gathers every layer's whole cache each step to write one token)."""
         new = new.astype(c.dtype)
         if per_row:
-            return c.at[jnp.arange(b)[:, None], q_slots].set(new, mode="drop")
-        return jax.lax.dynamic_update_slice(c, new, (0, start, 0, 0))
+            out = c.at[jnp.arange(b)[:, None], q_slots].set(new, mode="drop")
+        else:
+            out = jax.lax.dynamic_update_slice(c, new, (0, start, 0, 0))
+        return constrain(out, CACHE_AXES)
 
     def layer_fn(layer: DecoderLayers, x, kc, vc):
         y = layer.input_layernorm(x)
@@ -103,6 +108,8 @@ def run_layers(layers, shape: DecoderShape, h, cos, sin, *, cache=None, start=0,
         k = apply_rope(att.k_proj(y).reshape(b, t, kvh, hd), cos, sin)
         v = att.v_proj(y).reshape(b, t, kvh, hd)
         q = constrain(q, ("batch", "seq", "act_heads", None))
+        k = constrain(k, ("batch", "seq", "act_kv_heads", None))
+        v = constrain(v, ("batch", "seq", "act_kv_heads", None))
         if kc is not None:
             k, v = kc, vc = write(kc, k), write(vc, v)
         o = attention(q, k, v, mask, impl=impl)

@@ -163,7 +163,8 @@ def under_set_mesh(d, mesh, m, ids, mask, labels, mm_ids, mm_mask, mm, gen_kw, r
     to ``m``, the model loaded outside, whose programs are compiled already (the same parameters)."""
     with jax.set_mesh(mesh):
         inside = omni_jax.load(d, dtype="float32", mesh=mesh)
-        wav = inside.token2wav(codes, noise=noise)  # the vocoder too (its weights are not sharded)
+        wav = inside.token2wav(codes, noise=noise)  # the vocoder too (the DiT's blocks sharded over tensor)
+        q = inside.token2wav_params.code2wav_dit_model.transformer_blocks[0].attn.to_q.kernel[...]
         same = jax.tree.map(lambda a, b: a.sharding == b.sharding and np.array_equal(a, b), inside.params, m.params)
         g = m.generate(ids, mask, **gen_kw)
         g_mm = m.generate(mm_ids, mm_mask, **gen_kw, **mm)
@@ -176,7 +177,7 @@ def under_set_mesh(d, mesh, m, ids, mask, labels, mm_ids, mm_mask, mm, gen_kw, r
                                                                       r_gen.codec_ids + r_gen_mm.codec_ids)),
                "loss_rel": abs(m.loss(ids, labels, mask) - r_loss) / abs(r_loss),
                "stream_equal": s_ids == r_stream and s_ok,
-               "wav_err": rel_err(wav, r_wav),
+               "wav_err": rel_err(wav, r_wav), "dit_q_spec": str(q.sharding.spec),
                "load_equal": all(jax.tree.leaves(same)),
                "context_kept": jax.sharding.get_abstract_mesh() == mesh.abstract_mesh}
         # numpy results mix freely with the caller's Explicit-mesh code

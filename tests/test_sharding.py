@@ -32,7 +32,11 @@ def test_table_and_fallback_rule():
     assert param_axes("visual/blocks/attn/proj/kernel", 3) == ("layers", "heads", "embed")
     assert param_axes("visual/blocks/mlp/up_proj/bias", 2) == ("layers", "mlp")
     assert param_axes("visual/blocks/mlp/down_proj/kernel", 3) == ("layers", "mlp", "embed")
-    assert param_axes("dit/transformer_blocks/attn/to_q/kernel", 3) == (None, None, None)  # Token2Wav: replicated
+    # Token2Wav's DiT blocks (paths under token2wav/, both layouts) shard like the decoder's; BigVGAN is replicated
+    assert param_axes("token2wav/code2wav_dit_model/transformer_blocks/attn/to_q/kernel", 3) == \
+        ("layers", "embed", "heads")
+    assert param_axes("token2wav/code2wav_dit_model/transformer_blocks/0/attn/to_out/0/kernel", 2) == ("heads", "embed")
+    assert param_axes("dit/transformer_blocks/attn/to_q/kernel", 3) == (None, None, None)  # outside token2wav/
     assert logical_to_spec(("layers", "embed", "heads"), (2, 64, 64), mesh) == P(None, None, "tensor")
     # 3 heads x 20 = 60 columns do not divide tensor=8: replicated on that axis
     assert logical_to_spec(("layers", "embed", "heads"), (2, 60, 60), FakeMesh(tensor=8)) == P(None, None, None)
@@ -122,6 +126,7 @@ def test_sharded_equals_single_device_on_8_host_devices():
     sm = res["gqa"]["explicit data=4,tensor=2"]["set_mesh"]
     assert sm["text_err"] <= 1e-5 and sm["mm_err"] <= 1e-5 and sm["loss_rel"] <= 1e-5, sm
     assert sm["wav_err"] <= 1e-5, sm
+    assert sm["dit_q_spec"] == str(P(None, "tensor")), sm  # loaded from the HF directory, placed by the rules
     assert sm["ids_equal"] and sm["codes_equal"] and sm["stream_equal"], sm
     assert sm["context_kept"] and sm["user_code"] and sm["load_equal"], sm
     assert res["gqa"]["explicit data=4,tensor=2"]["serve_equal"]

@@ -37,7 +37,7 @@ class Component:
     config: Callable  # OmniConfig -> the component's own config (None when the checkpoint has none)
     build: Callable  # (component config, jnp dtype) -> nnx.Module (called under nnx.eval_shape)
     as_module: bool  # a loaded model holds it as an nnx.Module (else as (graphdef, state))
-    read_hf: Callable | None = None  # (ckpt, component config, consumed) -> module: its own HF reader
+    read_hf: Callable | None = None  # (ckpt, component config, consumed, mesh) -> module: its own HF reader
 
     def available(self, cfg) -> bool:
         """Whether ``cfg`` (an OmniConfig) describes this component."""
@@ -48,8 +48,8 @@ class Component:
         return jnp.dtype(self.fixed_dtype or dtype)
 
 
-def _read_token2wav(ckpt, cfg, consumed):
-    return _token2wav.load_token2wav(ckpt, cfg, consumed)
+def _read_token2wav(ckpt, cfg, consumed, mesh=None):
+    return _token2wav.load_token2wav(ckpt, cfg, consumed, mesh=mesh)
 
 
 COMPONENTS: dict[str, Component] = {

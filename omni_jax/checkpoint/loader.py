@@ -109,7 +109,7 @@ def load_hf_component(ckpt: Checkpoint, name: str, cfg, *, dtype, consumed: set 
     comp = COMPONENTS[name]
     consumed = consumed if consumed is not None else set()
     if comp.read_hf is not None:
-        return comp.read_hf(ckpt, cfg, consumed)
+        return comp.read_hf(ckpt, cfg, consumed, mesh)
     from flax import nnx
 
     dt = comp.dtype(dtype)

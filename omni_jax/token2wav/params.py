@@ -74,12 +74,15 @@ def _read(ckpt, key: str, transpose: bool, shape: tuple) -> np.ndarray:
     return np.ascontiguousarray(a.astype(np.float32, copy=False))
 
 
-def load_token2wav(ckpt, cfg: Token2WavConfig, consumed: set | None = None) -> Token2Wav:
+def load_token2wav(ckpt, cfg: Token2WavConfig, consumed: set | None = None, *, mesh=None,
+                   sharding_prefix: str = "token2wav/") -> Token2Wav:
     """Build :class:`Token2Wav` (float32) from the ``token2wav.*`` tensors of ``ckpt``.
 
     ``ckpt``: a :class:`convert.safetensors_io.Checkpoint` (anything with ``keys()``, ``get(key)``
     and optionally ``shape(key)``). Every key read is added to ``consumed``. Raises
-    :class:`CheckpointError` naming a missing or wrong-shaped tensor.
+    :class:`CheckpointError` naming a missing or wrong-shaped tensor. With ``mesh`` each parameter is
+    placed as the sharding rules say for ``sharding_prefix`` + its path (the DiT's blocks shard over the
+    tensor axis), as a converted checkpoint's restore places it.
     """
     consumed = consumed if consumed is not None else set()
     abstract = nnx.eval_shape(lambda: Token2Wav(cfg, rngs=nnx.Rngs(0)))
@@ -102,6 +105,16 @@ def load_token2wav(ckpt, cfg: Token2WavConfig, consumed: set | None = None) -> T
     nnx.replace_by_pure_dict(state, pure)
     model = nnx.merge(graphdef, state)
     dit_per_layer(model.code2wav_dit_model, free=True)
+    if mesh is not None:
+        from ..sharding import param_sharding, put
+
+        gdef, st = nnx.split(model)
+
+        def place(path, x):
+            name = sharding_prefix + "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+            return put(np.asarray(x), param_sharding(name, x.shape, mesh))
+
+        model = nnx.merge(gdef, jax.tree_util.tree_map_with_path(place, st))
     return model
 
 
