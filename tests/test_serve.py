@@ -403,3 +403,30 @@ def test_cli_serve_process_answers_and_stops():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_joining_request_gets_its_first_token_before_the_first_decode_call(server):
+    """The engine hands out the prefill's token as soon as the request joins the batch (its first text
+    event carries one id), not after the first decode call's steps_per_call tokens; the ids are the
+    offline ones."""
+    import queue as queue_mod
+
+    from omni_jax.serve.scheduler import GenParams, ServeRequest
+
+    model, engine = server["model"], server["engine"]
+    conv = [{"role": "user", "content": "Tell me about the wind"}]
+    events: queue_mod.Queue = queue_mod.Queue()
+    req = ServeRequest(inputs=model.encode_messages(conv), params=GenParams(max_tokens=9, do_sample=False,
+                                                                             ignore_eos=True), sink=events.put)
+    engine.submit(req)
+    got = []
+    while True:
+        kind, payload = events.get(timeout=120)
+        if kind == "text":
+            got.append(list(payload[1]))
+        if kind in ("done", "error"):
+            break
+    assert kind == "done" and LIMITS["steps_per_call"] > 1
+    assert len(got[0]) == 1 and sum(got, []) == payload["token_ids"] and len(payload["token_ids"]) == 9
+    ref = model.generate(messages=conv, max_new_tokens=9, eos_token_id=[])
+    assert payload["token_ids"] == [int(x) for x in ref.sequences[0, ref.prompt_length:]]

@@ -9,7 +9,8 @@ Loop (one iteration = one ``decode_steps`` boundary):
    call over those rows only (gathered into the smallest power-of-two sub-batch that holds them,
    :meth:`SlotBatch.step`: a call costs what a batch of the occupied rows costs, not of
    ``max_batch``);
-4. hand out text deltas (whole UTF-8 characters, :class:`omni_jax.processor.TextStreamer`);
+4. hand out text deltas (whole UTF-8 characters, :class:`omni_jax.processor.TextStreamer`; a request
+   that joined in step 1 gets its prefill's token before step 3 runs);
 5. speech: start the talker of rows whose thinker has fed its first reply token (the model's own
    talker prefill, written into the talker batch at the same row), advance every talker row
    whose next input is final by up to ``talker_steps_per_call`` codec ids in one jitted call over
@@ -455,10 +456,12 @@ class Engine:
             self.talker.release(np.ones(self.limits.max_batch, bool))
 
     def _iteration(self):
-        self._admit()
+        joined = self._admit()
         self._drop_cancelled()
         if self.active() == 0:
             return
+        if joined:  # the prefill's token goes out now, not after the first decode call
+            self._emit_text(*self.thinker.host_view())
         self._thinker_step([r for r, q in enumerate(self.slots) if q is not None and not q.text_done])
         n, tokens, finished = self.thinker.host_view()
         self._emit_text(n, tokens, finished)
@@ -489,12 +492,14 @@ class Engine:
                 self._talker_step(range(k))
         jax.block_until_ready(self.thinker.state)
 
-    def _admit(self):
+    def _admit(self) -> int:
+        """Start queued requests in free rows; returns how many joined the batch."""
+        joined = 0
         while True:
             with self.cv:
                 free = [r for r, q in enumerate(self.slots) if q is None]
                 if not free or not self.queue:
-                    return
+                    return joined
                 req = self.queue.popleft()
             if req.cancelled:
                 self.metrics.request_done(req, "cancelled")
@@ -506,6 +511,7 @@ class Engine:
                 continue
             try:
                 self._start(req, free[0])
+                joined += 1
             except OmniError as e:
                 self.metrics.request_done(req, "invalid")
                 self._give_up(req)
