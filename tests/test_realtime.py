@@ -498,3 +498,36 @@ def test_a_reply_cancelled_while_queued_ends_at_its_first_token(server):
         ref.messages.append(dict(m))
     ref.add_user("And then?")
     assert s.last_reply.token_ids == ref.respond(4).token_ids
+
+
+def test_an_image_turn_equals_a_session(server):
+    """conversation.item.create with input_image (a PNG data URL) beside input_text: the reply equals a
+    session's on the same image; a part that is not an image data URL is one error event."""
+    import io
+
+    from PIL import Image
+
+    model = server["model"]
+    img = (np.random.default_rng(3).random((56, 84, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with connect(server) as conn:
+        events_until(conn, "session.created")
+        conn.session.update(session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 8})
+        events_until(conn, "session.updated")
+        conn.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "data:text/plain;base64,aGk="}]}})
+        bad = events_until(conn, "error")[-1]
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_image", "image_url": url}, {"type": "input_text", "text": "What is this?"}]})
+        added = events_until(conn, "conversation.item.done")[-1]
+        conn.response.create()
+        evs = events_until(conn, "response.done")
+    assert "image_url" in bad["error"]["message"] and bad["error"]["param"] == "item.content[0].image_url"
+    assert [p["type"] for p in added["item"]["content"]] == ["input_image", "input_text"]
+    s = model.session()
+    s.add_user(content=[{"type": "image", "image": img}, {"type": "text", "text": "What is this?"}])
+    ref = s.respond(8)
+    assert "".join(e["delta"] for e in evs if e["type"] == "response.output_text.delta") == ref.text
+    assert evs[-1]["response"]["usage"]["output_tokens"] == len(ref.token_ids)

@@ -310,6 +310,16 @@ def _image(raw, path, where, limits):
         raise RequestError(400, f"{where}: {e}", param=where) from None
 
 
+def image_from_data_url(url, where: str, limits: ServeLimits):
+    """An image sent as a base64 data URL (``data:image/png;base64,...``), decoded and checked against
+    ``limits.max_image_pixels`` (the HTTP API's and the realtime API's image parts); raises
+    :class:`RequestError`."""
+    if not isinstance(url, str) or not url.startswith("data:image/"):
+        raise RequestError(400, f"{where}: expected a base64 image data URL (data:image/png;base64,...)", param=where)
+    raw, _ = _url_source(url, where, "image", False)
+    return _image(raw, None, where, limits)
+
+
 def _audio(raw, fmt, where, req, limits):
     from ..media import load_audio
 

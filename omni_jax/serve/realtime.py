@@ -376,9 +376,9 @@ class Connection:
         self.emit({"type": "input_audio_buffer.committed", "item_id": item, "previous_item_id": previous})
         self._item_added(item, previous, {"type": "input_audio", "audio": None, "transcript": None})
 
-    def _item_added(self, item: str, previous, part: dict) -> None:
+    def _item_added(self, item: str, previous, part) -> None:
         body = {"id": item, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
-                "content": [part]}
+                "content": part if isinstance(part, list) else [part]}
         self.emit({"type": "conversation.item.added", "previous_item_id": previous, "item": body})
         self.emit({"type": "conversation.item.done", "previous_item_id": previous, "item": body})
 
@@ -396,9 +396,10 @@ class Connection:
         s.add_user(content=parts)
         previous = self.items[-1] if self.items else None
         self.items.append(item)
-        self._item_added(item, previous, {"type": "input_text", "text": "".join(
-            p.get("text", "") for p in parts if p["type"] == "text")} if all(p["type"] == "text" for p in parts)
-            else {"type": "input_audio", "audio": None, "transcript": None})
+        shown = {"text": lambda p: {"type": "input_text", "text": p["text"]},
+                 "audio": lambda p: {"type": "input_audio", "audio": None, "transcript": None},
+                 "image": lambda p: {"type": "input_image", "image_url": None}}
+        self._item_added(item, previous, [shown[p["type"]](p) for p in parts])
 
     def _respond(self, modalities: tuple, max_tokens: int | None, instructions) -> None:
         s = self._session()
@@ -634,9 +635,20 @@ class Connection:
             elif kind == "input_audio":
                 x = decode_pcm16(p.get("audio"), f"item.content[{j}].audio")
                 parts.append({"type": "audio", "audio": x, "sampling_rate": RATE})
+            elif kind == "input_image":
+                from .openai_format import RequestError, image_from_data_url
+
+                if self.model.vision is None:
+                    raise EventError(f"item.content[{j}]: this model has no vision encoder", param=f"item.content[{j}]")
+                try:
+                    img = image_from_data_url(p.get("image_url"), f"item.content[{j}].image_url", self.limits)
+                except RequestError as e:
+                    raise EventError(e.message, param=e.param,
+                                     code="media_too_large" if e.status == 413 else "invalid_value") from None
+                parts.append({"type": "image", "image": img})
             else:
-                raise EventError(f"item.content[{j}]: expected input_text with text or input_audio with audio",
-                                 param=f"item.content[{j}]")
+                raise EventError(f"item.content[{j}]: expected input_text with text, input_audio with audio or "
+                                 "input_image with image_url", param=f"item.content[{j}]")
         item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else _id("item")
         self.submit(self._user_item, parts, item_id, event_id=eid)
 
