@@ -189,7 +189,9 @@ class Program:
     """One program to compile: ``fn(*args)`` with abstract ``args``; ``static`` closes over the rest.
     ``tokens`` is what one run produces or consumes (for rates); ``f32`` marks float32-at-highest
     programs (estimated at peak / 6); ``steps`` the loop steps one run stands for when the cost is
-    of one step (decode)."""
+    of one step (decode). ``out_shardings``: the outputs' layout when the ``IO_AXES`` names, which
+    replicate any output they do not name, are not it (the training step's new parameters and
+    optimiser state keep their inputs' layouts, as the trainer declares them)."""
 
     name: str
     kind: str
@@ -199,6 +201,7 @@ class Program:
     f32: bool = False
     donate: tuple = ()
     note: str = ""
+    out_shardings: object = None  # the outputs' layout; None: named by IO_AXES (as MeshJit names them)
 
 
 class Builder:
@@ -495,7 +498,7 @@ class Builder:
         else:
             trainable, frozen = pure, {}
         # optimizer moments take their parameter's layout (the trainer places them so); counters replicate
-        opt = _like_params(jax.eval_shape(tx.init, trainable), trainable, mesh)
+        opt = _like_params(tx, jax.eval_shape(tx.init, trainable), trainable, mesh)
 
         def params_of(tr, fr):
             p = apply_lora(fr, tr["lora"], 2.0) if "lora" in tr else {**fr, **tr}
@@ -515,8 +518,11 @@ class Builder:
                 "labels": named(mesh, bt, (batch, seq), i32),
                 "position_ids": named(mesh, (None, "batch", None), (3, batch, seq), i32),
                 "num_targets": rep(mesh, (), jnp.float32)}
+        # the new parameters and moments in their inputs' layouts, as the trainer's jits declare them
+        # (train/trainer.py: out_shardings=(tr, os_, rep)); left to IO_AXES they would come out replicated
+        out_sh = (shardings(trainable), shardings(opt), rep(mesh, (), jnp.float32).sharding)
         return Program(f"train {mode} b{batch}x{seq}", "train", fn, (trainable, frozen, opt, data),
-                       tokens=batch * seq, donate=(0, 2))
+                       tokens=batch * seq, donate=(0, 2), out_shardings=out_sh)
 
 
 def _flatten(d, prefix=()):
@@ -527,21 +533,18 @@ def _flatten(d, prefix=()):
             yield prefix + (str(k),), v
 
 
-def _like_params(opt, trainable, mesh):
-    """Abstract optimiser state: every leaf shaped like a trainable parameter takes that parameter's
-    sharding (AdamW's moments), the rest (step counters) are replicated."""
+def _like_params(tx, opt, trainable, mesh):
+    """Abstract optimiser state: every leaf that stands for a trainable parameter (AdamW's moments)
+    takes that parameter's sharding, matched by its place in the tree (``optax.tree_map_params``;
+    matching by shape would give ``q_proj``'s moments ``o_proj``'s transposed layout, both being
+    ``[L, E, E]``), and the rest (step counters) are replicated."""
     import jax
+    import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    by_shape = {}
-    for x in jax.tree.leaves(trainable):
-        by_shape.setdefault((x.shape, str(x.dtype)), x.sharding)
-
-    def one(x):
-        sh = by_shape.get((x.shape, str(x.dtype)), NamedSharding(mesh, P()))
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-
-    return jax.tree.map(one, opt)
+    return optax.tree_map_params(
+        tx, lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding), opt, trainable,
+        transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())))
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,8 +566,11 @@ def compile_program(p: Program, mesh, chip: Chip) -> dict:
     out_sh = None
     t0 = time.perf_counter()
     with target_platform("tpu"), use_mesh(mesh):
-        shapes = jax.eval_shape(p.fn, *p.args)
-        out_sh = jax.tree.map(lambda x: x.sharding, io_tree(mesh, shapes))
+        if p.out_shardings is not None:
+            out_sh = p.out_shardings
+        else:
+            shapes = jax.eval_shape(p.fn, *p.args)
+            out_sh = jax.tree.map(lambda x: x.sharding, io_tree(mesh, shapes))
         jitted = jax.jit(p.fn, in_shardings=shardings(p.args), out_shardings=out_sh, donate_argnums=p.donate)
         lowered = jitted.lower(*p.args)
         compiled = lowered.compile()
