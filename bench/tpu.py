@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -737,7 +736,6 @@ def kernel_cases(mesh, head_dims=(64, 80, 128), dtypes=("bfloat16", "float32"), 
     for dname in dtypes:
         dt = jnp.dtype(dname)
         for d in head_dims:
-            q = named(mesh, ("batch", None, "act_heads", None), (b, t, h, d), dt)
             kv = named(mesh, ("batch", None, "act_kv_heads", None), (b, 2 * t, kvh, d), dt)
             kv1 = named(mesh, ("batch", None, "act_kv_heads", None), (b, t, kvh, d), dt)
             qm = named(mesh, ("batch", None, "act_heads", None), (b, t, h, d), dt)
@@ -907,7 +905,6 @@ def main(argv=None) -> int:
 
     libtpu_env()
     require_libtpu()
-    import jax
     import jax.numpy as jnp
 
     chip = chip_of(a.topology)
