@@ -531,3 +531,20 @@ def test_an_image_turn_equals_a_session(server):
     ref = s.respond(8)
     assert "".join(e["delta"] for e in evs if e["type"] == "response.output_text.delta") == ref.text
     assert evs[-1]["response"]["usage"]["output_tokens"] == len(ref.token_ids)
+
+
+def test_a_reply_whose_listener_stops_is_cancelled_and_the_session_goes_on(server):
+    """Closing Engine.session_reply's event stream mid-reply (the caller stopped listening) cancels the
+    row and gives the session its cache back: the reply keeps what was produced, the next turn works."""
+    model, engine = server["model"], server["engine"]
+    s = model.session(max_context=engine.row_slots, minimum_slots=engine.row_slots)
+    s.add_user("Go on, at length.")
+    events = engine.session_reply(s, 100)
+    first = next(e for e in events if e.kind == "text")
+    events.close()
+    r = s.last_reply
+    assert first.token_ids and r.finish_reason == "cancelled" and len(r.token_ids) < 100
+    assert r.token_ids[:len(first.token_ids)] == first.token_ids
+    assert s.messages[-1] == {"role": "assistant", "content": r.text}
+    s.add_user("Thanks.")
+    assert [e.kind for e in engine.session_reply(s, 4)][-1] == "done" and s.messages[-1]["role"] == "assistant"

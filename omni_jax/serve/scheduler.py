@@ -384,25 +384,35 @@ class Engine:
             pr.abandon()
             raise OmniError(str(e)) from None
         audio, done, returned, error = [], None, False, None
-        while not returned or (done is None and error is None and not req.cancelled):
-            try:
-                kind, payload = events.get(timeout=1.0)
-            except queue_mod.Empty:
-                if self._stop:
-                    raise OmniError("the server is stopping") from None
-                continue
-            if kind == "text":
-                delta, ids = payload
-                yield StreamEvent("text", text=delta, token_ids=list(ids), t=time.perf_counter() - t0)
-            elif kind == "audio":
-                audio.append(payload)
-                yield StreamEvent("audio", audio=payload, t=time.perf_counter() - t0)
-            elif kind == "done":
-                done = payload
-            elif kind == "error":
-                error = payload
-            elif kind == "returned":
-                returned = True
+
+        def next_event():
+            while True:
+                try:
+                    return events.get(timeout=1.0)
+                except queue_mod.Empty:
+                    if self._stop:
+                        raise OmniError("the server is stopping") from None
+
+        try:
+            while not returned or (done is None and error is None and not req.cancelled):
+                kind, payload = next_event()
+                if kind == "text":
+                    delta, ids = payload
+                    yield StreamEvent("text", text=delta, token_ids=list(ids), t=time.perf_counter() - t0)
+                elif kind == "audio":
+                    audio.append(payload)
+                    yield StreamEvent("audio", audio=payload, t=time.perf_counter() - t0)
+                elif kind == "done":
+                    done = payload
+                elif kind == "error":
+                    error = payload
+                elif kind == "returned":
+                    returned = True
+        finally:
+            if not returned:  # the caller stopped listening (or an error): stop the row, wait for the cache
+                req.cancel()
+                while next_event()[0] != "returned":
+                    pass
         if error is not None:
             raise OmniError(error[1])
         reply = session.last_reply
@@ -447,6 +457,7 @@ class Engine:
                     self._hand_back(r, req)
                 except Exception:  # noqa: BLE001 - the batch itself may be what failed
                     log.exception("handing a session its reply back failed")
+                    self._give_up(req)  # the session forgets its cache; its consumer is released
                 req.sink(("error", (500, message)))
                 self.metrics.request_done(req, "error")
                 req.finished.set()
