@@ -66,18 +66,15 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
     # the Token2Wav DiT's blocks (component prefix "token2wav/"), stacked over "transformer_blocks" (3 dims)
     # or per layer, "transformer_blocks/<i>/" (2 dims, the layout a loaded DiT serves from): attention over
     # heads, the MLP and the AdaLN modulation (1024 -> 6 x 1024) over their output width
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?attn/to_(q|k|v)/kernel$", ("layers", "embed", "heads")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?attn/to_(q|k|v)/kernel$", ("embed", "heads")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?attn/to_(q|k|v)/bias$", ("layers", "heads")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?attn/to_(q|k|v)/bias$", ("heads",)),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?attn/to_out/0/kernel$", ("layers", "heads", "embed")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?attn/to_out/0/kernel$", ("heads", "embed")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?(ff/ff/0|attn_norm/linear)/kernel$", ("layers", "embed", "mlp")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?(ff/ff/0|attn_norm/linear)/kernel$", ("embed", "mlp")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?(ff/ff/0|attn_norm/linear)/bias$", ("layers", "mlp")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?(ff/ff/0|attn_norm/linear)/bias$", ("mlp",)),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?ff/ff/3/kernel$", ("layers", "mlp", "embed")),
-    (r"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?ff/ff/3/kernel$", ("mlp", "embed")),
+    *[rule for pattern, axes in (
+        ("attn/to_(q|k|v)/kernel", ("embed", "heads")),
+        ("attn/to_(q|k|v)/bias", ("heads",)),
+        ("attn/to_out/0/kernel", ("heads", "embed")),
+        ("(ff/ff/0|attn_norm/linear)/kernel", ("embed", "mlp")),
+        ("(ff/ff/0|attn_norm/linear)/bias", ("mlp",)),
+        ("ff/ff/3/kernel", ("mlp", "embed")),
+    ) for rule in ((rf"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?{pattern}$", ("layers", *axes)),
+                   (rf"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?{pattern}$", axes))],
     (r"embed_tokens/embedding$", ("vocab", "embed")),
     (r"lm_head/kernel$", ("embed", "vocab")),
     (r"norm/weight$", ("norm",)),
