@@ -461,12 +461,13 @@ class Session:
             self._kv, self._logits, extra = self._extend_jit(model.params, kv, ids_b, pos_b, mm_embeds, mm_idx,
                                                              np.int32(start), np.int32(t - 1), self._speech)
         if extra is not None:
-            self._keep_talker_inputs(start, extra[0][:, :t], extra[1][:, :t])
+            self._keep_talker_inputs(start, extra[0], extra[1], t)
 
-    def _keep_talker_inputs(self, start: int, hid, emb) -> None:
-        """Store the hidden states and embeddings ``[1, t, E]`` of the tokens at slots ``[start, start + t)``."""
-        self._hid = jax.lax.dynamic_update_slice(self._hid, hid.astype(self._hid.dtype), (0, start, 0))
-        self._emb = jax.lax.dynamic_update_slice(self._emb, emb.astype(self._emb.dtype), (0, start, 0))
+    def _keep_talker_inputs(self, start: int, hid, emb, count: int) -> None:
+        """Store the first ``count`` hidden states and embeddings of ``hid``/``emb`` (``[1, W, E]``, ``W``
+        a bucket) at slots ``[start, start + count)`` (one program per bucket shape, not per length)."""
+        self._hid = _write_slots(self._hid, hid, np.int32(start), np.int32(count))
+        self._emb = _write_slots(self._emb, emb, np.int32(start), np.int32(count))
 
     def next_token_logits(self) -> np.ndarray:
         """float32 ``[V]``: the thinker's logits for the assistant's first reply token, given the
@@ -877,8 +878,9 @@ class Session:
         self._ids = list(ids) + fed
         self._pos = np.concatenate([pos, next_pos + np.arange(len(fed), dtype=np.int32)[None]], axis=1)
         if self._speech and fed:
-            emb = self._embed_jit(model.params, np.asarray([fed], np.int32))
-            self._keep_talker_inputs(n, hidden[:, :len(fed)], emb)
+            ids_b = np.zeros((1, bucket(len(fed))), np.int32)  # bucketed: one embedding program, not one per length
+            ids_b[0, :len(fed)] = fed
+            self._keep_talker_inputs(n, hidden, self._embed_jit(model.params, ids_b), len(fed))
         cut = next((i for i, x in enumerate(produced) if x in eos), len(produced))
         text = model.processor.decode(produced[:cut])
         self.messages.append({"role": "assistant", "content": text})
@@ -947,6 +949,15 @@ class Session:
 
         talk.run = None
         return talk, vocoder
+
+
+@jax.jit
+def _write_slots(buf, src, start, count):
+    """``buf [1, S, E]`` with slots ``[start, start + count)`` taken from ``src [1, W, E]``'s first
+    ``count`` rows (``start``/``count`` traced)."""
+    idx = jnp.arange(buf.shape[1]) - start
+    rows = jnp.take(src, jnp.clip(idx, 0, src.shape[1] - 1), axis=1).astype(buf.dtype)
+    return jnp.where(((idx >= 0) & (idx < count))[None, :, None], rows, buf)
 
 
 @dataclass
