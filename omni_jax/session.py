@@ -18,8 +18,10 @@ Media embeddings (audio, images) are kept per item, so a prefill that starts ins
 media span can place them again. With a talker, each cached token's post-norm hidden state and
 input embedding are kept beside the cache too: a spoken reply's talker prompt is the whole
 conversation, as in ``generate(return_audio=True)``. Streaming audio (:meth:`Session.append_audio`) prefills each
-complete chunk of the audio encoder as soon as it exists; see docs/realtime.md for the chunk
-algorithm and the log-mel clamp policy.
+complete chunk of the audio encoder as soon as it exists, streamed video frames
+(:meth:`Session.append_video`) each 2 s chunk of 2 fps samples, interleaved with the audio's chunks
+with ``use_audio_in_video``; see docs/realtime.md for the chunk algorithms, the frame sampling and
+size, and the log-mel clamp policy.
 
 Cache growth: the cache has ``bucket(needed, minimum_slots)`` slots (the next power of two, at
 least 256 by default); when a prefill or a reply needs more, it is reallocated at the next bucket
@@ -44,12 +46,14 @@ from .engine import SessionCache, bucket
 from .errors import InputError
 from .generate import generated, make_sampling
 from .media.audio import frames_log_mel
+from .media.image import _check_image_size
 from .processor import TextStreamer, validate_messages
 from .sharding import use_mesh
 from .tmrope import rope_index
 from .validate import check_sampling, check_seed
 
 MIN_SLOTS = 256  # the smallest cache a session allocates
+STREAM_SIZING_SECONDS = 30.0  # streamed video frames are sized as the whole-video path sizes a clip this long
 OUTPUT_RATE = 24000  # Hz of the speech replies (token2wav)
 
 
@@ -84,10 +88,24 @@ class _Media:
 
 
 @dataclass
-class _AudioTurn:
-    """A user turn whose audio is arriving (:meth:`Session.append_audio`)."""
+class _VideoStream:
+    """The video of a streamed user turn (:meth:`Session.append_video`)."""
 
-    message: dict  # the user message, its audio part last (filled in at the end)
+    source: tuple  # (H, W) of the frames as captured: every frame of the turn has it
+    size: tuple  # (h, w) every frame is resized to (fixed by the first frame)
+    fps: float | None  # capture rate of the frames given; None: each frame is a sample already
+    received: int = 0  # frames received (captured), sampled or not
+    frames: list = field(default_factory=list)  # the sampled frames, [H, W, 3] uint8 at the source size
+    embs: list = field(default_factory=list)  # vision encoder outputs of the complete chunks, in order
+    grid_hw: tuple | None = None  # (gh, gw): a temporal grid's patch rows and columns
+
+
+@dataclass
+class _AudioTurn:
+    """A user turn whose audio (:meth:`Session.append_audio`) and/or video frames
+    (:meth:`Session.append_video`) are arriving."""
+
+    message: dict  # the user message, its audio or video part last (filled in at the end)
     buf: np.ndarray  # float32 samples received (the first ``n`` entries)
     n: int = 0
     frames: list = field(default_factory=list)  # log10 mel frames [mels, k] (float64, unclamped), in order
@@ -97,6 +115,9 @@ class _AudioTurn:
     embs: list = field(default_factory=list)  # encoder outputs of those chunks
     chunk_max: list = field(default_factory=list)  # the running maximum each chunk was floored with
     chunk_slot: list = field(default_factory=list)  # the cache slot of each chunk's first token
+    video: _VideoStream | None = None  # the turn's video, if it has one
+    pairs: int = 0  # with video: chunks prefilled (each its video tokens, then its audio tokens)
+    pair_slot: list = field(default_factory=list)  # with video: the cache slot of each prefilled chunk
 
 
 class Session:
@@ -504,6 +525,9 @@ class Session:
             self._begin_audio_turn(text)
         elif text is not None:
             raise InputError("append_audio: text is given only with the first samples of a turn")
+        elif self._open.video is not None and not self.use_audio_in_video:
+            raise InputError("append_audio: the open turn streams video; a streamed turn holds audio and video "
+                             "together only in a session made with use_audio_in_video=True")
         turn = self._open
         cap = self._acfg.n_samples - self._acfg.n_fft
         if turn.n + len(x) > cap:
@@ -571,6 +595,12 @@ class Session:
         f0 = turn.chunks * w
         turn.running_max = max(turn.running_max, float(turn.frames[0][:, f0:f0 + w].max()))
         emb = self._encode_audio(self._features(turn, f0, f0 + w, turn.running_max), w)
+        if turn.video is not None:  # prefilled with the chunk's frames, video tokens first
+            turn.embs.append(emb)
+            turn.chunk_max.append(turn.running_max)
+            turn.chunks += 1
+            self._prefill_video_chunks(turn)
+            return
         k = int(emb.shape[0])
         start = len(self._ids)
         self._check_limit(start + k, "the streamed audio turn")
@@ -591,9 +621,24 @@ class Session:
         prompt."""
         turn = self._open
         if turn is None:
-            raise InputError("end_user_turn: no streamed user turn is open (call append_audio first)")
+            raise InputError("end_user_turn: no streamed user turn is open (call append_audio or append_video first)")
+        if turn.video is not None:
+            return self._end_video_turn(turn)
         if turn.n == 0:
             raise InputError("end_user_turn: the turn's audio is empty")
+        length, emb = self._finish_audio(turn, turn.chunk_slot)
+        message = turn.message
+        message["content"][-1] = {"type": "audio", "audio": turn.buf[:turn.n].copy(),
+                                  "sampling_rate": self._acfg.sampling_rate}
+        self._open = None
+        self._append_and_sync(message, [_Media("audio", emb, frames=length)])
+
+    def _finish_audio(self, turn: _AudioTurn, slots: list):
+        """The turn's audio, now that its end is known: ``(feature length, encoder output)``. Computes
+        the last frames, encodes what follows the chunks already encoded, floored with the whole
+        turn's maximum; with ``audio_clamp="exact"`` the chunks whose features that floor changes are
+        encoded again and the cache is cut back to ``slots[k]``, the first such chunk's slot (``slots``
+        lists the prefilled chunks' first slots), so the end of the turn prefills them again."""
         cfg = self._acfg
         hop, half = cfg.hop_length, cfg.n_fft // 2
         length = min(-(-turn.n // hop), cfg.nb_max_frames)
@@ -613,8 +658,8 @@ class Session:
                 if turn.chunk_max[k] < whole_max and (turn.frames[0][:, k * w:(k + 1) * w] < whole_max - 8.0).any():
                     redo = k
                     break
-            if redo < turn.chunks:  # forget the chunks from there on: prefilled again below
-                slot = turn.chunk_slot[redo]
+            if redo < len(slots):  # forget the chunks from there on: prefilled again at the end
+                slot = slots[redo]
                 self._ids, self._pos, self._logits = self._ids[:slot], self._pos[:, :slot], None
         f0 = redo * w
         embs = list(turn.embs[:redo])
@@ -625,11 +670,201 @@ class Session:
         expect = media.audio_token_count(length)
         if emb.shape[0] != expect:
             raise AssertionError(f"streamed audio: {emb.shape[0]} embeddings for {expect} tokens")
+        return length, emb
+
+    # ------------------------------------------------------------------------------------
+    # streamed video
+
+    def append_video(self, frames, fps: float | None = None, *, text: str | None = None) -> None:
+        """Add captured video frames (``[T, H, W, 3]`` uint8, or one ``[H, W, 3]`` frame) to the open
+        user turn, opening one if none is open (``text``: a text part placed before the video).
+
+        Frames are sampled at the processor's rate (2 fps): with ``fps`` (the capture rate, at
+        least 2) the first frame at or after each half second of the turn is kept; without it every
+        frame given is taken as the next sample. The turn's first frame fixes the frame size (the
+        size the whole-video path gives a 30 s clip; every later frame must have the first one's
+        source size). Each complete 2 s chunk of samples (two temporal patches) is encoded and
+        prefilled as soon as it exists; in a session made with ``use_audio_in_video=True`` the turn's
+        audio (:meth:`append_audio`) is the video's track: a chunk is prefilled once both its frames
+        and its audio are in, its video tokens before its audio tokens, with time-aligned TMRoPE
+        positions, as ``generate(use_audio_in_video=True)`` lays out a whole video. The video starts
+        with the turn: its first sample is at the audio's first sample. See docs/realtime.md."""
+        if self.model.vision is None:
+            raise InputError(f"append_video: {self.model.path} has no vision encoder (thinker.visual)")
+        x = np.asarray(frames)
+        if x.ndim == 3:
+            x = x[None]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise InputError(f"append_video: expected uint8 frames of shape (T, H, W, 3) or (H, W, 3), got "
+                             f"{x.dtype} {np.shape(frames)}")
+        if x.shape[0] == 0:
+            raise InputError("append_video: no frames given")
+        vcfg = self._vcfg.for_video()
+        rate = float(vcfg.fps)
+        if fps is not None:
+            if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(fps) or fps < rate:
+                raise InputError(f"append_video: fps (the capture rate) must be a number >= {rate:g}, the rate "
+                                 f"frames are sampled at, got {fps!r}")
+            fps = float(fps)
+        turn = self._open
+        if turn is not None and text is not None:
+            raise InputError("append_video: text is given only with the first frames of a turn")
+        if turn is not None and turn.video is None and not self.use_audio_in_video:
+            raise InputError("append_video: the open turn streams audio; a streamed turn holds audio and video "
+                             "together only in a session made with use_audio_in_video=True")
+        if turn is not None and turn.video is not None:
+            v = turn.video
+            if x.shape[1:3] != v.source:
+                raise InputError(f"append_video: frames of {x.shape[1]}x{x.shape[2]} pixels, but this turn's video is "
+                                 f"{v.source[0]}x{v.source[1]} (the frame size cannot change within a video)")
+            if (fps is None) != (v.fps is None) or (fps is not None and fps != v.fps):
+                raise InputError(f"append_video: fps {fps!r}, but this turn's frames came with fps {v.fps!r}")
+        _check_image_size(x.shape[1], x.shape[2], "append_video")
+        if turn is None or turn.video is None:
+            size = media.video_frame_size(x.shape[1], x.shape[2], int(round(STREAM_SIZING_SECONDS * rate)), vcfg,
+                                          name="append_video")
+            video = _VideoStream(source=tuple(x.shape[1:3]), size=size, fps=fps)
+            if turn is None:
+                turn = self._begin_stream_turn(text, video)
+            else:  # an audio turn gains its video: re-laid out as a video with its audio track
+                turn.video = video
+                turn.message["content"][-1] = {"type": "video", "video": None}
+                self._sync_turn_prefix(turn)
+        v = turn.video
+        for frame in x:
+            t = v.received / v.fps if v.fps is not None else None
+            v.received += 1
+            if t is not None and t < len(v.frames) / rate - 1e-9:
+                continue  # not the first frame at or after the next sample time
+            if len(v.frames) >= vcfg.max_frames:
+                raise InputError(f"append_video: the turn's video passes {vcfg.max_frames} frames "
+                                 f"({vcfg.max_frames / rate:g} s at {rate:g} fps), the most a video takes")
+            v.frames.append(np.ascontiguousarray(frame))
+        per = self._video_chunk_frames
+        while (len(v.embs) + 1) * per <= len(v.frames):
+            k = len(v.embs)
+            emb, grid = self._encode_frames(np.stack(v.frames[k * per:(k + 1) * per]), v.size)
+            v.embs.append(emb)
+            v.grid_hw = grid[1:]
+        self._prefill_video_chunks(turn)
+
+    def _begin_stream_turn(self, text: str | None, video: _VideoStream) -> _AudioTurn:
+        parts = [] if text is None else [{"type": "text", "text": text}]
+        message = {"role": "user", "content": parts + [{"type": "video", "video": None}]}
+        validate_messages([message])
+        turn = _AudioTurn(message=message, buf=np.zeros(self._acfg.sampling_rate * 4, np.float32), video=video)
+        self._sync_turn_prefix(turn)
+        self._open = turn
+        return turn
+
+    def _sync_turn_prefix(self, turn: _AudioTurn) -> None:
+        """Prefill the conversation up to the streamed video's first placeholder (``<|vision_bos|>``,
+        and ``<|audio_bos|>`` with ``use_audio_in_video``): those ids do not depend on its length."""
+        probe = self._video_probe(turn, 1)
+        ids, pos = self._render(self.messages + [turn.message], False, items=self._media + [probe])
+        count = self._probe_tokens(probe)
+        first = int(np.flatnonzero(np.isin(ids, [self._tc.audio_token_id, self._tc.video_token_id]))[-count])
+        self._sync(ids[:first], pos[:, :first], need_logits=False)
+        self._logits = None
+        turn.pairs, turn.pair_slot = 0, []
+
+    @property
+    def _video_chunk_frames(self) -> int:
+        """Sampled frames per encoder chunk: ``seconds_per_chunk`` at the sampling rate (4: two
+        temporal patches of 2 frames in 2 s at 2 fps)."""
+        vcfg = self._vcfg.for_video()
+        per = int(round(self._tc.seconds_per_chunk * vcfg.fps))
+        return max(vcfg.temporal_patch_size, per - per % vcfg.temporal_patch_size)
+
+    def _video_probe(self, turn: _AudioTurn, chunks: int, grid_t: int | None = None) -> _Media:
+        """A stand-in for the turn's video of ``chunks`` complete chunks (its audio too, with
+        ``use_audio_in_video``), for rendering ids and positions (no embeddings)."""
+        vcfg = self._vcfg.for_video()
+        gh, gw = turn.video.grid_hw or (turn.video.size[0] // vcfg.patch_size, turn.video.size[1] // vcfg.patch_size)
+        if grid_t is None:
+            grid_t = chunks * self._video_chunk_frames // vcfg.temporal_patch_size
+        frames = chunks * self._chunk_frames if self.use_audio_in_video else 0
+        return _Media("video", None, frames=frames, grid=(grid_t, gh, gw),
+                      seconds=vcfg.temporal_patch_size / float(vcfg.fps))
+
+    def _probe_tokens(self, probe: _Media) -> int:
+        t, gh, gw = probe.grid
+        m = self._tc.vision.spatial_merge_size
+        audio = media.audio_token_count(probe.frames) if self.use_audio_in_video and probe.frames else 0
+        return t * (gh // m) * (gw // m) + audio
+
+    def _encode_frames(self, frames: np.ndarray, size: tuple):
+        """Vision encoder output ``[tokens, E]`` and grid ``(t, gh, gw)`` of sampled frames, resized
+        and normalised as the video processor does (an odd count padded by repeating the last)."""
+        from .vision import encode_vision
+
+        vcfg = self._vcfg.for_video()
+        pv, grid = media.patchify(media.normalize_video(media.resize_frames(frames, *size), vcfg), vcfg)
+        model = self.model
+        emb = encode_vision(model.vision, self._tc.vision, pv, np.asarray([grid], np.int64), model.attention,
+                            mesh=model.mesh)
+        return jnp.asarray(emb, model.dtype), tuple(int(g) for g in grid)
+
+    def _prefill_video_chunks(self, turn: _AudioTurn) -> None:
+        """Prefill every chunk of the streamed video whose frames (and, with ``use_audio_in_video``,
+        audio) are encoded: the chunk's placeholders and positions are those of the whole turn,
+        taken from a render of the conversation with the turn's video cut after that chunk."""
+        v, tc = turn.video, self._tc
+        while turn.pairs < len(v.embs) and (not self.use_audio_in_video or turn.pairs < len(turn.embs)):
+            j = turn.pairs
+            probe = self._video_probe(turn, j + 1)
+            ids, pos = self._render(self.messages + [turn.message], False, items=self._media + [probe])
+            cut = int(np.flatnonzero(np.isin(ids, [tc.audio_token_id, tc.video_token_id]))[-1]) + 1
+            p = len(self._ids)
+            if ids[:p] != self._ids or not np.array_equal(pos[:, :p], self._pos):
+                raise AssertionError("streamed video: the cached prefix differs from the turn's rendering")
+            rows = [v.embs[j]] + ([turn.embs[j]] if self.use_audio_in_video else [])
+            rows = jnp.concatenate([r.astype(self.model.dtype) for r in rows], axis=0)
+            new = ids[p:cut]
+            if len(new) != rows.shape[0]:
+                raise AssertionError(f"streamed video: chunk {j} has {rows.shape[0]} embeddings for {len(new)} tokens")
+            self._check_limit(cut, "the streamed video turn")
+            self._prefill(new, pos[:, p:cut], p, (rows, np.arange(len(new))))
+            self._ids += new
+            self._pos = np.concatenate([self._pos, np.asarray(pos[:, p:cut], np.int32)], axis=1)
+            self._logits = None
+            turn.pair_slot.append(p)
+            turn.pairs += 1
+
+    def _end_video_turn(self, turn: _AudioTurn) -> None:
+        """``end_user_turn`` for a turn with video: encode the frames after the last complete chunk
+        (an odd count padded by repeating the last frame, as the processor pads) and, with
+        ``use_audio_in_video``, the audio's end; append the message (its video part holds the sampled
+        frames at 2 fps, and their audio) and prefill the rest of the turn and the generation prompt."""
+        v, vcfg = turn.video, self._vcfg.for_video()
+        aiv = self.use_audio_in_video
+        if aiv and turn.n == 0:
+            raise InputError("end_user_turn: the turn has video but no audio, and the session uses "
+                             "use_audio_in_video (append the audio, or discard_user_turn())")
+        tp = vcfg.temporal_patch_size
+        frames = list(v.frames)
+        if len(frames) % tp:
+            frames += [frames[-1]] * (tp - len(frames) % tp)
+        done = len(v.embs) * self._video_chunk_frames
+        embs = list(v.embs)
+        if len(frames) > done:
+            emb, grid = self._encode_frames(np.stack(frames[done:]), v.size)
+            embs.append(emb)
+            v.grid_hw = grid[1:]
+        video = jnp.concatenate(embs, axis=0)
+        grid = (len(frames) // tp, *v.grid_hw)
+        seconds = tp / float(vcfg.fps)
+        part = {"type": "video", "video": np.stack(frames), "fps": float(vcfg.fps)}
+        length = 0
+        if aiv:
+            length, audio = self._finish_audio(turn, turn.pair_slot)
+            video = self._interleave(video, audio, grid, seconds, length)
+            part.update(audio=turn.buf[:turn.n].copy(), sampling_rate=self._acfg.sampling_rate)
         message = turn.message
-        message["content"][-1] = {"type": "audio", "audio": turn.buf[:turn.n].copy(),
-                                  "sampling_rate": cfg.sampling_rate}
+        message["content"][-1] = part
         self._open = None
-        self._append_and_sync(message, [_Media("audio", emb, frames=length)])
+        self._append_and_sync(message, [_Media("video", video, frames=length, grid=grid, seconds=seconds)])
 
     def discard_user_turn(self) -> None:
         """Drop the open streamed user turn (a false start, or audio past the context limit): nothing

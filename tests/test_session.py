@@ -346,3 +346,97 @@ def test_new_instructions_apply_from_the_next_turn(model):
         s.truncate_reply(0.5)
     s.set_system(None)
     assert s.messages[0]["role"] == "user"
+
+
+def av_logits(model, conv, aiv):
+    enc = model.encode_messages(conv, use_audio_in_video=aiv)
+    mm = {k: enc[k] for k in ("input_features", "feature_attention_mask", "pixel_values_videos", "video_grid_thw",
+                              "video_second_per_grid") if enc.get(k) is not None}
+    return enc["input_ids"][0].tolist(), model.thinker_logits(enc["input_ids"], enc["attention_mask"],
+                                                               use_audio_in_video=aiv, **mm)[0, -1]
+
+
+def test_streamed_video_with_its_audio_matches_the_whole_turn(model):
+    """Camera and microphone streamed together (use_audio_in_video): each 2 s chunk is prefilled once
+    its frames and its audio are in (video tokens, then audio tokens, TMRoPE positions time-aligned), so
+    the end of the turn leaves only the last partial chunk. Frames captured at 6 fps are sampled at
+    2 fps (the first frame at or after each half second), an odd count padded by repeating the last;
+    an audio-only start gains its video when the first frame arrives. The result is the whole turn's:
+    the cache holds generate's prompt, logits within 1e-4, the same greedy ids, and the next turn
+    reuses the cache."""
+    tc = model.config.thinker
+    rng = np.random.default_rng(3)
+    captured = (rng.random((27, 56, 84, 3)) * 255).astype(np.uint8)  # 4.5 s at 6 fps
+    wav = speech_like(4.6, loud_at=0.5)
+    s = model.session(use_audio_in_video=True)
+    s.add_user("Hello")
+    conv = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": s.respond(max_new_tokens=4).text}]
+    s.append_audio(wav[:40000], text="Look and listen:")  # 2.5 s of audio before the first frame
+    assert int(np.sum(s.cached_ids == tc.audio_token_id)) == 50  # an audio turn so far
+    i, j, during = 40000, 0, []
+    while i < len(wav) or j < len(captured):
+        s.append_video(captured[j:j + 4], fps=6.0)
+        j += 4
+        s.append_audio(wav[i:i + 5000])
+        i += 5000
+        during.append((int(np.sum(s.cached_ids == tc.video_token_id)), int(np.sum(s.cached_ids == tc.audio_token_id))))
+    # two complete chunks (8 samples, 4 s) were prefilled while the user was still speaking
+    per_chunk = during[-1][0] // 2
+    assert during[-1] == (2 * per_chunk, 100) and per_chunk > 0
+    s.end_user_turn()
+    part = s.messages[-1]["content"][-1]
+    np.testing.assert_array_equal(part["video"], np.concatenate([captured[::3], captured[24:25]]))
+    np.testing.assert_array_equal(part["audio"], wav)
+    conv.append({"role": "user", "content": [{"type": "text", "text": "Look and listen:"}, part]})
+    assert [m["role"] for m in s.messages] == [m["role"] for m in conv]
+    ids, ref = av_logits(model, conv, True)
+    assert s.cached_ids.tolist() == ids
+    assert np.abs(s.next_token_logits() - ref).max() < 1e-4
+    reply = s.respond(max_new_tokens=MAX_NEW)
+    out = model.generate(messages=conv, max_new_tokens=MAX_NEW, use_audio_in_video=True)
+    assert reply.token_ids == [int(x) for x in out.sequences[0, out.prompt_length:]][:len(reply.token_ids)]
+    conv += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And then?"}]
+    before = s.prefilled_tokens
+    s.add_user("And then?")
+    assert s.cached_ids.tolist() == model.encode_messages(conv, use_audio_in_video=True)["input_ids"][0].tolist()
+    assert s.prefilled_tokens - before < 40
+
+
+def test_streamed_video_alone_and_its_errors(model):
+    """A video-only streamed turn (frames given as 2 fps samples) prefills each 2 s chunk as it completes
+    and equals the whole video; mixing streamed audio and video without use_audio_in_video, a frame
+    size change, a capture rate under 2 fps and non-uint8 frames are refused without harm to the turn;
+    with use_audio_in_video a turn cannot end with video and no audio."""
+    tc = model.config.thinker
+    rng = np.random.default_rng(4)
+    frames = (rng.random((10, 56, 56, 3)) * 255).astype(np.uint8)
+    s = model.session()
+    s.append_video(frames[:3], text="What is this?")
+    assert int(np.sum(s.cached_ids == tc.video_token_id)) == 0
+    with pytest.raises(InputError, match="use_audio_in_video"):
+        s.append_audio(np.zeros(1600, np.float32))
+    with pytest.raises(InputError, match="frame size cannot change"):
+        s.append_video(np.zeros((1, 56, 84, 3), np.uint8))
+    with pytest.raises(InputError, match="fps"):
+        s.append_video(frames[3:4], fps=1.0)
+    with pytest.raises(InputError, match="uint8"):
+        s.append_video(frames[3:4].astype(np.float32))
+    s.append_video(frames[3])  # one [H, W, 3] frame
+    k = int(np.sum(s.cached_ids == tc.video_token_id))
+    assert k > 0  # the first chunk (4 samples) is in the cache
+    s.append_video(frames[4:])
+    assert int(np.sum(s.cached_ids == tc.video_token_id)) == 2 * k
+    s.end_user_turn()
+    conv = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "video", "video": frames, "fps": 2.0}]}]
+    ids, ref = av_logits(model, conv, False)
+    assert s.cached_ids.tolist() == ids
+    assert np.abs(s.next_token_logits() - ref).max() < 1e-4
+    assert s.respond(max_new_tokens=MAX_NEW).token_ids == scratch(model, conv)
+    a = model.session(use_audio_in_video=True)
+    a.append_video(frames[:2])
+    with pytest.raises(InputError, match="no audio"):
+        a.end_user_turn()
+    a.discard_user_turn()
+    a.add_user("Hi")
+    assert a.cached_ids.tolist() == prompt_ids(model, [{"role": "user", "content": "Hi"}])
