@@ -251,6 +251,8 @@ def test_server_vad_commits_responds_and_is_interrupted(server):
     truncate keeps only the part of the reply that was heard."""
     rate = rt.RATE
     silence = np.zeros(int(0.6 * rate), np.float32)
+    speech = espeak("Tell me about the weather in Paris.", rate)
+    lo, hi = (np.flatnonzero(np.abs(speech) > 0.02)[[0, -1]] * 1000 / rate).astype(int)  # ms of its first/last sound
     with connect(server) as conn:
         events_until(conn, "session.created")
         conn.session.update(session={"type": "realtime", "output_modalities": ["audio"], "max_output_tokens": 40,
@@ -258,13 +260,14 @@ def test_server_vad_commits_responds_and_is_interrupted(server):
                                          "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 200,
                                          "silence_duration_ms": 300}}}})
         events_until(conn, "session.updated")
-        for piece in (silence, speechlike(1.2), silence):
+        for piece in (silence, speech, silence):
             for i in range(0, len(piece), 2400):
                 conn.input_audio_buffer.append(audio=pcm16_b64(piece[i:i + 2400]))
         first = events_until(conn, "response.output_audio.delta")
         # the user speaks again while the reply is being spoken
-        for i in range(0, int(0.5 * rate), 2400):
-            conn.input_audio_buffer.append(audio=pcm16_b64(speechlike(0.5, seed=1)[i:i + 2400]))
+        again = espeak("Wait, stop.", rate)
+        for i in range(0, len(again), 2400):
+            conn.input_audio_buffer.append(audio=pcm16_b64(again[i:i + 2400]))
         rest = events_until(conn, "response.done")
         item = next(e for e in first if e["type"] == "response.output_item.added")["item"]["id"]
         conn.conversation.item.truncate(item_id=item, content_index=0, audio_end_ms=10)
@@ -275,7 +278,9 @@ def test_server_vad_commits_responds_and_is_interrupted(server):
     assert t[:4] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                      "input_audio_buffer.committed", "conversation.item.added"]
     started, stopped = first[0], first[1]
-    assert 300 <= started["audio_start_ms"] <= 650 and 1700 <= stopped["audio_end_ms"] <= 1900
+    # speech_started includes the 200 ms prefix padding; both within 150 ms of the sound's edges
+    assert abs(started["audio_start_ms"] - (600 + lo - 200)) <= 150, (started, lo)
+    assert abs(stopped["audio_end_ms"] - (600 + hi)) <= 150, (stopped, hi)
     assert started["item_id"] == stopped["item_id"] == first[2]["item_id"]
     assert "response.created" in t
     assert "input_audio_buffer.speech_started" in types(rest)
@@ -413,13 +418,14 @@ def espeak(text: str, rate: int = 16000) -> np.ndarray:
 
 
 def test_vad_finds_real_speech_in_noise_and_does_not_depend_on_chunking():
-    """WebRTC's detector on espeak speech between stretches of room noise (-40 dBFS): one start near
+    """silero-vad on espeak speech in room noise (-40 dBFS, before, under and after it): one start near
     the speech's first sample, one stop near its last, whatever the chunking; noise alone starts nothing."""
     rng = np.random.RandomState(0)
     speech = espeak("What is the weather like today in Paris?")
     lo, hi = np.flatnonzero(np.abs(speech) > 0.02)[[0, -1]]
     noise = lambda n: (0.01 * rng.randn(n)).astype(np.float32)  # noqa: E731
-    x = np.concatenate([noise(16000), speech, noise(16000)])
+    x = np.concatenate([np.zeros(16000, np.float32), speech, np.zeros(16000, np.float32)])
+    x = x + noise(len(x))  # room noise all along, under the speech too
     ref = rt.Vad(rt.VadSettings(silence_duration_ms=400)).push(x)
     v = rt.Vad(rt.VadSettings(silence_duration_ms=400))
     got, i = [], 0
@@ -428,7 +434,9 @@ def test_vad_finds_real_speech_in_noise_and_does_not_depend_on_chunking():
         got += v.push(x[i:i + n])
         i += n
     assert got == ref and [k for k, _ in ref] == ["start", "stop"], ref
-    assert abs(ref[0][1] - (16000 + lo)) <= 1600 and abs(ref[1][1] - (16000 + hi)) <= 1600, (ref, lo, hi)
+    # the start within 0.1 s of the first sound; the stop within 0.2 s of the last (silero's speech
+    # probability decays over a few frames after speech: 0.99, 0.77, 0.58, 0.52 here)
+    assert abs(ref[0][1] - (16000 + lo)) <= 1600 and abs(ref[1][1] - (16000 + hi)) <= 3200, (ref, lo, hi)
     assert rt.Vad(rt.VadSettings()).push(noise(48000)) == []
 
 

