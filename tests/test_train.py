@@ -80,6 +80,28 @@ def test_overfits_eight_examples(data, tmp_path):
     assert tr.history[-1]["talker_loss"] < tr.history[0]["talker_loss"] / 10
 
 
+def test_one_micro_batch_is_one_program_with_the_accumulated_numbers(data, tmp_path):
+    """--grad-accum 1 runs the gradient and the update as one program (no float32 gradient
+    accumulator held beside the parameters); its steps give the numbers of the same examples split into
+    two accumulated micro-batches (micro-step + update programs): losses, gradient norms and parameters."""
+    import jax
+    from train.trainer import Trainer
+
+    fused = Trainer(_opts(data, tmp_path / "fused", steps=2, batch_size=4, grad_accum=1, talker_weight=1.0))
+    accum = Trainer(_opts(data, tmp_path / "accum", steps=2, batch_size=2, grad_accum=2, talker_weight=1.0))
+    assert [[e.ids.tolist() for e in m] for m in accum.step_examples(0)] == \
+        [[e.ids.tolist() for e in fused.step_examples(0)[0][i:i + 2]] for i in (0, 2)]
+    for _ in range(2):
+        a, b = fused.train_step(), accum.train_step()
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) and abs(a["grad_norm"] - b["grad_norm"]) <= \
+            1e-4 * b["grad_norm"]
+    assert {k[0] for k in fused._jits} == {"step"} and {k[0] for k in accum._jits} == {"micro"}
+    # AdamW divides by the root of the squared-gradient average: where a gradient is near zero in both runs
+    # their rounding moves the parameter by different fractions of the learning rate (3e-3), hence atol
+    for x, y in zip(jax.tree.leaves(fused.trainable), jax.tree.leaves(accum.trainable)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-4)
+
+
 def _losses(path):
     with open(path, encoding="utf-8") as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}

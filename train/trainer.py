@@ -91,6 +91,45 @@ def _tree_cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def micro_step(loss_fn):
+    """The accumulating micro-step: ``(trainable, frozen, acc, batch) -> (acc + gradient, loss, aux)``
+    for ``loss_fn(trainable, frozen, batch) -> (loss, aux)`` (``acc`` donated: updated in place)."""
+    def micro(trainable, frozen, acc, batch):
+        (loss, aux), g = jax.value_and_grad(lambda tr: loss_fn(tr, frozen, batch), has_aux=True)(trainable)
+        return jax.tree.map(jnp.add, acc, g), loss, aux
+
+    return micro
+
+
+def apply_update(tx):
+    """The optimiser update: ``(trainable, opt_state, grads, loss) -> (trainable, opt_state, grad norm)``.
+    A step whose loss or gradient is not finite leaves the state as it was (the run then stops with
+    that state checkpointed): one bad batch must not poison the parameters."""
+    def apply(trainable, opt_state, grads, loss):
+        gn = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new = optax.apply_updates(trainable, updates)
+        ok = jnp.isfinite(gn) & jnp.isfinite(loss)
+        keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(ok, a, b))
+        return keep(new, trainable), keep(new_opt, opt_state), gn
+
+    return apply
+
+
+def fused_step(loss_fn, tx):
+    """A whole optimiser step without accumulation (``--grad-accum 1``): the gradient and the update
+    in one program, ``(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss, aux, grad
+    norm)``, so no gradient accumulator (a float32 copy of the trainable parameters) is held."""
+    apply = apply_update(tx)
+
+    def step(trainable, frozen, opt_state, batch):
+        (loss, aux), g = jax.value_and_grad(lambda tr: loss_fn(tr, frozen, batch), has_aux=True)(trainable)
+        new, new_opt, gn = apply(trainable, opt_state, g, loss)
+        return new, new_opt, loss, aux, gn
+
+    return step
+
+
 @outside_context_mesh
 class Trainer:
     def __init__(self, opts: Options, log=print):
@@ -265,18 +304,14 @@ class Trainer:
             p = {**frozen, **trainable}
         return _tree_cast(p, self.compute_dtype)
 
-    def _micro_fn(self):
+    def _loss_fn(self):
         cfg, o, impl = self.config, self.o, self.model.attention
 
-        def micro(trainable, frozen, acc, batch):
-            def f(tr):
-                return train_loss(self._params(tr, frozen), batch, cfg, impl=impl, remat=o.remat,
-                                  talker_weight=o.talker_weight)
+        def loss(trainable, frozen, batch):
+            return train_loss(self._params(trainable, frozen), batch, cfg, impl=impl, remat=o.remat,
+                              talker_weight=o.talker_weight)
 
-            (loss, aux), g = jax.value_and_grad(f, has_aux=True)(trainable)
-            return jax.tree.map(jnp.add, acc, g), loss, aux
-
-        return micro
+        return loss
 
     def _batch_shardings(self, batch):
         from jax.sharding import NamedSharding
@@ -299,7 +334,7 @@ class Trainer:
         """The jitted micro-step for this batch layout (declared shardings on a mesh)."""
         key = ("micro",) + tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
         if key not in self._jits:
-            fn = self._micro_fn()
+            fn = micro_step(self._loss_fn())
             if self.mesh is None:
                 self._jits[key] = (jax.jit(fn, donate_argnums=(2,)), None)
             else:
@@ -308,6 +343,20 @@ class Trainer:
                 self._jits[key] = (jax.jit(fn, in_shardings=(tr, self._shardings(self.frozen), tr, bs),
                                            out_shardings=(tr, self._replicated(), self._replicated()),
                                            donate_argnums=(2,)), bs)
+        return self._jits[key]
+
+    def _step_jit(self, batch):
+        """The jitted whole step (gradient and update, no accumulator) for this batch layout."""
+        key = ("step",) + tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+        if key not in self._jits:
+            fn = fused_step(self._loss_fn(), self.tx)
+            if self.mesh is None:
+                self._jits[key] = (jax.jit(fn, donate_argnums=(0, 2)), None)
+            else:
+                tr, os_, rep = self._shardings(self.trainable), self._shardings(self.opt_state), self._replicated()
+                bs = self._batch_shardings(batch)
+                self._jits[key] = (jax.jit(fn, in_shardings=(tr, self._shardings(self.frozen), os_, bs),
+                                           out_shardings=(tr, os_, rep, rep, rep), donate_argnums=(0, 2)), bs)
         return self._jits[key]
 
     def _eval_jit(self, batch):
@@ -329,18 +378,7 @@ class Trainer:
         return self._jits[key]
 
     def _build_apply(self):
-        tx = self.tx
-
-        def apply(trainable, opt_state, acc, loss):
-            # a step whose loss or gradient is not finite leaves the state as it was (the run then stops
-            # with that state checkpointed): one bad batch must not poison the parameters
-            gn = optax.global_norm(acc)
-            updates, new_opt = tx.update(acc, opt_state, trainable)
-            new = optax.apply_updates(trainable, updates)
-            ok = jnp.isfinite(gn) & jnp.isfinite(loss)
-            keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(ok, a, b))
-            return keep(new, trainable), keep(new_opt, opt_state), gn
-
+        apply = apply_update(self.tx)
         if self.mesh is None:
             return jax.jit(apply, donate_argnums=(0, 1))
         tr, os_ = self._shardings(self.trainable), self._shardings(self.opt_state)
@@ -348,6 +386,8 @@ class Trainer:
         return jax.jit(apply, in_shardings=(tr, os_, tr, rep), out_shardings=(tr, os_, rep),
                        donate_argnums=(0, 1))
 
+    # ------------------------------------------------------------------------------------
+    # set-up
     def _place(self, batch, shardings):
         if shardings is None:
             return batch
@@ -381,17 +421,24 @@ class Trainer:
         micro = self.step_examples(self.step)
         flat = [e for m in micro for e in m]
         nt, ntt = D.targets(flat)
-        acc = jax.tree.map(jnp.zeros_like, self.trainable)
         parts = []  # per micro-batch (loss, aux) on device: read once the step is dispatched
+        lr = float(self.schedule(self.step))
         with use_mesh(self.mesh):
-            for exs in micro:
-                batch = self._collate(exs, nt, ntt)
-                fn, bs = self._micro_jit(batch)
-                acc, l, aux = fn(self.trainable, self.frozen, acc, self._place(batch, bs))
+            if len(micro) == 1:  # one program: no gradient accumulator
+                batch = self._collate(micro[0], nt, ntt)
+                fn, bs = self._step_jit(batch)
+                self.trainable, self.opt_state, l, aux, gn = fn(self.trainable, self.frozen, self.opt_state,
+                                                                self._place(batch, bs))
                 parts.append((l, aux))
-            lr = float(self.schedule(self.step))
-            total = functools.reduce(jnp.add, [l for l, _ in parts])
-            self.trainable, self.opt_state, gn = self._apply(self.trainable, self.opt_state, acc, total)
+            else:
+                acc = jax.tree.map(jnp.zeros_like, self.trainable)
+                for exs in micro:
+                    batch = self._collate(exs, nt, ntt)
+                    fn, bs = self._micro_jit(batch)
+                    acc, l, aux = fn(self.trainable, self.frozen, acc, self._place(batch, bs))
+                    parts.append((l, aux))
+                total = functools.reduce(jnp.add, [l for l, _ in parts])
+                self.trainable, self.opt_state, gn = self._apply(self.trainable, self.opt_state, acc, total)
         loss = sum(float(l) for l, _ in parts)
         if not (math.isfinite(loss) and math.isfinite(float(gn))):
             self._stop_non_finite(loss, float(gn))
