@@ -75,6 +75,13 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
         ("ff/ff/3/kernel", ("mlp", "embed")),
     ) for rule in ((rf"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?{pattern}$", ("layers", *axes)),
                    (rf"(^|/)token2wav/(.*/)?transformer_blocks/(\d+/)?{pattern}$", axes))],
+    # BigVGAN's AMP residual pairs (torch layout [out, in, k]): the first convolution over its output
+    # channels, the SnakeBeta between the two over the same channels, the second over its input channels
+    # (its output is summed across `tensor`: one all-reduce per pair)
+    (r"(^|/)token2wav/(.*/)?resblocks/\d+/convs1/\d+/weight$", ("mlp", None, None)),
+    (r"(^|/)token2wav/(.*/)?resblocks/\d+/convs1/\d+/bias$", ("mlp",)),
+    (r"(^|/)token2wav/(.*/)?resblocks/\d+/activations/\d*[13579]/act/(alpha|beta)$", ("mlp",)),
+    (r"(^|/)token2wav/(.*/)?resblocks/\d+/convs2/\d+/weight$", (None, "mlp", None)),
     (r"embed_tokens/embedding$", ("vocab", "embed")),
     (r"lm_head/kernel$", ("embed", "vocab")),
     (r"norm/weight$", ("norm",)),

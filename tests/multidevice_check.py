@@ -165,6 +165,7 @@ def under_set_mesh(d, mesh, m, ids, mask, labels, mm_ids, mm_mask, mm, gen_kw, r
         inside = omni_jax.load(d, dtype="float32", mesh=mesh)
         wav = inside.token2wav(codes, noise=noise)  # the vocoder too (the DiT's blocks sharded over tensor)
         q = inside.token2wav_params.code2wav_dit_model.transformer_blocks[0].attn.to_q.kernel[...]
+        c1 = inside.token2wav_params.code2wav_bigvgan_model.resblocks[0].convs1[0].weight[...]
         same = jax.tree.map(lambda a, b: a.sharding == b.sharding and np.array_equal(a, b), inside.params, m.params)
         g = m.generate(ids, mask, **gen_kw)
         g_mm = m.generate(mm_ids, mm_mask, **gen_kw, **mm)
@@ -178,6 +179,7 @@ def under_set_mesh(d, mesh, m, ids, mask, labels, mm_ids, mm_mask, mm, gen_kw, r
                "loss_rel": abs(m.loss(ids, labels, mask) - r_loss) / abs(r_loss),
                "stream_equal": s_ids == r_stream and s_ok,
                "wav_err": rel_err(wav, r_wav), "dit_q_spec": str(q.sharding.spec),
+               "bigvgan_conv_spec": str(c1.sharding.spec),
                "load_equal": all(jax.tree.leaves(same)),
                "context_kept": jax.sharding.get_abstract_mesh() == mesh.abstract_mesh}
         # numpy results mix freely with the caller's Explicit-mesh code

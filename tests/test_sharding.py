@@ -32,7 +32,12 @@ def test_table_and_fallback_rule():
     assert param_axes("visual/blocks/attn/proj/kernel", 3) == ("layers", "heads", "embed")
     assert param_axes("visual/blocks/mlp/up_proj/bias", 2) == ("layers", "mlp")
     assert param_axes("visual/blocks/mlp/down_proj/kernel", 3) == ("layers", "mlp", "embed")
-    # Token2Wav's DiT blocks (paths under token2wav/, both layouts) shard like the decoder's; BigVGAN is replicated
+    # Token2Wav's DiT blocks (paths under token2wav/, both layouts) shard like the decoder's; BigVGAN's residual
+    # pairs over their channels (the first convolution's output, the activation between, the second's input)
+    assert param_axes("token2wav/code2wav_bigvgan_model/resblocks/3/convs1/1/weight", 3) == ("mlp", None, None)
+    assert param_axes("token2wav/code2wav_bigvgan_model/resblocks/3/activations/3/act/alpha", 1) == ("mlp",)
+    assert param_axes("token2wav/code2wav_bigvgan_model/resblocks/3/activations/2/act/alpha", 1) == (None,)
+    assert param_axes("token2wav/code2wav_bigvgan_model/resblocks/3/convs2/1/weight", 3) == (None, "mlp", None)
     assert param_axes("token2wav/code2wav_dit_model/transformer_blocks/attn/to_q/kernel", 3) == \
         ("layers", "embed", "heads")
     assert param_axes("token2wav/code2wav_dit_model/transformer_blocks/0/attn/to_out/0/kernel", 2) == ("heads", "embed")
@@ -127,6 +132,7 @@ def test_sharded_equals_single_device_on_8_host_devices():
     assert sm["text_err"] <= 1e-5 and sm["mm_err"] <= 1e-5 and sm["loss_rel"] <= 1e-5, sm
     assert sm["wav_err"] <= 1e-5, sm
     assert sm["dit_q_spec"] == str(P(None, "tensor")), sm  # loaded from the HF directory, placed by the rules
+    assert sm["bigvgan_conv_spec"] == str(P("tensor", None, None)), sm  # a residual pair's first convolution
     assert sm["ids_equal"] and sm["codes_equal"] and sm["stream_equal"], sm
     assert sm["context_kept"] and sm["user_code"] and sm["load_equal"], sm
     assert res["gqa"]["explicit data=4,tensor=2"]["serve_equal"]
