@@ -19,7 +19,11 @@ with the talker's inputs collected), ``decode`` (the thinker's on-device decode 
 token per loop step), ``vision`` (a 1280x720 image; 60 s of video at 2 fps), ``audio`` (30 s),
 ``talker`` (prefill and decode loop), ``dit`` (the ODE solve of a streaming first chunk, a steady
 chunk and 10 s of audio), ``bigvgan`` (the same lengths), ``train`` (the 3B-style training step:
-LoRA and full, remat, AdamW). The thinker and talker programs are ``omni_jax.engine``'s (the functions
+LoRA and full, remat, AdamW); ``--match REGEX`` keeps the programs whose name matches (one vocoder
+shape per process: XLA:TPU compiles each BigVGAN program at the published widths for 14-18 minutes on
+a 2-core host). Each row also counts the compiled program's collectives (:func:`count_collectives`).
+``--fits`` reads result files and, per preset, topology and mesh, takes each program from its newest
+compile. The thinker and talker programs are ``omni_jax.engine``'s (the functions
 ``OmniModel`` binds and jits); the encoders', DiT's and BigVGAN's are their modules' traceable
 bodies (``vision_forward``, ``audio_forward``, ``dit_sample_fn``, ``bigvgan_fn``), and the training
 step is ``train_loss`` under the trainer's optimiser.
@@ -201,6 +205,7 @@ class Program:
     donate: tuple = ()
     note: str = ""
     out_shardings: object = None  # the outputs' layout; None: named by IO_AXES (as MeshJit names them)
+    resident: int = 0  # bytes per chip its caller keeps in HBM beside it (a micro-step: the optimiser state)
 
 
 class Builder:
@@ -461,11 +466,14 @@ class Builder:
         return Program(f"BigVGAN {label}", "bigvgan", fn, args, tokens=frames, f32=True, note=f"{frames} mel frames")
 
     # ---- training
-    def train(self, mode: str, batch: int, seq: int, rank: int = 8) -> Program:
-        """One optimiser step of the trainer's shape (``train/trainer.py``): ``train_loss`` with remat
-        and bf16 compute from float32 masters, its gradient, global-norm clipping and AdamW;
-        ``mode`` ``"lora"`` (rank-``rank`` adapters on the attention and MLP kernels, base frozen in
-        bf16) or ``"full"`` (thinker LM trained)."""
+    def train(self, mode: str, batch: int, seq: int, rank: int = 8, program: str = "step") -> Program:
+        """One of the trainer's own programs (``train/trainer.py``) at its shapes: ``train_loss`` with
+        remat and bf16 compute from float32 masters, global-norm clipping and AdamW; ``mode``
+        ``"lora"`` (rank-``rank`` adapters on the attention and MLP kernels, base frozen in bf16) or
+        ``"full"`` (thinker LM trained). ``program``: ``"step"`` (``fused_step``: gradient and update in
+        one program, what ``--grad-accum 1`` runs), ``"micro-step"`` (``micro_step``: the gradient added
+        into a float32 accumulator, with the optimiser state resident beside it) or ``"update"``
+        (``apply_update``), the two programs of ``--grad-accum`` above 1."""
         import jax
         import optax
         from flax import nnx
@@ -473,6 +481,7 @@ class Builder:
         from omni_jax.training import train_loss
 
         from train.lora import TARGETS, apply_lora, lora_axes
+        from train.trainer import apply_update, fused_step, micro_step
 
         jnp, mesh, impl, cfg = self.jnp, self.mesh, self.impl, self.cfg
         _, masters = self.part("thinker_stacked")
@@ -503,13 +512,8 @@ class Builder:
             p = apply_lora(fr, tr["lora"], 2.0) if "lora" in tr else {**fr, **tr}
             return cast(p, jnp.bfloat16)
 
-        def fn(trainable, frozen, opt_state, batch_arrays):
-            def f(tr):
-                return train_loss(params_of(tr, frozen), batch_arrays, cfg, impl=impl, remat=True)
-
-            (loss, aux), g = jax.value_and_grad(f, has_aux=True)(trainable)
-            updates, new_opt = tx.update(g, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), new_opt, loss
+        def loss_fn(tr, fr, batch_arrays):
+            return train_loss(params_of(tr, fr), batch_arrays, cfg, impl=impl, remat=True)
 
         bt = ("batch", None)
         i32 = jnp.int32
@@ -517,11 +521,23 @@ class Builder:
                 "labels": named(mesh, bt, (batch, seq), i32),
                 "position_ids": named(mesh, (None, "batch", None), (3, batch, seq), i32),
                 "num_targets": rep(mesh, (), jnp.float32)}
-        # the new parameters and moments in their inputs' layouts, as the trainer's jits declare them
-        # (train/trainer.py: out_shardings=(tr, os_, rep)); left to IO_AXES they would come out replicated
-        out_sh = (shardings(trainable), shardings(opt), rep(mesh, (), jnp.float32).sharding)
-        return Program(f"train {mode} b{batch}x{seq}", "train", fn, (trainable, frozen, opt, data),
-                       tokens=batch * seq, donate=(0, 2), out_shardings=out_sh)
+        # the new parameters, moments and accumulator in their inputs' layouts, as the trainer's jits declare
+        # them (train/trainer.py); left to IO_AXES they would come out replicated
+        one = rep(mesh, (), jnp.float32)
+        tr_sh, opt_sh, r = shardings(trainable), shardings(opt), one.sharding
+        name = f"train {program} {mode} b{batch}x{seq}"
+        if program == "step":
+            return Program(name, "train", fused_step(loss_fn, tx), (trainable, frozen, opt, data), tokens=batch * seq,
+                           donate=(0, 2), out_shardings=(tr_sh, opt_sh, r, r, r))
+        if program == "micro-step":
+            return Program(name, "train", micro_step(loss_fn), (trainable, frozen, trainable, data),
+                           tokens=batch * seq, donate=(2,), out_shardings=(tr_sh, r, r), resident=per_chip_bytes(opt),
+                           note="with the optimiser state resident")
+        if program == "update":
+            return Program(name, "train", apply_update(tx), (trainable, opt, trainable, one), donate=(0, 1),
+                           out_shardings=(tr_sh, opt_sh, r), resident=per_chip_bytes(frozen),
+                           note="with the frozen parameters resident")
+        raise ValueError(f"program: step, micro-step or update, got {program!r}")
 
 
 def _flatten(d, prefix=()):
@@ -555,6 +571,31 @@ def count_kernels(text: str) -> int:
     return len(re.findall(r'custom_call_target="tpu_custom_call"', text))
 
 
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "s64": 8, "u64": 8, "f64": 8}
+
+
+def count_collectives(text: str) -> dict:
+    """Collectives in a compiled program's text: per kind, how many and the bytes of their results
+    (per chip; an op in a loop body counts once). An async ``-start``/``-done`` pair counts once, by its
+    start."""
+    out: dict = {}
+    for line in text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m is None:
+            continue
+        shapes = [(t, d) for t, d in _ARRAY.findall(m.group(1)) if d]  # scalars: an async op's contexts
+        if m.group(3) and m.group(2) != "all-reduce":  # the start's tuple: operands, then results
+            shapes = shapes[len(shapes) // 2:]
+        nbytes = sum(_ITEMSIZE[t] * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in shapes)
+        c = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+        c["count"] += 1
+        c["bytes"] += nbytes
+    return out
+
+
 def compile_program(p: Program, mesh, chip: Chip) -> dict:
     """Compile ``p`` ahead of time for ``mesh``'s topology and read its analyses."""
     import jax
@@ -580,16 +621,18 @@ def compile_program(p: Program, mesh, chip: Chip) -> dict:
     text = compiled.as_text()
     arg, out, tmp, alias = (int(getattr(mem, f"{n}_size_in_bytes")) for n in ("argument", "output", "temp", "alias"))
     code = int(getattr(mem, "generated_code_size_in_bytes", 0))
-    total = arg + out + tmp - alias + code
+    total = arg + out + tmp - alias + code + p.resident
     flops = float(cost.get("flops", 0.0))
     nbytes = float(cost.get("bytes accessed", 0.0))
     peak = chip.peak / (F32_HIGHEST_PASSES if p.f32 else 1)
     est = max(flops / peak, nbytes / chip.bw)
     return dict(name=p.name, kind=p.kind, note=p.note, tokens=p.tokens, arg_bytes=arg, out_bytes=out,
-                temp_bytes=tmp, alias_bytes=alias, code_bytes=code, total_bytes=total, hbm_bytes=chip.hbm,
+                temp_bytes=tmp, alias_bytes=alias, code_bytes=code, resident_bytes=p.resident, total_bytes=total,
+                hbm_bytes=chip.hbm,
                 fits=total <= chip.hbm, flops=flops, bytes_accessed=nbytes, pallas_kernels=count_kernels(text),
                 compile_s=round(dt, 2), est_s=est, bound="compute" if flops / peak >= nbytes / chip.bw else "memory",
-                f32_highest=p.f32, xla_optimal_s=float(cost.get("optimal_seconds", -1.0)))
+                f32_highest=p.f32, xla_optimal_s=float(cost.get("optimal_seconds", -1.0)),
+                collectives=count_collectives(text))
 
 
 def program_list(b: Builder, kinds, prompts, batches, context, train_seq, preset) -> list:
@@ -613,7 +656,8 @@ def program_list(b: Builder, kinds, prompts, batches, context, train_seq, preset
         progs += [b.bigvgan(48, "streaming first chunk"), b.bigvgan(120, "streaming chunk"),
                   b.bigvgan(1000, "10 s")]
     if "train" in kinds:
-        progs += [b.train("lora", 1, train_seq), b.train("full", 1, train_seq)]
+        progs += [b.train(mode, 1, train_seq, program=prog) for mode in ("lora", "full")
+                  for prog in ("step", "micro-step", "update")]
     return progs
 
 
@@ -837,32 +881,58 @@ def print_kernels(rows, file=sys.stdout):
 # --------------------------------------------------------------------------------------------
 
 
-def fits(results: list[dict]) -> list[dict]:
+def fits(results: list[dict], names: list[str] | None = None) -> list[dict]:
     """What fits where, from result files of this script: per (preset, topology, mesh), the largest
     compiled prompt bucket whose prefill and the largest decode batch whose decode loop fit a chip
     with every other component resident (talker, audio and vision encoders, DiT, BigVGAN: their
     per-chip parameter bytes). A program's own total (arguments, including the thinker's
     parameters and the KV cache, outputs, temporaries, code, less donated buffers) comes from its
-    compiled memory analysis; a program that failed to compile for lack of memory does not fit."""
-    out = []
-    for res in results:
-        if "programs" not in res or not res.get("resident_bytes_per_chip"):
+    compiled memory analysis; a program that failed to compile for lack of memory does not fit.
+
+    Files may overlap: a program compiled in several files counts by its newest compile (the file's
+    ``date``; on the same date, the file later in ``results``), and the resident bytes are the newest
+    file's of the group, so recompiling one program into a new file supersedes only that program.
+    ``names``: the files' names, to say which file each figure came from."""
+    names = names or [f"#{i}" for i in range(len(results))]
+    groups: dict = {}
+    for i, res in enumerate(results):
+        if "programs" not in res:
             continue
-        resident = res["resident_bytes_per_chip"]
+        when = (res.get("date") or "", i)
+        for r in res["programs"]:
+            key = (res.get("preset"), res.get("topology"), r.get("mesh") or res.get("mesh"))
+            g = groups.setdefault(key, {"programs": {}, "resident": None, "res": res})
+            if r.get("kind") in ("prefill", "decode"):
+                old = g["programs"].get(r["name"])
+                if old is None or when >= old[0]:
+                    g["programs"][r["name"]] = (when, r, names[i])
+        key = (res.get("preset"), res.get("topology"), res.get("mesh"))
+        if res.get("resident_bytes_per_chip") and key in groups:
+            g = groups[key]
+            if g["resident"] is None or when >= g["resident"][0]:
+                g["resident"] = (when, res["resident_bytes_per_chip"], names[i])
+                g["res"] = res
+    out = []
+    for (preset, topology, mesh), g in groups.items():
+        if g["resident"] is None or not g["programs"]:  # no resident bytes, or no serving program
+            continue
+        resident = g["resident"][1]
         others = sum(v for k, v in resident.items() if k != "thinker")
-        hbm = res["chip"]["hbm"]
-        row = {"preset": res["preset"], "topology": res["topology"], "mesh": res["mesh"], "hbm_gib": hbm / GiB,
+        hbm = g["res"]["chip"]["hbm"]
+        row = {"preset": preset, "topology": topology, "mesh": mesh, "hbm_gib": hbm / GiB,
                "resident_gib": sum(resident.values()) / GiB, "others_gib": others / GiB,
                "largest_prompt": None, "prefill_total_gib": None, "largest_decode_batch": None,
-               "decode_total_gib": None}
-        for r in res["programs"]:
+               "decode_total_gib": None, "resident_from": g["resident"][2], "prefill_from": None, "decode_from": None}
+        for _, r, src in g["programs"].values():
             if "total_bytes" not in r:
                 continue
             ok = r["total_bytes"] + others <= hbm
             if r["kind"] == "prefill" and ok and r["tokens"] > (row["largest_prompt"] or 0):
                 row["largest_prompt"], row["prefill_total_gib"] = r["tokens"], (r["total_bytes"] + others) / GiB
+                row["prefill_from"] = src
             if r["kind"] == "decode" and ok and r["tokens"] > (row["largest_decode_batch"] or 0):
                 row["largest_decode_batch"], row["decode_total_gib"] = r["tokens"], (r["total_bytes"] + others) / GiB
+                row["decode_from"] = src
         out.append(row)
     return out
 
@@ -874,7 +944,8 @@ def print_fits(rows, file=sys.stdout):
         f = lambda x: "-" if x is None else f"{x:.2f}"
         print(f"{r['preset']:6s} {r['topology']:9s} {r['mesh']:16s} {r['hbm_gib']:5.0f} {r['resident_gib']:8.2f} "
               f"{str(r['largest_prompt'] or 'none'):>7s} {f(r['prefill_total_gib']):>6s} "
-              f"{str(r['largest_decode_batch'] or 'none'):>8s} {f(r['decode_total_gib']):>6s}", file=file)
+              f"{str(r['largest_decode_batch'] or 'none'):>8s} {f(r['decode_total_gib']):>6s}  "
+              f"(from {r['resident_from']}, {r['prefill_from']}, {r['decode_from']})", file=file)
 
 
 def main(argv=None) -> int:
@@ -890,12 +961,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--context", type=int, default=4096, help="decode: KV cache slots (half prompt, half new)")
     ap.add_argument("--train-seq", type=int, default=2048)
+    ap.add_argument("--match", default=None, metavar="REGEX",
+                    help="compile only the programs whose name matches (e.g. 'first chunk')")
     ap.add_argument("--kernels", action="store_true", help="compile the attention kernels alone (Pallas vs XLA)")
     ap.add_argument("--fits", nargs="+", metavar="RESULT.json", help="print what fits where from result files")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.fits:
-        rows = fits([json.load(open(p, encoding="utf-8")) for p in a.fits])
+        rows = fits([json.load(open(p, encoding="utf-8")) for p in a.fits], [os.path.basename(p) for p in a.fits])
         print_fits(rows)
         if a.json:
             from .util import write_json
@@ -924,6 +997,8 @@ def main(argv=None) -> int:
         b = Builder(cfg, mesh, jnp.dtype(a.dtype), a.attention)
         kinds = set(a.only.split(","))
         progs = program_list(b, kinds, a.prompts, a.batches, a.context, a.train_seq, a.preset)
+        if a.match:
+            progs = [p for p in progs if re.search(a.match, p.name)]
         rows = run_programs(progs, mesh, chip, log=lambda s: print(s, file=sys.stderr))
         print_table(rows, chip)
         res.update(preset=a.preset, dtype=a.dtype, attention=a.attention, programs=rows,

@@ -69,3 +69,40 @@ def test_dit_solve_compiles_for_v5e(tpu):
     bt, cfg, mesh, b = tpu
     r = _check(bt, b, b.dit(36, "first chunk"), "dit", cfg.token2wav.dit.num_hidden_layers)
     assert r["f32_highest"]
+
+
+def test_fits_takes_each_program_from_its_newest_compile():
+    """``--fits`` over overlapping result files: a program recompiled into a newer file supersedes its
+    older figures (and only those), and the resident bytes are the newest file's."""
+    from bench import tpu as bt
+
+    gib = bt.GiB
+    chip = {"hbm": 16 * gib}
+
+    def res(date, resident, *programs):
+        return {"date": date, "preset": "3b", "topology": "v5e:2x2", "mesh": "tensor=4", "chip": chip,
+                "resident_bytes_per_chip": resident,
+                "programs": [{"name": n, "kind": k, "tokens": t, "total_bytes": g * gib} for n, k, t, g in programs]}
+
+    old = res("2026-12-02", {"thinker": 2 * gib, "vision": 3 * gib},
+              ("prefill 32768", "prefill", 32768, 4.0), ("decode b32 ctx 4096", "decode", 32, 12.0))
+    new = res("2026-12-04", {"thinker": 2 * gib, "vision": 1 * gib}, ("decode b32 ctx 4096", "decode", 32, 3.0))
+    for files in ([old, new], [new, old]):  # the date decides, not the order
+        (row,) = bt.fits(files, ["old.json", "new.json"] if files[0] is old else ["new.json", "old.json"])
+        assert row["others_gib"] == 1.0 and row["resident_from"] == "new.json"
+        assert row["largest_prompt"] == 32768 and row["prefill_total_gib"] == 5.0 and row["prefill_from"] == "old.json"
+        assert row["largest_decode_batch"] == 32 and row["decode_total_gib"] == 4.0 and row["decode_from"] == "new.json"
+
+
+def test_collectives_are_counted_from_the_compiled_text():
+    from bench import tpu as bt
+
+    text = "\n".join([
+        "  %all-reduce.1 = f32[1,480,768]{2,1,0:T(8,128)} all-reduce(f32[1,480,768]{2,1,0} %fusion.3), channel_id=1",
+        "  %ars = f32[2,3]{1,0} all-reduce-start(f32[2,3]{1,0} %x), channel_id=2",
+        "  %ard = f32[2,3]{1,0} all-reduce-done(f32[2,3]{1,0} %ars)",
+        "  %ags = (bf16[1,64]{1,0}, bf16[4,64]{1,0}) all-gather-start(bf16[1,64]{1,0} %y), dimensions={0}",
+        "  %agd = bf16[4,64]{1,0} all-gather-done(%ags)",
+        "  %add = f32[2,3]{1,0} add(f32[2,3]{1,0} %a, f32[2,3]{1,0} %b)"])
+    assert bt.count_collectives(text) == {"all-reduce": {"count": 2, "bytes": 4 * 480 * 768 + 4 * 6},
+                                          "all-gather": {"count": 1, "bytes": 2 * 4 * 64}}
