@@ -777,13 +777,12 @@ class Session:
         per = int(round(self._tc.seconds_per_chunk * vcfg.fps))
         return max(vcfg.temporal_patch_size, per - per % vcfg.temporal_patch_size)
 
-    def _video_probe(self, turn: _AudioTurn, chunks: int, grid_t: int | None = None) -> _Media:
+    def _video_probe(self, turn: _AudioTurn, chunks: int) -> _Media:
         """A stand-in for the turn's video of ``chunks`` complete chunks (its audio too, with
         ``use_audio_in_video``), for rendering ids and positions (no embeddings)."""
         vcfg = self._vcfg.for_video()
         gh, gw = turn.video.grid_hw or (turn.video.size[0] // vcfg.patch_size, turn.video.size[1] // vcfg.patch_size)
-        if grid_t is None:
-            grid_t = chunks * self._video_chunk_frames // vcfg.temporal_patch_size
+        grid_t = chunks * self._video_chunk_frames // vcfg.temporal_patch_size
         frames = chunks * self._chunk_frames if self.use_audio_in_video else 0
         return _Media("video", None, frames=frames, grid=(grid_t, gh, gw),
                       seconds=vcfg.temporal_patch_size / float(vcfg.fps))
